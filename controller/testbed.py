@@ -1,0 +1,283 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The test bed as code: four network namespaces joined by veth pairs.
+
+    lan ──(eth0 | lan)── gw1 ──(wan | wan)── gw2 ──(lan | eth0)── remote
+
+One definition serves the tests, the demo and the VM test bed; the addressing plan lives in
+testbed/addresses.env, which vagrant/ provisioning reads too. Everything is created inside
+namespaces that this module names and registers; nothing is ever added to the root namespace
+(links are created with `ip -n NS link add ... peer ... netns NS2`, so they are born inside).
+`Testbed.destroy()` removes all of it, and is safe to call after a partial build or twice.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shlex
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ADDRESSES_ENV = ROOT / "testbed" / "addresses.env"
+
+
+class TestbedError(RuntimeError):
+    """A test bed command failed; the message carries the command and its stderr."""
+
+
+def load_addresses(path: Path = ADDRESSES_ENV) -> dict[str, str]:
+    """Parse the shell-style KEY=VALUE addressing plan."""
+    plan: dict[str, str] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key, _, value = line.partition("=")
+        plan[key.strip()] = value.strip()
+    return plan
+
+
+def run(
+    cmd: Sequence[str], *, check: bool = True, timeout: float = 30.0, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a command, raising TestbedError with its stderr when it fails and check is set."""
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, input=input)
+    if check and proc.returncode != 0:
+        raise TestbedError(f"{shlex.join(cmd)}: exit {proc.returncode}: {proc.stderr.strip()}")
+    return proc
+
+
+@dataclass(frozen=True)
+class Link:
+    """One veth pair: (namespace role, device) on each end."""
+
+    a_role: str
+    a_dev: str
+    b_role: str
+    b_dev: str
+
+
+@dataclass(frozen=True)
+class Iface:
+    """An address on a device of a role, with a MAC pinned so neighbours can be pinned too."""
+
+    role: str
+    dev: str
+    addr: str
+    mac: str
+
+
+ROLES = ("lan", "gw1", "gw2", "remote")
+LINKS = (
+    Link("lan", "eth0", "gw1", "lan"),
+    Link("gw1", "wan", "gw2", "wan"),
+    Link("gw2", "lan", "remote", "eth0"),
+)
+
+
+def _ifaces(plan: dict[str, str]) -> tuple[Iface, ...]:
+    return (
+        Iface("lan", "eth0", plan["LAN_HOST"], "02:00:0a:01:00:02"),
+        Iface("gw1", "lan", plan["GW1_LAN"], "02:00:0a:01:00:01"),
+        Iface("gw1", "wan", plan["GW1_WAN"], "02:00:c0:00:02:01"),
+        Iface("gw2", "wan", plan["GW2_WAN"], "02:00:c0:00:02:02"),
+        Iface("gw2", "lan", plan["GW2_LAN"], "02:00:0a:02:00:01"),
+        Iface("remote", "eth0", plan["REMOTE_HOST"], "02:00:0a:02:00:02"),
+    )
+
+
+@dataclass
+class Testbed:
+    """The four-namespace topology. `prefix` keeps concurrent test beds apart.
+
+    With prefix "" the namespaces are named exactly lan, gw1, gw2, remote (the demo); tests use
+    a unique prefix so that two runs on one machine never collide.
+    """
+
+    __test__ = False  # not a pytest class, despite its name
+
+    prefix: str = ""
+    plan: dict[str, str] = field(default_factory=load_addresses)
+    created: list[str] = field(default_factory=list)
+
+    # -- names ------------------------------------------------------------------------------
+    def ns(self, role: str) -> str:
+        """The network namespace name of a role (lan, gw1, gw2, remote)."""
+        if role not in ROLES:
+            raise KeyError(f"unknown test bed role {role!r}")
+        return f"{self.prefix}{role}"
+
+    @property
+    def ifaces(self) -> tuple[Iface, ...]:
+        return _ifaces(self.plan)
+
+    def iface(self, role: str, dev: str) -> Iface:
+        for i in self.ifaces:
+            if i.role == role and i.dev == dev:
+                return i
+        raise KeyError(f"{role}:{dev}")
+
+    def addr(self, key: str) -> str:
+        """An address from the plan, e.g. addr('REMOTE_HOST')."""
+        return self.plan[key]
+
+    # -- commands inside a namespace -------------------------------------------------------------
+    def cmd(self, role: str, argv: Sequence[str], **kw) -> subprocess.CompletedProcess[str]:
+        """Run argv inside a role's namespace (`ip netns exec`)."""
+        return run(["ip", "netns", "exec", self.ns(role), *argv], **kw)
+
+    def ip(self, role: str, *args: str, **kw) -> subprocess.CompletedProcess[str]:
+        return run(["ip", "-n", self.ns(role), *args], **kw)
+
+    def nsenter_argv(self, role: str) -> list[str]:
+        """Prefix that enters only the network namespace: for BCC, which needs this machine's
+        /sys (`ip netns exec` remounts /sys and hides tracefs)."""
+        return ["nsenter", f"--net=/run/netns/{self.ns(role)}"]
+
+    def sysctl(self, role: str, key: str, value: str | int) -> None:
+        self.cmd(role, ["sysctl", "-qw", f"{key}={value}"])
+
+    def ifindex(self, role: str, dev: str) -> int:
+        out = self.ip(role, "-o", "link", "show", "dev", dev).stdout
+        return int(out.split(":", 1)[0])
+
+    # -- build and tear down --------------------------------------------------------------------
+    def build(self) -> Testbed:
+        """Create namespaces, links, addresses, routes, sysctls and pinned neighbours."""
+        try:
+            self._build()
+        except BaseException:
+            self.destroy()
+            raise
+        return self
+
+    def _build(self) -> None:
+        existing = set(list_netns())
+        for role in ROLES:
+            name = self.ns(role)
+            if name in existing:
+                raise TestbedError(
+                    f"network namespace {name} already exists: "
+                    f"remove it (ip netns del {name}) or use another prefix"
+                )
+        for role in ROLES:
+            run(["ip", "netns", "add", self.ns(role)])
+            self.created.append(self.ns(role))
+            self.ip(role, "link", "set", "lo", "up")
+            # IPv6 off: no router solicitations or DAD, so only the test's packets are on the wire.
+            self.sysctl(role, "net.ipv6.conf.all.disable_ipv6", 1)
+            self.sysctl(role, "net.ipv6.conf.default.disable_ipv6", 1)
+            self.sysctl(role, "net.ipv4.conf.all.rp_filter", 0)
+            self.sysctl(role, "net.ipv4.conf.default.rp_filter", 0)
+        for role in ("gw1", "gw2"):
+            self.sysctl(role, "net.ipv4.ip_forward", 1)
+        for link in LINKS:
+            # Born inside a's namespace, peer born inside b's: the root namespace never sees it.
+            self.ip(
+                link.a_role,
+                "link",
+                "add",
+                link.a_dev,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                link.b_dev,
+                "netns",
+                self.ns(link.b_role),
+            )
+        prefixlen = self.plan["PREFIXLEN"]
+        for i in self.ifaces:
+            self.ip(i.role, "link", "set", "dev", i.dev, "address", i.mac)
+            self.ip(i.role, "addr", "add", f"{i.addr}/{prefixlen}", "dev", i.dev)
+            self.sysctl(i.role, f"net.ipv4.conf.{i.dev}.rp_filter", 0)
+            self.ip(i.role, "link", "set", "dev", i.dev, "up")
+        # Neighbours pinned across every link: no ARP races in tests.
+        for link in LINKS:
+            a = self.iface(link.a_role, link.a_dev)
+            b = self.iface(link.b_role, link.b_dev)
+            self.ip(
+                a.role,
+                "neigh",
+                "replace",
+                b.addr,
+                "lladdr",
+                b.mac,
+                "dev",
+                a.dev,
+                "nud",
+                "permanent",
+            )
+            self.ip(
+                b.role,
+                "neigh",
+                "replace",
+                a.addr,
+                "lladdr",
+                a.mac,
+                "dev",
+                b.dev,
+                "nud",
+                "permanent",
+            )
+        p = self.plan
+        self.ip("lan", "route", "add", "default", "via", p["GW1_LAN"])
+        self.ip("remote", "route", "add", "default", "via", p["GW2_LAN"])
+        self.ip("gw1", "route", "add", p["REMOTE_NET"], "via", p["GW2_WAN"], "dev", "wan")
+        self.ip("gw2", "route", "add", p["LAN_NET"], "via", p["GW1_WAN"], "dev", "wan")
+
+    def destroy(self) -> None:
+        """Kill what runs inside our namespaces and delete them. Tolerant: never raises."""
+        for name in reversed(self.created):
+            pids = run(["ip", "netns", "pids", name], check=False).stdout.split()
+            for pid in pids:
+                with suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), 9)
+            run(["ip", "netns", "del", name], check=False)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and set(self.created) & set(list_netns()):
+            time.sleep(0.05)
+        self.created.clear()
+
+    # -- traffic --------------------------------------------------------------------------------
+    def ping(
+        self, role: str, dst: str, count: int = 1, timeout: float = 2.0, size: int | None = None
+    ) -> bool:
+        """Ping dst from role; True when every echo was answered."""
+        argv = ["ping", "-n", "-q", "-c", str(count), "-i", "0.01", "-W", str(timeout)]
+        if size is not None:
+            argv += ["-s", str(size)]
+        proc = self.cmd(role, [*argv, dst], check=False, timeout=timeout * count + 10)
+        return proc.returncode == 0
+
+    def wait_ping(self, role: str, dst: str, within: float = 10.0) -> bool:
+        """Poll with single pings until one is answered or `within` seconds pass."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if self.ping(role, dst, timeout=1.0):
+                return True
+        return False
+
+    def in_plan(self, net_key: str, addr: str) -> bool:
+        return ipaddress.ip_address(addr) in ipaddress.ip_network(self.plan[net_key])
+
+
+def list_netns() -> list[str]:
+    out = run(["ip", "netns", "list"], check=False).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+@contextmanager
+def testbed(prefix: str = "") -> Iterator[Testbed]:
+    """Build the test bed, yield it, and always tear it down."""
+    bed = Testbed(prefix=prefix)
+    bed.build()
+    try:
+        yield bed
+    finally:
+        bed.destroy()

@@ -1,0 +1,51 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The namespace test bed builds, forwards between its hosts, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+
+from controller.testbed import ROLES, Testbed, list_netns, run
+
+
+def _root_links() -> set[str]:
+    out = run(["ip", "-o", "link", "show"]).stdout
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+
+
+def test_topology_builds_forwards_and_tears_down() -> None:
+    links_before = _root_links()
+    bed = Testbed(prefix=f"topo{os.getpid()}-")
+    bed.build()
+    try:
+        names = {bed.ns(r) for r in ROLES}
+        assert names <= set(list_netns()), "all four namespaces exist"
+        assert _root_links() == links_before, "nothing was added to the root namespace"
+        p = bed.plan
+        assert bed.ping("lan", p["GW1_LAN"]), "lan reaches gw1 on its link"
+        assert bed.ping("gw1", p["GW2_WAN"]), "gw1 reaches gw2 on the wan link"
+        assert bed.ping("lan", p["REMOTE_HOST"], count=3), (
+            "lan reaches remote through both gateways"
+        )
+        assert bed.ping("remote", p["LAN_HOST"]), "remote reaches lan back"
+        route = bed.ip("gw1", "route", "get", p["REMOTE_HOST"]).stdout
+        assert "dev wan" in route, f"gw1 routes remote out of wan: {route}"
+    finally:
+        bed.destroy()
+    assert not ({bed.ns(r) for r in ROLES} & set(list_netns())), "namespaces removed"
+    assert _root_links() == links_before, "root namespace links unchanged"
+
+
+def test_destroy_after_partial_build_is_clean() -> None:
+    bed = Testbed(prefix=f"part{os.getpid()}-")
+    run(["ip", "netns", "add", bed.ns("gw2")])  # a collision makes build fail half-way
+    try:
+        try:
+            bed.build()
+        except Exception as exc:
+            assert "already exists" in str(exc), f"collision is reported clearly: {exc}"
+        else:
+            raise AssertionError("build over an existing namespace must fail")
+        assert bed.ns("lan") not in list_netns(), "a failed build leaves nothing of its own"
+    finally:
+        run(["ip", "netns", "del", bed.ns("gw2")], check=False)
