@@ -276,15 +276,130 @@ def sum_percpu(values: Iterable[Any], attr: str | None = None) -> int:
     return total
 
 
-def reason_label(reason: enum.Enum | str) -> str:
-    """A datapath reason enum member as a label value: its name in lower case, without the
-    common C prefix (XFP_REASON_BAD_ICV -> "bad_icv" when the enum names carry it)."""
-    name = reason if isinstance(reason, str) else reason.name
-    for prefix in ("XFP_REASON_", "XFP_PUNT_", "XFP_DROP_", "REASON_"):
+# The datapath's reason enum (enum xfp_reason in bpf/include/xfp_defs.h, mirrored in
+# controller/defs.py) says by its member names what a verdict was: *_OK = forwarded by XDP,
+# PASS_* = handed to the kernel, DROP_* = dropped. Label values are derived from those names, so
+# a reason added to the header shows up here without a second list to keep in step.
+_ENUM_PREFIXES = ("XFP_R_", "XFP_REASON_", "R_")
+
+
+def _bare(name: str) -> str:
+    for prefix in _ENUM_PREFIXES:
         if name.startswith(prefix):
-            name = name[len(prefix) :]
-            break
-    return name.lower()
+            return name[len(prefix) :]
+    return name
+
+
+def reason_kind(reason: enum.Enum | str) -> tuple[str, str]:
+    """(kind, label) of a datapath reason: kind is "fastpath", "kernel", "drop" or "none" (the
+    enum's MAX sentinel); label is the reason without its prefixes, in lower case
+    (XFP_R_DROP_BAD_ICV -> ("drop", "bad_icv")). An unclassifiable name raises: a new kind of
+    verdict needs a decision on how to export it."""
+    name = _bare(reason if isinstance(reason, str) else reason.name)
+    if name == "MAX":
+        return "none", ""
+    if name.startswith("PASS_"):
+        return "kernel", name[len("PASS_") :].lower()
+    if name.startswith("DROP_"):
+        return "drop", name[len("DROP_") :].lower()
+    if name.endswith("_OK"):
+        return "fastpath", name[: -len("_OK")].lower()
+    raise ValueError(f"datapath reason {name!r} is neither *_OK, PASS_* nor DROP_*")
+
+
+def reason_label(reason: enum.Enum | str) -> str:
+    """A datapath reason as a `reason` label value (see `reason_kind`)."""
+    return reason_kind(reason)[1]
+
+
+def reason_labels(reasons: Iterable[enum.Enum], kind: str) -> list[str]:
+    """Every label value of one kind, in enum order (the exporter zero-fills these)."""
+    return [lbl for r in reasons for k, lbl in [reason_kind(r)] if k == kind]
+
+
+def sum_percpu_stats(table: Any, n: int) -> dict[int, tuple[int, int]]:
+    """Read a BCC per-CPU array of `struct xfp_stat` (packets, bytes) and sum the CPUs:
+    index -> (packets, bytes). One lookup per index (n is small: dirs x reasons)."""
+    out: dict[int, tuple[int, int]] = {}
+    key_type = table.Key
+    for i in range(n):
+        per_cpu = table[key_type(i)]
+        out[i] = (sum_percpu(per_cpu, "packets"), sum_percpu(per_cpu, "bytes"))
+    return out
+
+
+@dataclass(frozen=True)
+class SaReading:
+    """One SA entry as read from the datapath's SA maps, with the reqid the controller knows."""
+
+    spi: int  # host order
+    reqid: int
+    direction: Direction
+    packets: int
+    bytes: int
+    sequence: int  # sequence number used (encap: next - 1; decap: seq_top)
+
+
+def snapshot_from_datapath(
+    stats: Mapping[int, tuple[int, int]],
+    reasons: type[enum.IntEnum],
+    interfaces: Mapping[Direction, Iterable[str]],
+    sas: Iterable[SaReading] = (),
+    r_max: int | None = None,
+) -> DatapathParts:
+    """Turn the datapath's summed per-CPU counters into snapshot parts.
+
+    `stats`: index (dir * r_max + reason, as xfp_count() in bpf/include/maps.h) -> (packets,
+    bytes) summed over CPUs (`sum_percpu_stats`). `reasons`: the reason enum (defs.py); its
+    members decide the labels, and every (direction, reason) pair is exported, zero or not, so
+    the series exist before the first packet. `interfaces`: the devices each direction's
+    program is attached to (config lan -> encap, wan -> decap); the per-CPU counters are not
+    per device, so a direction with several devices gets one series labelled "dev1,dev2".
+    """
+    if r_max is None:
+        r_max = max(int(r) for r in reasons if reason_kind(r)[0] != "none") + 1
+    fp_pkts: dict[tuple[str, str], int] = {}
+    fp_bytes: dict[tuple[str, str], int] = {}
+    k_pkts: dict[tuple[str, str], int] = {}
+    k_bytes: dict[tuple[str, str], int] = {}
+    drops: dict[tuple[str, str], int] = {}
+    for d in Direction:
+        dl = direction_label(d)
+        ifname = ",".join(interfaces.get(d, ())) or "none"
+        fp_pkts.setdefault((ifname, dl), 0)
+        fp_bytes.setdefault((ifname, dl), 0)
+        for r in reasons:
+            kind, label = reason_kind(r)
+            if kind == "none":
+                continue
+            pkts, nbytes = stats.get(int(d) * r_max + int(r), (0, 0))
+            if kind == "fastpath":
+                fp_pkts[(ifname, dl)] += pkts
+                fp_bytes[(ifname, dl)] += nbytes
+            elif kind == "kernel":
+                k_pkts[(dl, label)] = k_pkts.get((dl, label), 0) + pkts
+                k_bytes[(dl, label)] = k_bytes.get((dl, label), 0) + nbytes
+            else:
+                drops[(dl, label)] = drops.get((dl, label), 0) + pkts
+    sa_counters = tuple(
+        SaCounters(
+            spi=spi_label(sa.spi),
+            reqid=sa.reqid,
+            direction=direction_label(sa.direction),
+            packets=sa.packets,
+            bytes=sa.bytes,
+            sequence=sa.sequence,
+        )
+        for sa in sas
+    )
+    return DatapathParts(
+        fastpath_packets=fp_pkts,
+        fastpath_bytes=fp_bytes,
+        kernel_packets=k_pkts,
+        kernel_bytes=k_bytes,
+        drops=drops,
+        sas=sa_counters,
+    )
 
 
 @dataclass(frozen=True)
@@ -894,15 +1009,20 @@ __all__ = [
     "MetricsSource",
     "MonotonicCounters",
     "SaCounters",
+    "SaReading",
     "default_build_info",
     "direction_label",
     "exposed_names",
     "fetch_snapshot",
     "format_status",
+    "reason_kind",
     "reason_label",
+    "reason_labels",
     "render",
+    "snapshot_from_datapath",
     "snapshot_from_json",
     "snapshot_to_json",
     "spi_label",
     "sum_percpu",
+    "sum_percpu_stats",
 ]
