@@ -1,0 +1,170 @@
+/* SPDX-License-Identifier: GPL-2.0-only */
+/*
+ * xfp_defs.h: THE definitions shared by the XDP datapath (bpf/xdp_encap.c, bpf/xdp_decap.c)
+ * and the controller (controller/defs.py mirrors every struct and enum here with ctypes;
+ * tests/test_defs.py compiles this header with gcc and checks that sizes, offsets and values
+ * agree). Change both sides together.
+ *
+ * Byte order: fields marked "be" hold network byte order exactly as on the wire; all others
+ * are host order. Times are bpf_ktime_get_ns() (CLOCK_MONOTONIC, ns).
+ */
+#ifndef XFP_DEFS_H
+#define XFP_DEFS_H
+
+#ifndef __bpf__
+/* User space (the gcc layout check): BPF programs get these from BCC's helpers.h. */
+#include <linux/types.h>
+#include <linux/bpf.h> /* struct bpf_spin_lock */
+#endif
+
+/* ---- sizes ------------------------------------------------------------------------------ */
+#define XFP_FLOWS_MAX 65536  /* LRU: the least recently used flow goes first when full */
+#define XFP_SA_MAX 1024	     /* outbound and inbound SA entries, each */
+#define XFP_DEVMAP_SIZE 4096 /* devmap keyed by egress ifindex: ifindex must be below this */
+
+/* Anti-replay ring (RFC 4303 section 3.4.3, kept as in RFC 6479: a ring of 64-bit words that
+ * is never shifted, only whole words cleared as the window advances). 128 words = 8192 bits,
+ * so a window of up to (128 - 1) * 64 >= 4096 bits is exact. */
+#define XFP_REPLAY_WORDS 128
+#define XFP_REPLAY_MAX_WINDOW 4096
+
+/* ---- ESP constants (RFC 4303, RFC 7634) ------------------------------------------------- */
+#define XFP_ESP_HDR_LEN 8  /* SPI + sequence number (RFC 4303 section 2) */
+#define XFP_ESP_IV_LEN 8   /* explicit IV of rfc7539esp (RFC 7634 section 2) */
+#define XFP_ESP_ICV_LEN 16 /* Poly1305 tag (RFC 7634 section 2) */
+#define XFP_ESP_ALIGN 4	   /* esp4.c: blksize = ALIGN(crypto_aead_blocksize = 1, 4) */
+#define XFP_ENCAP_HEAD (20 + XFP_ESP_HDR_LEN + XFP_ESP_IV_LEN) /* outer IPv4 + ESP + IV: 36 */
+
+/* ---- directions and reasons: the per-CPU counters are indexed by dir * XFP_R_MAX + reason */
+enum xfp_dir {
+	XFP_DIR_ENCAP = 0, /* clear in on the LAN side, ESP out on the WAN side */
+	XFP_DIR_DECAP = 1, /* ESP in on the WAN side, clear out on the LAN side */
+	XFP_DIR_MAX = 2,
+};
+
+enum xfp_reason {
+	/* hits: forwarded by XDP (XDP_REDIRECT) */
+	XFP_R_ENCAP_OK = 0,
+	XFP_R_DECAP_OK = 1,
+	/* punts: XDP_PASS with the frame untouched, the kernel does everything */
+	XFP_R_PASS_NOT_IPV4 = 2,     /* not Ethernet + IPv4 (ARP, IPv6, VLAN, inner IPv6...) */
+	XFP_R_PASS_MALFORMED_IP = 3, /* IPv4 header or length inconsistent: the kernel judges */
+	XFP_R_PASS_IP_OPTIONS = 4,   /* ihl != 5 (outer, or inner at decap) */
+	XFP_R_PASS_FRAGMENT = 5,     /* MF set or fragment offset != 0 */
+	XFP_R_PASS_NOT_ESP = 6,	     /* decap side: IP protocol is not 50 (incl. NAT-T UDP) */
+	XFP_R_PASS_UNKNOWN_FLOW = 7, /* encap: no flow entry for the inner 5-tuple */
+	XFP_R_PASS_UNKNOWN_SPI = 8,  /* decap: no inbound SA for (SPI, outer daddr) */
+	XFP_R_PASS_NO_SA = 9,	     /* encap: the flow names an SA id with no entry */
+	XFP_R_PASS_SA_NOT_OFFLOADED = 10, /* SA entry present without XFP_SA_F_OFFLOAD */
+	XFP_R_PASS_SA_EXPIRED = 11,	  /* bpf_ktime_get_ns() > deadline_ns */
+	XFP_R_PASS_SEQ_EXHAUSTED = 12, /* next sequence would reach seq_limit (or 2^32 w/o ESN) */
+	XFP_R_PASS_TTL = 13,	       /* TTL <= 1: the kernel sends ICMP time exceeded */
+	XFP_R_PASS_MTU = 14,	       /* too big for the egress MTU: the kernel fragments/ICMPs */
+	XFP_R_PASS_INNER_MISS = 15,    /* decap: ICV ok, no flow for the inner 5-tuple */
+	XFP_R_PASS_SA_MISMATCH = 16,   /* decap: the inner flow belongs to another SA */
+	XFP_R_PASS_FLOW_DISABLED = 17, /* flow entry present without XFP_FLOW_F_ACTIVE */
+	XFP_R_PASS_NO_ROOM = 18,       /* bpf_xdp_adjust_head/tail refused: before any write */
+	/* drops: XDP_DROP, counted */
+	XFP_R_DROP_BAD_ICV = 19,       /* Poly1305 tag mismatch (RFC 4303 section 3.4.4) */
+	XFP_R_DROP_REPLAY = 20,	       /* duplicate or left of the window (section 3.4.3) */
+	XFP_R_DROP_MALFORMED_ESP = 21, /* known SPI, payload too short for tunnel mode */
+	XFP_R_DROP_BAD_TRAILER = 22,   /* pad bytes not 1,2,3..., bad pad length, next hdr != 4 */
+	XFP_R_DROP_BAD_INNER = 23,     /* decrypted inner IPv4 header inconsistent */
+	XFP_R_DROP_ECN = 24,	       /* RFC 6040 section 4.2: outer CE over inner Not-ECT */
+	XFP_R_DROP_ERROR = 25,	       /* an adjust or helper failed after the frame was changed */
+	XFP_R_MAX = 26,
+};
+
+/* One per-CPU counter slot (map xfp_stats, index dir * XFP_R_MAX + reason). */
+struct xfp_stat {
+	__u64 packets;
+	__u64 bytes; /* frame length as received */
+};
+
+/* ---- flows -------------------------------------------------------------------------------- */
+/* Key of the flow table. Encap: the clear packet as received on the LAN side. Decap: the inner
+ * packet inside the ESP received on the WAN side (ifindex is then the WAN device). */
+struct xfp_flow_key {
+	__u32 ifindex; /* ingress device (ctx->ingress_ifindex; 0 in BPF_PROG_TEST_RUN) */
+	__u8 dir;      /* enum xfp_dir */
+	__u8 proto;    /* inner IP protocol */
+	__u16 pad;     /* always 0 */
+	__u32 saddr;   /* be: inner source */
+	__u32 daddr;   /* be: inner destination */
+	__u16 sport;   /* be: TCP/UDP source port; ICMP echo/reply: identifier; else 0 */
+	__u16 dport;   /* be: TCP/UDP destination port; ICMP: (type << 8) | code; else 0 */
+};
+
+#define XFP_FLOW_F_ACTIVE 0x1 /* the datapath may forward this flow (else punt, counted) */
+
+struct xfp_flow_val {
+	__u32 sa_id;	      /* encap: outbound SA id; decap: the inbound SA's sa_id it must use */
+	__u32 egress_ifindex; /* decap: LAN device to redirect to (encap uses the SA's) */
+	__u8 dmac[6];	      /* decap: L2 rewrite towards the inner next hop */
+	__u8 smac[6];
+	__u32 flags;	    /* XFP_FLOW_F_* */
+	__u16 mtu;	    /* decap: egress MTU (inner IPv4 total length limit); 0 = no check */
+	__u16 pad;	    /* always 0 */
+	__u32 pad1;	    /* always 0 */
+	__u64 last_seen_ns; /* written by the datapath on every forwarded packet */
+	__u64 packets;	    /* forwarded by XDP (datapath adds, controller reads) */
+	__u64 bytes;	    /* inner IPv4 bytes forwarded */
+};
+
+/* ---- outbound SAs (key: __u32 sa_id) ----------------------------------------------------- */
+#define XFP_SA_F_OFFLOAD 0x1	      /* the datapath may use this SA (else punt, counted) */
+#define XFP_SA_F_ESN 0x2	      /* RFC 4303 extended sequence numbers (appendix A) */
+#define XFP_SA_F_NOECN 0x4	      /* kernel XFRM_STATE_NOECN: outer ECN 0 */
+#define XFP_SA_F_NOPMTUDISC 0x8	      /* kernel XFRM_STATE_NOPMTUDISC: outer DF 0 */
+#define XFP_SA_F_DONT_ENCAP_DSCP 0x10 /* kernel XFRM_SA_XFLAG_DONT_ENCAP_DSCP: outer DSCP 0 */
+
+struct xfp_sa_out {
+	struct bpf_spin_lock lock; /* guards seq, packets, bytes (the datapath's; user space
+				      never sees it: the kernel zeroes it on lookup) */
+	__u32 sa_id;
+	__u32 spi;	      /* be */
+	__u32 saddr;	      /* be: outer source (our WAN address) */
+	__u32 daddr;	      /* be: outer destination (the peer) */
+	__u32 flags;	      /* XFP_SA_F_* */
+	__u8 key[32];	      /* ChaCha20 key: the first 32 of the 36 bytes of the rfc7539esp key */
+	__u8 salt[4];	      /* the last 4: nonce = salt || IV (RFC 7634 section 2) */
+	__u32 egress_ifindex; /* WAN device to redirect to */
+	__u64 seq;	      /* next sequence number to use (64 bits; low 32 on the wire) */
+	__u64 seq_limit;      /* exclusive: the datapath never sends seq >= seq_limit (punts) */
+	__u64 iv_mask;	      /* IV on the wire = big-endian(seq XOR iv_mask), as crypto/seqiv.c */
+	__u64 deadline_ns;    /* punt once bpf_ktime_get_ns() exceeds it (hard life / watchdog) */
+	__u64 packets;	      /* packets sent by XDP (lifetime accounting) */
+	__u64 bytes; /* inner IPv4 bytes sent by XDP (the kernel counts the same, esp4.c) */
+	__u16 mtu;   /* outer IPv4 total length limit (path MTU) */
+	__u8 ttl;    /* outer TTL (0: 64, the kernel's ip4_dst_hoplimit default) */
+	__u8 pad0;
+	__u8 dmac[6]; /* outer next hop */
+	__u8 smac[6];
+};
+
+/* ---- inbound SAs (key: struct xfp_sa_in_key) ---------------------------------------------- */
+struct xfp_sa_in_key {
+	__u32 spi;   /* be */
+	__u32 daddr; /* be: outer destination (our WAN address), as the kernel's (daddr, spi) */
+};
+
+struct xfp_sa_in {
+	struct bpf_spin_lock lock; /* guards everything from seq_top to the end */
+	__u32 sa_id;
+	__u32 spi;   /* be */
+	__u32 saddr; /* be: the peer (informational: the kernel does not match it either) */
+	__u32 daddr; /* be */
+	__u32 flags; /* XFP_SA_F_OFFLOAD, XFP_SA_F_ESN, XFP_SA_F_NOECN */
+	__u8 key[32];
+	__u8 salt[4];
+	__u32 replay_window; /* bits, 0..XFP_REPLAY_MAX_WINDOW; 0 = no replay check (as kernel) */
+	__u64 deadline_ns;
+	__u64 seq_top; /* highest authenticated sequence number (64 bits with ESN) */
+	__u64 packets; /* authenticated packets (forwarded or punted) */
+	__u64 bytes;   /* their inner bytes (ESP payload length) */
+	__u64 replay_drops;
+	__u64 icv_fails;
+	__u64 bitmap[XFP_REPLAY_WORDS]; /* bit (s & 63) of word (s >> 6) % WORDS: seq s seen */
+};
+
+#endif /* XFP_DEFS_H */

@@ -1,0 +1,290 @@
+/* SPDX-License-Identifier: GPL-2.0-only */
+/*
+ * xdp_decap.c: XDP on the WAN side of the gateway. ESP of an offloaded inbound SA is
+ * authenticated (ICV first, nothing written before), checked against the anti-replay window,
+ * peeked at (first ChaCha20 block only) for the inner flow; a flow the controller offloaded is
+ * decrypted in place, stripped and redirected out of the LAN device; an inner flow we do not
+ * know goes to the kernel as the untouched ciphertext (XDP_PASS). Bad ICV, replays and
+ * malformed ESP are dropped and counted; everything else is passed untouched and counted.
+ *
+ * Input frame:
+ *   eth(14) | outer IPv4(20) | SPI, seq(8) | IV(8) | inner IPv4 | pad | pad len | nh | ICV(16)
+ *                                                  ^ XFP_DEC_OFF (50)
+ */
+#include <uapi/linux/bpf.h>
+#include "maps.h"
+#include "parsing.h"
+#include "csum.h"
+#include "esp.h"
+#include "aead.h"
+
+#define XFP_DEC_OFF (XFP_ETH_LEN + XFP_ENCAP_HEAD) /* 50: first encrypted byte */
+#define XFP_PKT_MASK 0x3fff			   /* XDP frames (one page, or a jumbo) fit */
+
+/* aead.h's per-CPU scratch, defined here because BCC rewrites map calls in the main file only. */
+static __always_inline struct xfp_crypto_scratch *xfp_scratch(void)
+{
+	__u32 zero = 0;
+
+	return xfp_crypto_scratch.lookup(&zero);
+}
+
+/* Here, not in maps.h: BCC rewrites map calls in the main file only.
+ * Count one frame under (dir, reason); len is the frame length as received. */
+static __always_inline void xfp_count(__u32 dir, __u32 reason, __u32 len)
+{
+	__u32 idx = dir * XFP_R_MAX + reason;
+	struct xfp_stat *st = xfp_stats.lookup(&idx);
+
+	if (st) {
+		st->packets += 1;
+		st->bytes += len;
+	}
+}
+
+/* RFC 4303 section 2.4: the receiver checks the pad bytes are 1, 2, 3, ... Needs the payload
+ * decrypted; pad starts at packet offset `off`. Returns 0 when they are. */
+static __always_inline int decap_check_pad(struct xdp_md *ctx, __u32 off, __u32 padlen)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u32 i;
+
+	for (i = 0; i < 255; i++) {
+		__u8 *p;
+
+		if (i >= padlen)
+			break;
+		p = data + ((off + i) & XFP_PKT_MASK);
+		if ((void *)(p + 1) > data_end || *p != (__u8)(i + 1))
+			return -1;
+	}
+	return 0;
+}
+
+int xdp_decap(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u32 frame_len = data_end - data;
+	struct xfp_flow_key fk = {};
+	struct xfp_sa_in_key sk = {};
+	struct xfp_flow_val *fv;
+	struct xfp_sa_in *sa;
+	struct iphdr *iph;
+	struct ethhdr *eth;
+	struct xfp_esp_hdr *esp;
+	__u8 aad[12] __attribute__((aligned(4))), tr[2];
+	__u8 iv[8] __attribute__((aligned(8)));
+	__u8 blk[64] __attribute__((aligned(8)));
+	__u32 olen, clen, itot, padlen, aad_len, extra;
+	__u16 old0, old4, new0, new4, check;
+	__u8 outer_tos;
+	__u64 seq, now;
+	int r, tos;
+
+	r = xfp_parse_eth_ipv4(data, data_end, &iph);
+	if (r)
+		goto pass;
+	if (iph->protocol != IPPROTO_ESP) {
+		r = XFP_R_PASS_NOT_ESP;
+		goto pass;
+	}
+	olen = xfp_ntohs(iph->tot_len);
+	esp = (void *)(iph + 1);
+	if (olen < XFP_ENCAP_HEAD || (void *)(esp + 1) > data_end) {
+		r = XFP_R_PASS_MALFORMED_IP; /* not even an SPI: the kernel judges */
+		goto pass;
+	}
+	sk.spi = esp->spi;
+	sk.daddr = iph->daddr;
+	sa = xfp_sa_in.lookup(&sk);
+	if (!sa) {
+		r = XFP_R_PASS_UNKNOWN_SPI;
+		goto pass;
+	}
+	if (!(sa->flags & XFP_SA_F_OFFLOAD)) {
+		r = XFP_R_PASS_SA_NOT_OFFLOADED;
+		goto pass;
+	}
+	now = bpf_ktime_get_ns();
+	if (now > sa->deadline_ns) {
+		r = XFP_R_PASS_SA_EXPIRED;
+		goto pass;
+	}
+	/* Tunnel mode carries at least an inner IPv4 header and the 2-byte trailer. */
+	if (olen < XFP_ENCAP_HEAD + XFP_IP_LEN + 2 + XFP_ESP_ICV_LEN) {
+		r = XFP_R_DROP_MALFORMED_ESP;
+		goto drop;
+	}
+	clen = olen - XFP_ENCAP_HEAD - XFP_ESP_ICV_LEN;
+	outer_tos = iph->tos;
+	__builtin_memcpy(iv, esp->iv, 8);
+
+	/* Anti-replay before the (costly) ICV check, as RFC 4303 section 3.4.3 suggests; again
+	 * after it, under the lock, before the window moves. */
+	bpf_spin_lock(&sa->lock);
+	seq = xfp_esp_seq64(sa, xfp_ntohl(esp->seq));
+	r = xfp_replay_check(sa, seq);
+	if (r)
+		sa->replay_drops += 1;
+	bpf_spin_unlock(&sa->lock);
+	if (r) {
+		r = XFP_R_DROP_REPLAY;
+		goto drop;
+	}
+	aad_len = xfp_esp_aad(aad, sk.spi, seq, sa->flags & XFP_SA_F_ESN);
+	if (xfp_aead_verify(ctx, XFP_DEC_OFF, clen, XFP_DEC_OFF + clen,
+			    (const struct xfp_aead_key *)sa->key, iv, aad, aad_len)) {
+		__sync_fetch_and_add(&sa->icv_fails, 1);
+		r = XFP_R_DROP_BAD_ICV;
+		goto drop;
+	}
+	/* Authenticated: only now may the window move (RFC 4303 section 3.4.3). Every
+	 * authenticated packet counts, punted or not, so that a replay of a packet XDP forwarded
+	 * cannot slip through the kernel's window, which never saw it. */
+	bpf_spin_lock(&sa->lock);
+	r = xfp_replay_check(sa, seq);
+	if (r) {
+		sa->replay_drops += 1;
+	} else {
+		xfp_replay_advance(sa, seq);
+		sa->packets += 1;
+		sa->bytes += clen;
+	}
+	bpf_spin_unlock(&sa->lock);
+	if (r) {
+		r = XFP_R_DROP_REPLAY;
+		goto drop;
+	}
+
+	/* Peek: ChaCha20 is a stream cipher, so the first block tells the inner header and ports
+	 * without writing anything; a packet we do not forward reaches the kernel untouched. */
+	if (xfp_aead_peek(ctx, XFP_DEC_OFF, clen, (const struct xfp_aead_key *)sa->key, iv, blk)) {
+		r = XFP_R_DROP_ERROR;
+		goto drop;
+	}
+	if ((blk[0] >> 4) != 4) {
+		r = XFP_R_PASS_NOT_IPV4;
+		goto pass;
+	}
+	if ((blk[0] & 0xf) != 5) {
+		r = (blk[0] & 0xf) < 5 ? XFP_R_DROP_BAD_INNER : XFP_R_PASS_IP_OPTIONS;
+		if (r == XFP_R_DROP_BAD_INNER)
+			goto drop;
+		goto pass;
+	}
+	itot = ((__u32)blk[2] << 8) | blk[3];
+	if (itot < XFP_IP_LEN || itot + 2 > clen) {
+		r = XFP_R_DROP_BAD_INNER;
+		goto drop;
+	}
+	if (*(__u16 *)&blk[6] & xfp_htons(XFP_IP_MF | XFP_IP_OFFSET)) {
+		r = XFP_R_PASS_FRAGMENT;
+		goto pass;
+	}
+	if (blk[8] <= 1) {
+		r = XFP_R_PASS_TTL;
+		goto pass;
+	}
+	tos = xfp_ecn_decap(outer_tos, blk[1]);
+	if (sa->flags & XFP_SA_F_NOECN)
+		tos = blk[1]; /* kernel XFRM_STATE_NOECN: no ECN propagation */
+	if (tos < 0) {
+		r = XFP_R_DROP_ECN;
+		goto drop;
+	}
+	fk.dir = XFP_DIR_DECAP;
+	fk.proto = blk[9];
+	fk.saddr = *(__u32 *)&blk[12];
+	fk.daddr = *(__u32 *)&blk[16];
+	r = xfp_l4_ports(blk[9], &blk[20], itot - XFP_IP_LEN, &fk);
+	if (r)
+		goto pass;
+	fk.ifindex = ctx->ingress_ifindex;
+	fv = xfp_flows.lookup(&fk);
+	if (!fv) {
+		r = XFP_R_PASS_INNER_MISS;
+		goto pass;
+	}
+	if (!(fv->flags & XFP_FLOW_F_ACTIVE)) {
+		r = XFP_R_PASS_FLOW_DISABLED;
+		goto pass;
+	}
+	/* The policy check of xfrm4_policy_check(): the flow must arrive on its own SA. */
+	if (fv->sa_id != sa->sa_id) {
+		r = XFP_R_PASS_SA_MISMATCH;
+		goto pass;
+	}
+	if (fv->mtu && itot > fv->mtu) {
+		r = XFP_R_PASS_MTU;
+		goto pass;
+	}
+
+	if (xfp_aead_decrypt(ctx, XFP_DEC_OFF, clen, (const struct xfp_aead_key *)sa->key, iv)) {
+		r = XFP_R_DROP_ERROR;
+		goto drop;
+	}
+	/* RFC 4303 sections 2.4-2.6: ... pad | pad length | next header, and the pad must make up
+	 * exactly what the inner IPv4 total length leaves over. */
+	if (bpf_xdp_load_bytes(ctx, XFP_DEC_OFF + clen - 2, tr, 2)) {
+		r = XFP_R_DROP_ERROR;
+		goto drop;
+	}
+	padlen = tr[0];
+	if (tr[1] != XFP_NEXTHDR_IPIP || padlen + 2 + itot != clen ||
+	    decap_check_pad(ctx, XFP_DEC_OFF + itot, padlen)) {
+		r = XFP_R_DROP_BAD_TRAILER;
+		goto drop;
+	}
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	if (data + XFP_DEC_OFF + XFP_IP_LEN > data_end) {
+		r = XFP_R_DROP_ERROR;
+		goto drop;
+	}
+	iph = data + XFP_DEC_OFF;
+	/* The decrypted header must be the one we peeked at, and a valid one. */
+	if (xfp_ipv4_csum(iph) != 0 || iph->version != 4 || iph->ihl != 5 ||
+	    xfp_ntohs(iph->tot_len) != itot) {
+		r = XFP_R_DROP_BAD_INNER;
+		goto drop;
+	}
+	/* ECN (RFC 6040 section 4.2) and TTL - 1 (ip_forward()), checksum updated per word
+	 * (RFC 1624). */
+	old0 = *(__u16 *)iph;
+	old4 = *(__u16 *)&iph->ttl;
+	iph->tos = tos;
+	iph->ttl -= 1;
+	new0 = *(__u16 *)iph;
+	new4 = *(__u16 *)&iph->ttl;
+	check = xfp_csum_replace2(iph->check, old0, new0);
+	iph->check = xfp_csum_replace2(check, old4, new4);
+
+	/* The new Ethernet header goes right in front of the inner packet, then the outer
+	 * headers and the trailer are cut off. */
+	eth = data + XFP_ENCAP_HEAD;
+	__builtin_memcpy(eth->h_dest, fv->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fv->smac, ETH_ALEN);
+	eth->h_proto = xfp_htons(ETH_P_IP);
+	extra = frame_len - XFP_ETH_LEN - olen; /* Ethernet padding behind the outer packet */
+	if (bpf_xdp_adjust_head(ctx, (int)XFP_ENCAP_HEAD) ||
+	    bpf_xdp_adjust_tail(ctx, -(int)(padlen + 2 + XFP_ESP_ICV_LEN + extra))) {
+		r = XFP_R_DROP_ERROR;
+		goto drop;
+	}
+
+	fv->last_seen_ns = now;
+	__sync_fetch_and_add(&fv->packets, 1);
+	__sync_fetch_and_add(&fv->bytes, itot);
+	xfp_count(XFP_DIR_DECAP, XFP_R_DECAP_OK, frame_len);
+	/* No devmap entry for the egress device: drop rather than pass cleartext up our stack. */
+	return xfp_tx_ports.redirect_map(fv->egress_ifindex, XDP_DROP);
+
+pass:
+	xfp_count(XFP_DIR_DECAP, r, frame_len);
+	return XDP_PASS;
+drop:
+	xfp_count(XFP_DIR_DECAP, r, frame_len);
+	return XDP_DROP;
+}

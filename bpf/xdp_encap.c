@@ -1,0 +1,235 @@
+/* SPDX-License-Identifier: GPL-2.0-only */
+/*
+ * xdp_encap.c: XDP on the LAN side of the gateway. A clear IPv4 packet of a flow the controller
+ * offloaded leaves as RFC 4303 tunnel-mode ESP with rfc7539esp (RFC 7634), redirected out of
+ * the WAN device; everything else goes to the kernel untouched (XDP_PASS), counted by reason.
+ *
+ * Output frame, built in place (the inner packet does not move):
+ *   eth(14) | outer IPv4(20) | SPI, seq(8) | IV(8) | inner IPv4 | pad 1,2,.. | pad len | 4 |
+ * ICV(16) ^ data (after adjust_head(-36))                 ^ XFP_ENC_OFF (50): encrypted from here
+ */
+#include <uapi/linux/bpf.h>
+#include "maps.h"
+#include "parsing.h"
+#include "csum.h"
+#include "esp.h"
+#include "aead.h"
+
+/* aead.h's per-CPU scratch, defined here because BCC rewrites map calls in the main file only. */
+static __always_inline struct xfp_crypto_scratch *xfp_scratch(void)
+{
+	__u32 zero = 0;
+
+	return xfp_crypto_scratch.lookup(&zero);
+}
+
+/* Here, not in maps.h: BCC rewrites map calls in the main file only.
+ * Count one frame under (dir, reason); len is the frame length as received. */
+static __always_inline void xfp_count(__u32 dir, __u32 reason, __u32 len)
+{
+	__u32 idx = dir * XFP_R_MAX + reason;
+	struct xfp_stat *st = xfp_stats.lookup(&idx);
+
+	if (st) {
+		st->packets += 1;
+		st->bytes += len;
+	}
+}
+
+#define XFP_ENC_OFF (XFP_ETH_LEN + XFP_ENCAP_HEAD) /* 50: first encrypted byte */
+
+/* The flow key of a clear packet. Needs iph from xfp_parse_eth_ipv4(). */
+static __always_inline int encap_flow_key(struct iphdr *iph, void *data_end,
+					  struct xfp_flow_key *fk)
+{
+	__u8 *l4 = (__u8 *)(iph + 1);
+	__u32 avail = xfp_ntohs(iph->tot_len) - XFP_IP_LEN;
+
+	fk->dir = XFP_DIR_ENCAP;
+	fk->proto = iph->protocol;
+	fk->saddr = iph->saddr;
+	fk->daddr = iph->daddr;
+	if (avail >= 8 && (void *)(l4 + 8) > data_end)
+		return XFP_R_PASS_MALFORMED_IP;
+	return xfp_l4_ports(iph->protocol, l4, avail, fk);
+}
+
+int xdp_encap(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u32 frame_len = data_end - data;
+	struct xfp_flow_key fk = {};
+	struct xfp_flow_val *fv;
+	struct xfp_sa_out *sa;
+	struct iphdr *iph, *outer;
+	struct ethhdr *eth;
+	struct xfp_esp_hdr *esp;
+	__u8 aad[12] __attribute__((aligned(4)));
+	__u8 iv[8] __attribute__((aligned(8)));
+	__u32 sa_id, ilen, plen, clen, olen, aad_len, extra, mtu;
+	__u64 seq, now, trailer;
+	__u16 df, old_ttl_word;
+	__u8 tos, ttl;
+	int r, tail;
+
+	r = xfp_parse_eth_ipv4(data, data_end, &iph);
+	if (r)
+		goto pass;
+	r = encap_flow_key(iph, data_end, &fk);
+	if (r)
+		goto pass;
+	fk.ifindex = ctx->ingress_ifindex;
+	fv = xfp_flows.lookup(&fk);
+	if (!fv) {
+		r = XFP_R_PASS_UNKNOWN_FLOW;
+		goto pass;
+	}
+	if (!(fv->flags & XFP_FLOW_F_ACTIVE)) {
+		r = XFP_R_PASS_FLOW_DISABLED;
+		goto pass;
+	}
+	sa_id = fv->sa_id;
+	sa = xfp_sa_out.lookup(&sa_id);
+	if (!sa) {
+		r = XFP_R_PASS_NO_SA;
+		goto pass;
+	}
+	if (!(sa->flags & XFP_SA_F_OFFLOAD)) {
+		r = XFP_R_PASS_SA_NOT_OFFLOADED;
+		goto pass;
+	}
+	now = bpf_ktime_get_ns();
+	if (now > sa->deadline_ns) {
+		r = XFP_R_PASS_SA_EXPIRED;
+		goto pass;
+	}
+	/* ip_forward(): a packet that would leave with TTL 0 is the kernel's (ICMP time exceeded).
+	 */
+	if (iph->ttl <= 1) {
+		r = XFP_R_PASS_TTL;
+		goto pass;
+	}
+	ilen = xfp_ntohs(iph->tot_len);
+	plen = xfp_esp_padlen(ilen);
+	clen = ilen + plen + 2;
+	olen = XFP_ENCAP_HEAD + clen + XFP_ESP_ICV_LEN;
+	mtu = sa->mtu;
+	if (olen > mtu) {
+		r = XFP_R_PASS_MTU;
+		goto pass;
+	}
+
+	/* One sequence number per packet, never shared between CPUs and never past seq_limit;
+	 * the kernel's xfrm_replay_overflow() refuses to wrap 32 bits without ESN as well. */
+	bpf_spin_lock(&sa->lock);
+	seq = sa->seq;
+	if (seq == 0)
+		seq = 1; /* RFC 4303 section 3.3.3: the first packet carries 1 */
+	if (seq >= sa->seq_limit || (!(sa->flags & XFP_SA_F_ESN) && seq > 0xffffffffULL)) {
+		bpf_spin_unlock(&sa->lock);
+		r = XFP_R_PASS_SEQ_EXHAUSTED;
+		goto pass;
+	}
+	sa->seq = seq + 1;
+	sa->packets += 1;
+	sa->bytes += ilen;
+	bpf_spin_unlock(&sa->lock);
+
+	/* Read the inner header before the frame moves (RFC 4301 section 5.1.2.1 / the kernel's
+	 * xfrm4_tunnel_encap_add(): outer DSCP and DF from the inner header unless the SA says
+	 * otherwise; ECN copied as RFC 6040 section 4.1 normal mode says, CE included -- the
+	 * kernel's INET_ECN_encapsulate() turns CE into ECT(0) instead, which a decapsulator treats
+	 * alike). */
+	tos = iph->tos;
+	if (sa->flags & XFP_SA_F_DONT_ENCAP_DSCP)
+		tos &= XFP_ECN_MASK;
+	if (sa->flags & XFP_SA_F_NOECN)
+		tos &= ~XFP_ECN_MASK;
+	df = (sa->flags & XFP_SA_F_NOPMTUDISC) ? 0 : (iph->frag_off & xfp_htons(XFP_IP_DF));
+	ttl = sa->ttl ? sa->ttl : 64;
+
+	/* Room first, writes after: a refused adjust leaves the frame as it came (punt). */
+	extra = frame_len - XFP_ETH_LEN - ilen; /* Ethernet padding behind the IPv4 packet */
+	tail = (int)(plen + 2 + XFP_ESP_ICV_LEN) - (int)extra;
+	if (bpf_xdp_adjust_head(ctx, -(int)XFP_ENCAP_HEAD)) {
+		r = XFP_R_PASS_NO_ROOM;
+		goto pass;
+	}
+	if (bpf_xdp_adjust_tail(ctx, tail)) {
+		if (bpf_xdp_adjust_head(ctx, (int)XFP_ENCAP_HEAD)) {
+			r = XFP_R_DROP_ERROR;
+			goto drop;
+		}
+		r = XFP_R_PASS_NO_ROOM;
+		goto pass;
+	}
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	if (data + XFP_ENC_OFF + XFP_IP_LEN > data_end) {
+		r = XFP_R_DROP_ERROR;
+		goto drop;
+	}
+	eth = data;
+	outer = data + XFP_ETH_LEN;
+	esp = data + XFP_ETH_LEN + XFP_IP_LEN;
+	iph = data + XFP_ENC_OFF;
+
+	/* ip_decrease_ttl(): TTL - 1, checksum updated incrementally (RFC 1624). */
+	old_ttl_word = *(__u16 *)&iph->ttl;
+	iph->ttl -= 1;
+	iph->check = xfp_csum_replace2(iph->check, old_ttl_word, *(__u16 *)&iph->ttl);
+
+	__builtin_memcpy(eth->h_dest, sa->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, sa->smac, ETH_ALEN);
+	eth->h_proto = xfp_htons(ETH_P_IP);
+
+	outer->version = 4;
+	outer->ihl = 5;
+	outer->tos = tos;
+	outer->tot_len = xfp_htons(olen);
+	outer->id = xfp_htons(seq & 0xffff); /* unique per SA over 2^16 packets (RFC 6864) */
+	outer->frag_off = df;
+	outer->ttl = ttl;
+	outer->protocol = IPPROTO_ESP;
+	outer->check = 0;
+	outer->saddr = sa->saddr;
+	outer->daddr = sa->daddr;
+	outer->check = xfp_ipv4_csum(outer);
+
+	/* RFC 4303 section 2.2: the low 32 bits on the wire. IV as crypto/seqiv.c makes it: the
+	 * 64-bit sequence number, big endian, XOR a per-SA mask; unique because seq is. */
+	esp->spi = sa->spi;
+	esp->seq = xfp_htonl(seq & 0xffffffff);
+	*(__u64 *)iv = xfp_htonll(seq ^ sa->iv_mask);
+	__builtin_memcpy(esp->iv, iv, 8);
+
+	/* RFC 4303 section 2.4/2.6: pad 1, 2, .. plen, then pad length, then next header. The 8
+	 * stored bytes run at most 6 bytes into the ICV room, which the seal overwrites. */
+	plen &= 3;
+	trailer = xfp_esp_trailer(plen);
+	if (bpf_xdp_store_bytes(ctx, XFP_ENC_OFF + ilen, &trailer, sizeof(trailer))) {
+		r = XFP_R_DROP_ERROR;
+		goto drop;
+	}
+	aad_len = xfp_esp_aad(aad, sa->spi, seq, sa->flags & XFP_SA_F_ESN);
+	if (xfp_aead_seal(ctx, XFP_ENC_OFF, clen, XFP_ENC_OFF + clen,
+			  (const struct xfp_aead_key *)sa->key, iv, aad, aad_len)) {
+		r = XFP_R_DROP_ERROR;
+		goto drop;
+	}
+
+	fv->last_seen_ns = now;
+	__sync_fetch_and_add(&fv->packets, 1);
+	__sync_fetch_and_add(&fv->bytes, ilen);
+	xfp_count(XFP_DIR_ENCAP, XFP_R_ENCAP_OK, frame_len);
+	/* No devmap entry for the egress device: drop rather than hand ESP to our own stack. */
+	return xfp_tx_ports.redirect_map(sa->egress_ifindex, XDP_DROP);
+
+pass:
+	xfp_count(XFP_DIR_ENCAP, r, frame_len);
+	return XDP_PASS;
+drop:
+	xfp_count(XFP_DIR_ENCAP, r, frame_len);
+	return XDP_DROP;
+}
