@@ -222,7 +222,8 @@ class Learner:
         self._epoll = select.epoll()
         self.lost = 0
         self.events = 0
-        table = bpf["learn_events"]  # type: ignore[index]
+        self.netns_ino = 0
+        table = bpf[b"learn_events"]  # type: ignore[index]
         table.open_perf_buffer(self._on_event, page_cnt=64, lost_cb=self._on_lost)
         from bcc import lib  # the perf readers' fds, so callers can select() on one fd
 
@@ -263,16 +264,20 @@ class Learner:
             if role not in ROLES:
                 raise LearnerError(f"ifindex {ifindex}: role must be lan or wan, not {role!r}")
         b = self.bpf
-        cfg_map = b["learn_cfg"]  # type: ignore[index]
+        cfg_map = b[b"learn_cfg"]  # type: ignore[index]
         cfg_map[ct.c_int(0)] = d.LearnCfg(0)  # off while the tables change
-        b["learn_ifaces"].clear()  # type: ignore[index]
-        b["learn_sightings"].clear()  # type: ignore[index]
-        b["learn_emitted"].clear()  # type: ignore[index]
+        b[b"learn_ifaces"].clear()  # type: ignore[index]
+        b[b"learn_sightings"].clear()  # type: ignore[index]
+        b[b"learn_emitted"].clear()  # type: ignore[index]
         for ifindex, role in ifaces.items():
-            b["learn_ifaces"][ct.c_uint32(ifindex)] = ct.c_uint32(ROLES[role])  # type: ignore[index]
+            b[b"learn_ifaces"][ct.c_uint32(ifindex)] = ct.c_uint32(ROLES[role])  # type: ignore[index]
+        cfg_map[ct.c_int(0)] = d.LearnCfg(netns_ino)
+        # Events of the previous namespace still in the rings are dropped here, and by
+        # _on_event (a program that read the old config may submit after this drain).
+        self.netns_ino = netns_ino
+        self.bpf.perf_buffer_consume()  # type: ignore[attr-defined]
         self._recent.clear()
         self._pending.clear()
-        cfg_map[ct.c_int(0)] = d.LearnCfg(netns_ino)
 
     # -- events -----------------------------------------------------------------------------------
     def _on_event(self, _cpu: int, data: int, size: int) -> None:
@@ -280,6 +285,8 @@ class Learner:
         if size < ct.sizeof(d.LearnEvent):
             return
         ev = ct.cast(data, ct.POINTER(d.LearnEvent)).contents
+        if ev.netns_ino != self.netns_ino:
+            return
         self.events += 1
         self._pending.append(Candidate.from_event(ev, seen))
 
@@ -293,7 +300,11 @@ class Learner:
     def poll(self, timeout: float = 0.0) -> list[Candidate]:
         """Read waiting events (waiting at most `timeout` seconds for the first) and return the
         new candidates, deduplicated."""
-        self.bpf.perf_buffer_poll(max(0, int(timeout * 1000)))  # type: ignore[attr-defined]
+        ms = int(timeout * 1000)
+        if ms > 0:
+            self.bpf.perf_buffer_poll(ms)  # type: ignore[attr-defined]
+        else:  # BCC 0.26's perf_buffer_poll(0) was seen returning with data waiting: read all
+            self.bpf.perf_buffer_consume()  # type: ignore[attr-defined]
         out: list[Candidate] = []
         pending, self._pending = self._pending, []
         for cand in pending:
@@ -312,7 +323,7 @@ class Learner:
         """Let the next sighting of `flow` (Candidate.flow) through again."""
         for key in [k for k in self._recent if k[:6] == tuple(flow)]:
             del self._recent[key]
-        fk_map = self.bpf["learn_emitted"]  # type: ignore[index]
+        fk_map = self.bpf[b"learn_emitted"]  # type: ignore[index]
         direction, saddr, daddr, proto, sport, dport = flow
         rev = {v: k for k, v in DIRECTIONS.items()}
         for k in list(fk_map.keys()):
@@ -329,7 +340,7 @@ class Learner:
 
     def stats(self) -> dict[str, int]:
         """The BPF counters (summed over CPUs), plus lost perf samples."""
-        table = self.bpf["learn_stats"]  # type: ignore[index]
+        table = self.bpf[b"learn_stats"]  # type: ignore[index]
         out = {name: 0 for name in d.STAT_NAMES.values()}
         for idx, name in d.STAT_NAMES.items():
             out[name] = int(sum(table[ct.c_int(idx)]))
