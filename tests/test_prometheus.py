@@ -1,0 +1,529 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The dashboards against a real Prometheus (Debian's `prometheus` package).
+
+- promtool accepts the scrape config and the rule files;
+- the dashboard, the recording rules and the alert rules name only metrics the exporter serves
+  (or the recording rules define, or Prometheus itself makes: `up`);
+- a Prometheus server on loopback scrapes the exporter every second while real per-CPU BPF
+  counters move (BPF_PROG_TEST_RUN through the datapath's own maps, see test_metrics.py) and
+  the controller's state changes; every PromQL expression of the dashboard, the recording rules
+  and the alert rules then returns data through the HTTP API. The alerts are made to fire by
+  driving the conditions they watch (a hit-rate collapse, replay and ICV drops, a nearly full
+  flow table, sequence numbers near 2^32, an unhealthy and then a dead controller).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from test_metrics import IFACES, R_MAX, REASONS, CountingDatapath, member
+
+from controller.metrics import (
+    Exporter,
+    MetricsSource,
+    SaReading,
+    exposed_names,
+    snapshot_from_datapath,
+)
+from controller.state import Cause, Direction, FlowKey, FlowRecord, FlowState, SaRef
+
+ROOT = Path(__file__).resolve().parent.parent
+DASH = ROOT / "dashboards"
+DASHBOARD = DASH / "xfrm-fastpath.json"
+SCRAPE_CONFIG = DASH / "prometheus.yml"
+RULE_FILES = [DASH / "rules" / "recording.yml", DASH / "rules" / "alerts.yml"]
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
+
+# What Grafana substitutes before it sends a query. $__rate_interval is at least four scrape
+# intervals (Grafana docs, "Prometheus template variables"); with 1 s scrapes, 10 s holds ~10.
+GRAFANA_VARS = {"__rate_interval": "10s", "job": ".+", "instance": ".+"}
+
+needs_prometheus = pytest.mark.skipif(
+    not (os.access(PROMETHEUS, os.X_OK) and os.access(PROMTOOL, os.X_OK)),
+    reason="Debian's prometheus package (prometheus, promtool) is not installed: make setup",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# The expressions
+# --------------------------------------------------------------------------------------------
+def grafana_expand(expr: str) -> str:
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(2)
+        assert name in GRAFANA_VARS, f"dashboard uses an unknown variable ${name} in {expr!r}"
+        return GRAFANA_VARS[name]
+
+    out = re.sub(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)", sub, expr)
+    assert "$" not in out, f"unexpanded variable in {out!r}"
+    return out
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(where, PromQL) for every panel target and every query variable, variables expanded.
+    label_values(selector, label) becomes the selector: what Grafana asks Prometheus for."""
+    dash = json.loads(DASHBOARD.read_text())
+    out: list[tuple[str, str]] = []
+
+    def walk(panels: list[dict[str, Any]]) -> None:
+        for p in panels:
+            walk(p.get("panels", []))
+            for t in p.get("targets", []):
+                out.append((f"panel {p['title']!r} {t['refId']}", grafana_expand(t["expr"])))
+
+    walk(dash["panels"])
+    for var in dash.get("templating", {}).get("list", []):
+        if var.get("type") != "query":
+            continue
+        q = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+        m = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", q.strip())
+        assert m, f"variable {var['name']}: unexpected query {q!r}"
+        out.append((f"variable ${var['name']}", grafana_expand(m.group(1))))
+    return out
+
+
+def rule_exprs(kind: str) -> list[tuple[str, str]]:
+    out = []
+    for path in RULE_FILES:
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                if kind in rule:
+                    out.append((f"{path.name} {rule[kind]}", rule["expr"]))
+    return out
+
+
+def recorded_names() -> set[str]:
+    return {where.split()[1] for where, _ in rule_exprs("record")}
+
+
+PROMQL_KEYWORDS = {
+    "and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
+    "bool", "offset", "inf", "nan",
+}  # fmt: skip
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Metric names a PromQL expression selects: identifiers that are not functions, keywords,
+    label names (inside {} or by/on/... lists) or parts of numbers and durations."""
+    s = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'', '""', expr)
+    s = re.sub(r"\{[^}]*\}", " ", s)
+    s = re.sub(r"\[[^\]]*\]", " ", s)
+    s = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", s)
+    names = set()
+    for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", s):
+        tok = m.group(0)
+        before = s[m.start() - 1] if m.start() else " "
+        if before.isdigit() or before == ".":  # 1e3, 5m, 1h
+            continue
+        if s[m.end() :].lstrip().startswith("("):  # a function
+            continue
+        if tok.lower() in PROMQL_KEYWORDS:
+            continue
+        names.add(tok)
+    return names
+
+
+def all_exprs() -> list[tuple[str, str]]:
+    return dashboard_queries() + rule_exprs("record") + rule_exprs("alert")
+
+
+# --------------------------------------------------------------------------------------------
+# Static checks
+# --------------------------------------------------------------------------------------------
+@needs_prometheus
+def test_promtool_checks_config_and_rules() -> None:
+    cfg = subprocess.run(
+        [PROMTOOL, "check", "config", str(SCRAPE_CONFIG)], capture_output=True, text=True
+    )
+    assert cfg.returncode == 0, f"promtool check config:\n{cfg.stdout}{cfg.stderr}"
+    assert "2 rule files found" in cfg.stdout, f"the config loads both rule files:\n{cfg.stdout}"
+    rules = subprocess.run(
+        [PROMTOOL, "check", "rules", *map(str, RULE_FILES)], capture_output=True, text=True
+    )
+    assert rules.returncode == 0, f"promtool check rules:\n{rules.stdout}{rules.stderr}"
+
+
+def unknown_names(exprs: list[tuple[str, str]], known: set[str]) -> dict[str, set[str]]:
+    return {where: bad for where, e in exprs if (bad := promql_metric_names(e) - known)}
+
+
+def test_dashboard_and_rules_name_only_exported_metrics() -> None:
+    known = exposed_names() | recorded_names() | {"up"}  # `up`: Prometheus's own, per target
+    exprs = all_exprs()
+    assert len(dashboard_queries()) >= 20, "the dashboard's queries were found"
+    bad = unknown_names(exprs, known)
+    assert not bad, f"expressions name metrics the exporter does not serve: {bad}"
+    used = set().union(*(promql_metric_names(e) for _, e in exprs))
+    for name in (
+        "xfrm_fastpath_packets_total",
+        "xfrm_fastpath_kernel_packets_total",
+        "xfrm_fastpath_drops_total",
+        "xfrm_fastpath_learn_latency_seconds_bucket",
+        "xfrm_fastpath_sa_sequence",
+        "xfrm_fastpath_flow_table_capacity",
+        "direction:xfrm_fastpath_hit_ratio:rate1m",
+    ):
+        assert name in used, f"{name} is used somewhere (the name parser found it)"
+    # The check itself can fail: a misspelt metric and a metric the exporter dropped are caught.
+    typo = [("typo", "sum(rate(xfrm_fastpath_pakets_total[5m])) / on (job) group_left up")]
+    assert unknown_names(typo, known) == {"typo": {"xfrm_fastpath_pakets_total"}}, (
+        "a misspelt name is reported, and only it"
+    )
+    dropped = known - {"xfrm_fastpath_drops_total"}
+    assert any("xfrm_fastpath_drops_total" in b for b in unknown_names(exprs, dropped).values()), (
+        "a metric the exporter stopped serving is reported"
+    )
+
+
+def test_dashboard_panels_all_have_queries() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    for p in dash["panels"]:
+        if p["type"] == "row":
+            continue
+        assert p.get("targets"), f"panel {p['title']!r} has no query"
+        for t in p["targets"]:
+            assert t.get("expr", "").strip(), f"panel {p['title']!r} has an empty query"
+            assert t["datasource"]["uid"] == "${datasource}", f"{p['title']}: datasource variable"
+
+
+# --------------------------------------------------------------------------------------------
+# A real Prometheus
+# --------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def poll(
+    what: str, check: Callable[[], Any], timeout: float, interval: float = 0.25
+) -> Any:  # fmt: skip
+    """Call check() until it returns a true value; fail with `what` after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = check()
+        except (OSError, ValueError) as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {last}")
+        time.sleep(interval)
+
+
+class Prometheus:
+    """A Prometheus server on 127.0.0.1 with its own storage, scraping `target` every second
+    with the job, labels and rule files of dashboards/prometheus.yml."""
+
+    def __init__(self, workdir: Path, target: str) -> None:
+        cfg = yaml.safe_load(SCRAPE_CONFIG.read_text())
+        cfg["global"].update(scrape_interval="1s", evaluation_interval="1s")
+        cfg["rule_files"] = [str((SCRAPE_CONFIG.parent / f).resolve()) for f in cfg["rule_files"]]
+        (job,) = cfg["scrape_configs"]
+        job.update(scrape_interval="1s", scrape_timeout="1s")
+        job["static_configs"][0]["targets"] = [target]
+        self.job = job["job_name"]
+        self.config = workdir / "prometheus.yml"
+        self.config.write_text(yaml.safe_dump(cfg))
+        self.storage = workdir / "data"
+        self.log = workdir / "prometheus.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self) -> None:
+        for _attempt in range(3):  # the free port may be taken between probe and bind
+            port = free_port()
+            self.url = f"http://127.0.0.1:{port}"
+            with self.log.open("ab") as log:
+                self.proc = subprocess.Popen(
+                    [
+                        PROMETHEUS,
+                        f"--config.file={self.config}",
+                        f"--storage.tsdb.path={self.storage}",
+                        f"--web.listen-address=127.0.0.1:{port}",
+                        "--storage.tsdb.retention.time=1h",
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            try:
+                poll("Prometheus ready", self._ready, timeout=30)
+                return
+            except AssertionError:
+                if self.proc.poll() is None:
+                    raise AssertionError(f"Prometheus not ready:\n{self.log_tail()}") from None
+        raise AssertionError(f"Prometheus did not start:\n{self.log_tail()}")
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"Prometheus exited {self.proc.returncode}:\n{self.log_tail()}")
+        with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as r:
+            return r.status == 200
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.proc = None
+
+    def log_tail(self, n: int = 30) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def api(self, path: str, **params: str) -> Any:
+        url = f"{self.url}/api/v1/{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        with urllib.request.urlopen(url, timeout=10) as r:
+            doc = json.load(r)
+        assert doc["status"] == "success", f"{path} {params}: {doc}"
+        return doc["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        data = self.api("query", query=expr)
+        assert data["resultType"] == "vector", f"{expr}: {data['resultType']}"
+        return data["result"]
+
+    def finite(self, expr: str) -> list[dict[str, Any]]:
+        """The samples of an instant query whose value is a finite number."""
+        return [s for s in self.query(expr) if math.isfinite(float(s["value"][1]))]
+
+
+@contextlib.contextmanager
+def prometheus(workdir: Path, target: str) -> Iterator[Prometheus]:
+    p = Prometheus(workdir, target)
+    try:
+        p.start()
+        yield p
+    finally:
+        p.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# The gateway being watched: real counters, real controller state
+# --------------------------------------------------------------------------------------------
+def flow(i: int) -> FlowRecord:
+    key = FlowKey(3, Direction.ENCAP, "10.1.0.2", "10.2.0.2", 17, 1024 + i % 60000, 53)
+    return FlowRecord(key, SaRef("192.0.2.2", 0xC001, 7), 4, "02:00:00:00:00:01",
+                      "02:00:00:00:00:02", 1, (4, "192.0.2.2"))  # fmt: skip
+
+
+class Gateway:
+    """Drives the counting datapath and the controller state from a background thread, in
+    phases: "normal" (mostly fastpath hits, a few punts, flows learned and aged out), "hold"
+    (nothing moves) and "fault"
+    (no hits, heavy punting, replay and ICV drops, flow table nearly full, sequence numbers near
+    2^32, controller unhealthy). Bounded: it stops after `max_s` seconds whatever happens."""
+
+    FLOW_CAPACITY = 64
+
+    def __init__(self, dp: CountingDatapath, max_s: float = 150.0) -> None:
+        self.dp = dp
+        self.rng = random.Random(6)
+        self.flows = FlowState(capacity=self.FLOW_CAPACITY)
+        self.seq = {Direction.ENCAP: 1, Direction.DECAP: 1}
+        self.sa_pkts = {Direction.ENCAP: 0, Direction.DECAP: 0}
+        self.source = MetricsSource(
+            flows=self.flows, datapath=self.read, build_info={"version": "test", "bcc": "0.26"}
+        )
+        self.source.set_health(up=True, bpf_programs_attached=2)
+        self.phase = "normal"
+        self.sent_hits = {Direction.ENCAP: 0, Direction.DECAP: 0}
+        self.ticks = 0
+        self.n_flows = 0
+        self.error: BaseException | None = None
+        self.holding = threading.Event()  # set once a tick ran in the "hold" phase
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._max_s = max_s
+        self._thread = threading.Thread(target=self._run, name="gateway-feeder", daemon=True)
+
+    def read(self):
+        with self._lock:
+            sas = [
+                SaReading(0xC001, 7, Direction.ENCAP, self.sa_pkts[Direction.ENCAP],
+                          120 * self.sa_pkts[Direction.ENCAP], self.seq[Direction.ENCAP]),
+                SaReading(0xC002, 7, Direction.DECAP, self.sa_pkts[Direction.DECAP],
+                          110 * self.sa_pkts[Direction.DECAP], self.seq[Direction.DECAP]),
+            ]  # fmt: skip
+        return snapshot_from_datapath(self.dp.summed(), REASONS, IFACES, sas, R_MAX)
+
+    def _tick(self) -> None:
+        dp, rng = self.dp, self.rng
+        cpu = sorted(os.sched_getaffinity(0))[self.ticks % len(os.sched_getaffinity(0))]
+        if self.phase == "hold":
+            self.holding.set()
+        elif self.phase == "normal":
+            for d, n in ((Direction.ENCAP, 200), (Direction.DECAP, 150)):
+                dp.send(d, member("fastpath", direction_name(d)), n, size=120, cpu=cpu)
+                self.sent_hits[d] += n
+                with self._lock:
+                    self.sa_pkts[d] += n
+                    self.seq[d] += n
+            dp.send(Direction.ENCAP, member("kernel", "unknown_flow"), 2, size=100)
+            dp.send(Direction.DECAP, member("kernel", "unknown_spi"), 1, size=140)
+            rec = flow(self.n_flows)
+            self.n_flows += 1
+            self.flows.add(rec)
+            self.source.observe_learn_latency(rng.lognormvariate(math.log(0.002), 1.0))
+            if len(self.flows) > 8:
+                oldest = min(self.flows.flows.values(), key=lambda r: r.installed_ns)
+                self.flows.remove([oldest.key], Cause.IDLE)
+            if self.ticks % 3 == 0:
+                self.source.reject("no_policy")
+            self.source.netlink_event()
+        else:
+            dp.send(Direction.ENCAP, member("kernel", "unknown_flow"), 1000, size=100, cpu=cpu)
+            dp.send(Direction.DECAP, member("kernel", "inner_miss"), 1000, size=140, cpu=cpu)
+            dp.send(Direction.DECAP, member("drop", "replay"), 5, size=140)
+            dp.send(Direction.DECAP, member("drop", "bad_icv"), 2, size=140)
+            while len(self.flows) < self.FLOW_CAPACITY - 2:
+                self.flows.add(flow(self.n_flows))
+                self.n_flows += 1
+            with self._lock:
+                self.seq[Direction.ENCAP] = int(0.95 * 2**32)
+            self.source.set_health(up=False, bpf_programs_attached=0)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self._max_s
+        try:
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                self._tick()
+                self.ticks += 1
+                self._stop.wait(0.2)  # traffic pacing, not a wait for a condition
+        except BaseException as exc:
+            self.error = exc
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        assert not self._thread.is_alive(), "the feeder thread stopped"
+        assert self.error is None, f"the feeder failed: {self.error!r}"
+
+
+def direction_name(d: Direction) -> str:
+    return d.name.lower()
+
+
+# --------------------------------------------------------------------------------------------
+# The end-to-end test
+# --------------------------------------------------------------------------------------------
+@needs_prometheus
+def test_every_dashboard_and_rule_expression_returns_data(tmp_path: Path) -> None:
+    dp = CountingDatapath()
+    gw = Gateway(dp)
+    exporter = Exporter("127.0.0.1", 0, gw.source.snapshot)
+    try:
+        exporter.start()
+        gw.start()
+        with prometheus(tmp_path, f"127.0.0.1:{exporter.port}") as prom:
+            check_expressions(prom, gw, exporter)
+    finally:
+        gw.stop()
+        exporter.stop()
+        dp.close()
+
+
+def check_expressions(prom: Prometheus, gw: Gateway, exporter: Exporter) -> None:
+    job = prom.job
+    poll(
+        "the exporter's target up",
+        lambda: prom.finite(f'up{{job="{job}"}} == 1'),
+        timeout=30,
+    )
+
+    # Normal traffic: every dashboard query and every recording rule gives a finite figure.
+    pending = dict(dashboard_queries() + rule_exprs("record"))
+    pending.update({f"recorded {n}": n for n in recorded_names()})
+
+    def none_left() -> bool:
+        for where, expr in list(pending.items()):
+            if prom.finite(expr):
+                del pending[where]
+        return not pending
+
+    try:
+        poll("every dashboard and recording expression to return data", none_left, timeout=60)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nstill empty: {json.dumps(pending, indent=1)}") from None
+
+    hit = prom.finite("direction:xfrm_fastpath_hit_ratio:rate1m")
+    ratios = {s["metric"]["direction"]: float(s["value"][1]) for s in hit}
+    assert set(ratios) == {"encap", "decap"}, f"a hit ratio per direction: {ratios}"
+    assert all(r > 0.9 for r in ratios.values()), f"mostly fastpath in the normal phase: {ratios}"
+    buckets = "rate(xfrm_fastpath_learn_latency_seconds_bucket[1m])"
+    p99 = prom.finite(f"histogram_quantile(0.99, sum by (le) ({buckets}))")
+    assert 0.0001 <= float(p99[0]["value"][1]) <= 1.0, f"learn latency p99 in range: {p99}"
+
+    # The exported count is what the generator sent, through the per-CPU maps, the exporter and
+    # Prometheus: compare totals while the generator holds still.
+    gw.phase = "hold"
+    poll("the feeder to hold", gw.holding.is_set, timeout=10)
+    sent = dict(gw.sent_hits)
+
+    def totals_match() -> bool:
+        got = {
+            s["metric"]["direction"]: int(float(s["value"][1]))
+            for s in prom.query("sum by (direction) (xfrm_fastpath_packets_total)")
+        }
+        return got == {direction_name(d): n for d, n in sent.items()}
+
+    poll(f"Prometheus to report the {sent} hits sent", totals_match, timeout=15)
+
+    # Faults: each alert expression must return data (the alert fires).
+    gw.phase = "fault"
+    alerts = dict(rule_exprs("alert"))
+    try:
+        poll(
+            "every alert expression to return data",
+            lambda: not {w for w, e in alerts.items() if not prom.query(e)},
+            timeout=90,
+        )
+    except AssertionError as exc:
+        empty = {w: e for w, e in alerts.items() if not prom.query(e)}
+        raise AssertionError(f"{exc}\nno data: {json.dumps(empty, indent=1)}") from None
+    names = {w.split()[1] for w in alerts}
+
+    def all_active() -> set[str]:
+        active = {a["labels"]["alertname"] for a in prom.api("alerts")["alerts"]}
+        return names <= active and active
+
+    poll("every alert pending or firing in Prometheus", all_active, timeout=30)
+
+    # A dead controller: the scrape fails, and the down alert fires from `up` alone.
+    gw.stop()
+    exporter.stop()
+    down = dict(rule_exprs("alert"))["alerts.yml XfrmFastpathControllerDown"]
+    poll(
+        "the controller-down alert from up == 0 with the exporter gone",
+        lambda: not prom.query("xfrm_fastpath_up") and prom.query(down),
+        timeout=30,
+    )
