@@ -317,15 +317,32 @@ def reason_labels(reasons: Iterable[enum.Enum], kind: str) -> list[str]:
     return [lbl for r in reasons for k, lbl in [reason_kind(r)] if k == kind]
 
 
-def sum_percpu_stats(table: Any, n: int) -> dict[int, tuple[int, int]]:
-    """Read a BCC per-CPU array of `struct xfp_stat` (packets, bytes) and sum the CPUs:
-    index -> (packets, bytes). One lookup per index (n is small: dirs x reasons)."""
-    out: dict[int, tuple[int, int]] = {}
-    key_type = table.Key
-    for i in range(n):
-        per_cpu = table[key_type(i)]
-        out[i] = (sum_percpu(per_cpu, "packets"), sum_percpu(per_cpu, "bytes"))
+def sum_percpu_stats(
+    table: Any, reasons: type[enum.IntEnum] | None = None
+) -> dict[tuple[Direction, enum.IntEnum], tuple[int, int]]:
+    """Read a BCC per-CPU array of `struct xfp_stat` (packets, bytes), index dir * R_MAX +
+    reason, and sum the CPUs: (direction, reason) -> (packets, bytes), the shape of
+    `controller.datapath.Datapath.stats()`. One lookup per index (dirs x reasons: a few dozen)."""
+    reasons = reasons or _default_reasons()
+    r_max = _r_max(reasons)
+    out: dict[tuple[Direction, enum.IntEnum], tuple[int, int]] = {}
+    for d in Direction:
+        for r in reasons:
+            if reason_kind(r)[0] == "none":
+                continue
+            per_cpu = table[table.Key(int(d) * r_max + int(r))]
+            out[(d, r)] = (sum_percpu(per_cpu, "packets"), sum_percpu(per_cpu, "bytes"))
     return out
+
+
+def _default_reasons() -> type[enum.IntEnum]:
+    from controller import defs
+
+    return defs.Reason
+
+
+def _r_max(reasons: type[enum.IntEnum]) -> int:
+    return max(int(r) for r in reasons if reason_kind(r)[0] != "none") + 1
 
 
 @dataclass(frozen=True)
@@ -341,23 +358,23 @@ class SaReading:
 
 
 def snapshot_from_datapath(
-    stats: Mapping[int, tuple[int, int]],
-    reasons: type[enum.IntEnum],
+    stats: Mapping[tuple[int, int], tuple[int, int]],
     interfaces: Mapping[Direction, Iterable[str]],
     sas: Iterable[SaReading] = (),
-    r_max: int | None = None,
+    reasons: type[enum.IntEnum] | None = None,
 ) -> DatapathParts:
     """Turn the datapath's summed per-CPU counters into snapshot parts.
 
-    `stats`: index (dir * r_max + reason, as xfp_count() in bpf/include/maps.h) -> (packets,
-    bytes) summed over CPUs (`sum_percpu_stats`). `reasons`: the reason enum (defs.py); its
-    members decide the labels, and every (direction, reason) pair is exported, zero or not, so
-    the series exist before the first packet. `interfaces`: the devices each direction's
-    program is attached to (config lan -> encap, wan -> decap); the per-CPU counters are not
-    per device, so a direction with several devices gets one series labelled "dev1,dev2".
+    `stats`: (direction, reason) -> (packets, bytes) summed over CPUs, as
+    `Datapath.stats()` (controller/datapath.py) or `sum_percpu_stats` return it. `reasons`: the
+    reason enum (default controller.defs.Reason, the mirror of enum xfp_reason); its member
+    names decide the labels, and every (direction, reason) pair is exported, zero or not, so the
+    series exist before the first packet. `interfaces`: the devices each direction's program is
+    attached to (config lan -> encap, wan -> decap). The per-CPU counters are not per device, so
+    a direction with several devices gets one series labelled "dev1,dev2".
     """
-    if r_max is None:
-        r_max = max(int(r) for r in reasons if reason_kind(r)[0] != "none") + 1
+    reasons = reasons or _default_reasons()
+    by_int = {(int(d), int(r)): v for (d, r), v in stats.items()}
     fp_pkts: dict[tuple[str, str], int] = {}
     fp_bytes: dict[tuple[str, str], int] = {}
     k_pkts: dict[tuple[str, str], int] = {}
@@ -372,7 +389,7 @@ def snapshot_from_datapath(
             kind, label = reason_kind(r)
             if kind == "none":
                 continue
-            pkts, nbytes = stats.get(int(d) * r_max + int(r), (0, 0))
+            pkts, nbytes = by_int.get((int(d), int(r)), (0, 0))
             if kind == "fastpath":
                 fp_pkts[(ifname, dl)] += pkts
                 fp_bytes[(ifname, dl)] += nbytes
@@ -400,6 +417,43 @@ def snapshot_from_datapath(
         drops=drops,
         sas=sa_counters,
     )
+
+
+def read_datapath_sas(dp: Any, reqids: Mapping[int, int] | None = None) -> list[SaReading]:
+    """Every SA entry of a loaded `controller.datapath.Datapath` (maps "sa_out", "sa_in"),
+    with the reqid the controller knows for its SPI (`reqids`: spi -> reqid; 0 if unknown).
+
+    Encap: struct xfp_sa_out's `seq` is the next number to send, so the last used is seq - 1.
+    Decap: struct xfp_sa_in's `seq_top` is the highest authenticated number."""
+    from controller import defs
+
+    reqids = reqids or {}
+    out: list[SaReading] = []
+    for direction, handle, used in (
+        (Direction.ENCAP, dp.maps["sa_out"], lambda sa: max(0, int(sa.seq) - 1)),
+        (Direction.DECAP, dp.maps["sa_in"], lambda sa: int(sa.seq_top)),
+    ):
+        for key in list(handle.keys()):
+            sa = handle.get(key)
+            if sa is None:  # deleted while we walked
+                continue
+            spi = defs.from_be32(sa.spi)
+            out.append(
+                SaReading(
+                    spi, reqids.get(spi, 0), direction, int(sa.packets), int(sa.bytes), used(sa)
+                )
+            )
+    return out
+
+
+def datapath_parts(
+    dp: Any,
+    interfaces: Mapping[Direction, Iterable[str]],
+    reqids: Mapping[int, int] | None = None,
+) -> DatapathParts:
+    """Everything the exporter needs from a loaded `controller.datapath.Datapath`: its summed
+    per-CPU counters and its SA entries. The daemon's `MetricsSource(datapath=...)` callable."""
+    return snapshot_from_datapath(dp.stats(), interfaces, read_datapath_sas(dp, reqids))
 
 
 @dataclass(frozen=True)
@@ -682,7 +736,8 @@ class MetricsSource:
 
     The daemon creates one, feeds it events, and hands `source.snapshot` to the `Exporter`:
 
-        source = MetricsSource(flows=state, datapath=lambda: snapshot_from_datapath(dp, names))
+        lan_wan = {Direction.ENCAP: cfg.lan, Direction.DECAP: cfg.wan}
+        source = MetricsSource(flows=state, datapath=lambda: datapath_parts(dp, lan_wan, reqids))
         source.set_health(up=True, bpf_programs_attached=2)
         source.observe_learn_latency(rec.learn_latency_s)   # learner, per installed flow
         source.reject("no_policy")                          # validator, per refused candidate
@@ -1010,11 +1065,13 @@ __all__ = [
     "MonotonicCounters",
     "SaCounters",
     "SaReading",
+    "datapath_parts",
     "default_build_info",
     "direction_label",
     "exposed_names",
     "fetch_snapshot",
     "format_status",
+    "read_datapath_sas",
     "reason_kind",
     "reason_label",
     "reason_labels",

@@ -177,8 +177,8 @@ class CountingDatapath:
             os.sched_setaffinity(0, old)
         assert retval == XDP_PASS, f"counting program returned {retval} for ({direction}, {reason})"
 
-    def summed(self) -> dict[int, tuple[int, int]]:
-        return sum_percpu_stats(self.stats, DIR_MAX * R_MAX)
+    def summed(self) -> dict[tuple[Direction, enum.IntEnum], tuple[int, int]]:
+        return sum_percpu_stats(self.stats, REASONS)
 
     def per_cpu(self, index: int) -> list[int]:
         return [v.packets for v in self.stats[self.stats.Key(index)]]
@@ -218,7 +218,7 @@ IFACES = {Direction.ENCAP: ["lan"], Direction.DECAP: ["wan"]}
 
 
 def parts_of(dp: CountingDatapath, sas=()):
-    return snapshot_from_datapath(dp.summed(), REASONS, IFACES, sas, r_max=R_MAX)
+    return snapshot_from_datapath(dp.summed(), IFACES, sas, REASONS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,7 +229,7 @@ def test_percpu_counters_are_summed_over_cpus(dp: CountingDatapath) -> None:
     cpus = sorted(os.sched_getaffinity(0))
     replay = member("drop", "replay")
     index = int(Direction.DECAP) * R_MAX + int(replay)
-    before = dp.summed()[index]
+    before = dp.summed()[(Direction.DECAP, replay)]
     sent = {}
     for i, cpu in enumerate(cpus[:2]):
         sent[cpu] = 3 + 4 * i
@@ -240,7 +240,7 @@ def test_percpu_counters_are_summed_over_cpus(dp: CountingDatapath) -> None:
         assert all(per_cpu[c] >= sent[c] for c in sent), (
             f"each CPU counted its own frames in its own slot: sent {sent}, map {per_cpu}"
         )
-    after = dp.summed()[index]
+    after = dp.summed()[(Direction.DECAP, replay)]
     total = sum(sent.values())
     assert after == (before[0] + total, before[1] + 100 * total), (
         f"summed (packets, bytes) grew by exactly what was sent: {before} -> {after}, sent {total}"
@@ -341,7 +341,7 @@ def test_counters_never_go_backwards_across_snapshots(dp: CountingDatapath) -> N
 
     source = MetricsSource(
         flows=flows,
-        datapath=lambda: snapshot_from_datapath(dp.summed(), REASONS, IFACES, sas(), R_MAX),
+        datapath=lambda: snapshot_from_datapath(dp.summed(), IFACES, sas(), REASONS),
         build_info={"version": "test"},
     )
     hit = member("fastpath", "encap")
@@ -453,7 +453,7 @@ def full_snapshot(dp: CountingDatapath | None = None) -> MetricsSnapshot:
     parts = (
         parts_of(dp, [SaReading(0xC001, 7, Direction.ENCAP, 40, 4000, 41)])
         if dp
-        else snapshot_from_datapath({}, REASONS, IFACES, [], R_MAX)
+        else snapshot_from_datapath({}, IFACES, [], REASONS)
     )
     return MetricsSnapshot(
         timestamp=1000.0,

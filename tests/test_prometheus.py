@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 import yaml
-from test_metrics import IFACES, R_MAX, REASONS, CountingDatapath, member
+from test_metrics import IFACES, REASONS, CountingDatapath, member
 
 from controller.metrics import (
     Exporter,
@@ -371,7 +371,7 @@ class Gateway:
                 SaReading(0xC002, 7, Direction.DECAP, self.sa_pkts[Direction.DECAP],
                           110 * self.sa_pkts[Direction.DECAP], self.seq[Direction.DECAP]),
             ]  # fmt: skip
-        return snapshot_from_datapath(self.dp.summed(), REASONS, IFACES, sas, R_MAX)
+        return snapshot_from_datapath(self.dp.summed(), IFACES, sas, REASONS)
 
     def _tick(self) -> None:
         dp, rng = self.dp, self.rng
