@@ -71,6 +71,8 @@ int xdp_decap(struct xdp_md *ctx)
 	struct xfp_sa_in_key sk = {};
 	struct xfp_flow_val *fv;
 	struct xfp_sa_in *sa;
+	__u64 *wd;
+	__u32 sa_id;
 	struct iphdr *iph;
 	struct ethhdr *eth;
 	struct xfp_esp_hdr *esp;
@@ -108,7 +110,9 @@ int xdp_decap(struct xdp_md *ctx)
 		goto pass;
 	}
 	now = bpf_ktime_get_ns();
-	if (now > sa->deadline_ns) {
+	sa_id = sa->sa_id;
+	wd = xfp_watchdog.lookup(&sa_id);
+	if (!wd || now > *wd || now > sa->deadline_ns) {
 		r = XFP_R_PASS_SA_EXPIRED;
 		goto pass;
 	}

@@ -62,6 +62,7 @@ int xdp_encap(struct xdp_md *ctx)
 	struct xfp_flow_key fk = {};
 	struct xfp_flow_val *fv;
 	struct xfp_sa_out *sa;
+	__u64 *wd;
 	struct iphdr *iph, *outer;
 	struct ethhdr *eth;
 	struct xfp_esp_hdr *esp;
@@ -100,7 +101,8 @@ int xdp_encap(struct xdp_md *ctx)
 		goto pass;
 	}
 	now = bpf_ktime_get_ns();
-	if (now > sa->deadline_ns) {
+	wd = xfp_watchdog.lookup(&sa_id);
+	if (!wd || now > *wd || now > sa->deadline_ns) {
 		r = XFP_R_PASS_SA_EXPIRED;
 		goto pass;
 	}

@@ -30,6 +30,12 @@ BPF_TABLE_PINNED("hash", __u32, struct xfp_sa_out, xfp_sa_out, XFP_SA_MAX,
 BPF_TABLE_PINNED("hash", struct xfp_sa_in_key, struct xfp_sa_in, xfp_sa_in, XFP_SA_MAX,
 		 XFP_PIN_DIR "/xfp_sa_in");
 
+/* Watchdog deadlines by sa_id (outbound and inbound ids share one space): the datapath uses
+ * an SA only while bpf_ktime_get_ns() <= min(its deadline_ns, this entry); no entry = punt.
+ * Written by the controller alone, so refreshing it never races with the datapath's own
+ * fields (sequence numbers, replay window) in the SA entries. Read by the datapath. */
+BPF_TABLE_PINNED("hash", __u32, __u64, xfp_watchdog, 2 * XFP_SA_MAX, XFP_PIN_DIR "/xfp_watchdog");
+
 /* Per-CPU counters, index dir * XFP_R_MAX + reason: packets and bytes. Written by the
  * datapath only; the controller sums the CPUs. */
 BPF_TABLE_PINNED("percpu_array", __u32, struct xfp_stat, xfp_stats, XFP_DIR_MAX *XFP_R_MAX,

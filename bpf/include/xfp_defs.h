@@ -56,7 +56,7 @@ enum xfp_reason {
 	XFP_R_PASS_UNKNOWN_SPI = 8,  /* decap: no inbound SA for (SPI, outer daddr) */
 	XFP_R_PASS_NO_SA = 9,	     /* encap: the flow names an SA id with no entry */
 	XFP_R_PASS_SA_NOT_OFFLOADED = 10, /* SA entry present without XFP_SA_F_OFFLOAD */
-	XFP_R_PASS_SA_EXPIRED = 11,	  /* bpf_ktime_get_ns() > deadline_ns */
+	XFP_R_PASS_SA_EXPIRED = 11,	  /* past deadline_ns or the watchdog (or none) */
 	XFP_R_PASS_SEQ_EXHAUSTED = 12, /* next sequence would reach seq_limit (or 2^32 w/o ESN) */
 	XFP_R_PASS_TTL = 13,	       /* TTL <= 1: the kernel sends ICMP time exceeded */
 	XFP_R_PASS_MTU = 14,	       /* too big for the egress MTU: the kernel fragments/ICMPs */
