@@ -38,7 +38,7 @@ from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from controller.xfrm.api import DEFAULT_GROUPS, XfrmMonitor
 from controller.xfrm.model import Overrun, XfrmEvent
-from controller.xfrm.nlsock import NetlinkSocket, split_messages
+from controller.xfrm.nlsock import NetlinkSocket, check_attrs, split_messages
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +224,10 @@ def rtnl_event(mtype: int, raw: bytes, ts_ns: int) -> KernelEvent | None:
     cls = _RTNL_CLASSES.get(mtype)
     if cls is None:
         return None
+    hdrlen = 16 + cls.get_size()
+    if len(raw) < hdrlen:
+        raise ValueError(f"type {mtype}: {len(raw)} bytes, fixed part needs {hdrlen}")
+    check_attrs(raw, hdrlen)
     msg = cls(raw)
     msg.decode()
     action = "del" if mtype in (RTM_DELLINK, RTM_DELADDR, RTM_DELROUTE, RTM_DELNEIGH) else "new"

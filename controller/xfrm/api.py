@@ -66,6 +66,7 @@ from controller.xfrm.nlsock import (
     NLM_F_REPLACE,
     NetlinkError,
     NetlinkSocket,
+    check_attrs,
     split_messages,
 )
 
@@ -485,6 +486,10 @@ def decode(raw: bytes) -> tuple[int, Any]:
     size = _struct_size(cls)
     if len(raw) < 16 + size:
         raise MalformedMessage(f"{m.MSG_NAMES.get(mtype, mtype)}: {len(raw)} bytes < {16 + size}")
+    try:
+        check_attrs(raw, 16 + size)
+    except ValueError as e:
+        raise MalformedMessage(f"{m.MSG_NAMES.get(mtype, mtype)}: {e}") from e
     msg = cls(raw)
     try:
         msg.decode()

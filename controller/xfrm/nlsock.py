@@ -227,3 +227,15 @@ def split_messages(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
             raise ValueError(f"bad nlmsg length {length} at offset {offset} of {len(data)}")
         yield mtype, mflags, mseq, data[offset : offset + length]
         offset += (length + 3) & ~3
+
+
+def check_attrs(raw: bytes | bytearray, offset: int) -> None:
+    """Validate the top-level attribute chain of a message from `offset` (after the fixed
+    header, 4-aligned) to its end: every nla_len at least 4 and inside the message. pyroute2
+    clamps a bad length and decodes on; a watcher must instead call the message malformed."""
+    pos, end = (offset + 3) & ~3, len(raw)
+    while pos + 4 <= end:
+        alen, atype = struct.unpack_from("HH", raw, pos)
+        if alen < 4 or pos + alen > end:
+            raise ValueError(f"attribute type {atype & 0x3FFF} length {alen} at {pos} of {end}")
+        pos += (alen + 3) & ~3
