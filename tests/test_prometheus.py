@@ -39,6 +39,7 @@ from controller.metrics import (
     Exporter,
     MetricsSource,
     SaReading,
+    datapath_parts,
     exposed_names,
     snapshot_from_datapath,
 )
@@ -325,7 +326,194 @@ def prometheus(workdir: Path, target: str) -> Iterator[Prometheus]:
 
 
 # --------------------------------------------------------------------------------------------
-# The gateway being watched: real counters, real controller state
+# Traffic: the real XDP programs, or the counting program of test_metrics.py
+# --------------------------------------------------------------------------------------------
+LAN_HOST, REMOTE_HOST, GW1_WAN, GW2_WAN = "10.1.0.2", "10.2.0.2", "192.0.2.1", "192.0.2.2"
+MAC_A, MAC_B, MAC_C = "02:00:00:00:00:01", "02:00:00:00:00:02", "02:00:00:00:00:03"
+SPI_OUT, SPI_IN, SPI_OLD = 0xC001, 0xD001, 0xC003
+REQIDS = {SPI_OUT: 7, SPI_IN: 7, SPI_OLD: 8}
+
+
+@contextlib.contextmanager
+def on_cpu(cpu: int | None) -> Iterator[None]:
+    """Run the calling thread on one CPU (BPF_PROG_TEST_RUN counts on the CPU it runs on)."""
+    old = os.sched_getaffinity(0)
+    try:
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+        yield
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+class RealTraffic:
+    """bpf/xdp_encap.c and bpf/xdp_decap.c loaded by controller/datapath.py (maps pinned in a
+    private bpffs directory), with an outbound SA + flow and an inbound SA + flow installed;
+    frames go through BPF_PROG_TEST_RUN. Hits are real: the encap side encrypts, the decap side
+    checks the ICV and the replay window and decrypts."""
+
+    name = "datapath"
+
+    def __init__(self) -> None:
+        from packets import IPPROTO_UDP, EspSa, eth, ipv4, udp
+
+        from controller.datapath import Datapath, InboundSa, OutboundSa, flow_key, flow_val
+
+        self._flow_key, self._flow_val, self._OutboundSa = flow_key, flow_val, OutboundSa
+        self.pin = Path(f"/sys/fs/bpf/xfp-prom-test-{os.getpid()}")
+        self.dp = Datapath(pin_dir=self.pin)
+        try:
+            self.dp.load()
+        except BaseException:
+            self.close()
+            raise
+        # BPF_PROG_TEST_RUN hands XDP the loopback device's receive queue
+        # (net/bpf/test_run.c, bpf_prog_test_run_xdp), so ingress_ifindex is lo's.
+        self.ifindex = socket.if_nametoindex("lo")
+        key_out, key_in = bytes(range(36)), bytes(range(100, 136))
+        self.dp.put_outbound_sa(
+            OutboundSa(sa_id=1, spi=SPI_OUT, saddr=GW1_WAN, daddr=GW2_WAN, key=key_out,
+                       egress_ifindex=2, dmac=MAC_B, smac=MAC_A)
+        )  # fmt: skip
+        self.dp.put_flow(
+            flow_key(self.ifindex, Direction.ENCAP, IPPROTO_UDP, LAN_HOST, REMOTE_HOST, 1000, 53),
+            flow_val(1),
+        )
+        self.dp.put_inbound_sa(
+            InboundSa(sa_id=2, spi=SPI_IN, saddr=GW2_WAN, daddr=GW1_WAN, key=key_in)
+        )
+        self.dp.put_flow(
+            flow_key(self.ifindex, Direction.DECAP, IPPROTO_UDP, REMOTE_HOST, LAN_HOST, 53, 1000),
+            flow_val(2, egress_ifindex=3, dmac=MAC_C, smac=MAC_A),
+        )
+        self.esp_in = EspSa(SPI_IN, key_in)
+        self.inner = ipv4(REMOTE_HOST, LAN_HOST, IPPROTO_UDP, udp(53, 1000, b"r" * 64))
+        self.clear = eth(MAC_A, MAC_C) + ipv4(
+            LAN_HOST, REMOTE_HOST, IPPROTO_UDP, udp(1000, 53, b"c" * 64)
+        )
+        self.clear_old = eth(MAC_A, MAC_C) + ipv4(
+            LAN_HOST, REMOTE_HOST, IPPROTO_UDP, udp(1000, 54, b"c" * 64)
+        )
+        self.no_flow = eth(MAC_A, MAC_C) + ipv4(
+            LAN_HOST, "10.2.0.99", IPPROTO_UDP, udp(1000, 53, b"c" * 64)
+        )
+        self.no_sa = self._esp(EspSa(0xEEEE, key_in).seal(1, self.inner))
+        self.next_seq = 1
+        self._eth, self._ipv4 = eth, ipv4
+        self.old_sa_installed = False
+
+    def _esp(self, esp: bytes) -> bytes:
+        from packets import IPPROTO_ESP, eth, ipv4
+
+        return eth(MAC_A, MAC_B) + ipv4(GW2_WAN, GW1_WAN, IPPROTO_ESP, esp)
+
+    def _run(self, fd: int, frame: bytes, n: int = 1) -> None:
+        from controller.bpf_testrun import prog_test_run
+
+        prog_test_run(fd, frame, repeat=n)
+
+    def hits(self, d: Direction, n: int) -> None:
+        # One run per frame: with repeat the kernel would re-run on the frame as the program
+        # left it (already ESP, or already decrypted).
+        for _ in range(n):
+            if d is Direction.ENCAP:
+                self._run(self.dp.encap_fd, self.clear)
+            else:
+                self._run(self.dp.decap_fd, self._esp(self.esp_in.seal(self.next_seq, self.inner)))
+                self.next_seq += 1
+
+    def punts(self, d: Direction, n: int) -> None:
+        if d is Direction.ENCAP:
+            self._run(self.dp.encap_fd, self.no_flow, n)  # PASS_UNKNOWN_FLOW
+        else:
+            self._run(self.dp.decap_fd, self.no_sa, n)  # PASS_UNKNOWN_SPI
+
+    def replays(self, n: int) -> None:
+        self._run(self.dp.decap_fd, self._esp(self.esp_in.seal(1, self.inner)), n)
+
+    def bad_icvs(self, n: int) -> None:
+        esp = bytearray(self.esp_in.seal(self.next_seq + 1000, self.inner))
+        esp[-1] ^= 0x01
+        self._run(self.dp.decap_fd, self._esp(bytes(esp)), n)
+
+    def near_exhaustion(self) -> int:
+        """An old outbound SA close to 2^32 (as if it had carried 4 billion packets), used by
+        a second flow; returns the hits sent through it."""
+        from packets import IPPROTO_UDP
+
+        if not self.old_sa_installed:
+            self.dp.put_outbound_sa(
+                self._OutboundSa(sa_id=3, spi=SPI_OLD, saddr=GW1_WAN, daddr=GW2_WAN,
+                                 key=bytes(36), egress_ifindex=2, dmac=MAC_B, smac=MAC_A,
+                                 seq=int(0.95 * 2**32))
+            )  # fmt: skip
+            self.dp.put_flow(
+                self._flow_key(self.ifindex, Direction.ENCAP, IPPROTO_UDP, LAN_HOST,
+                               REMOTE_HOST, 1000, 54),
+                self._flow_val(3),
+            )  # fmt: skip
+            self.old_sa_installed = True
+        for _ in range(3):
+            self._run(self.dp.encap_fd, self.clear_old)
+        return 3
+
+    def parts(self):
+        return datapath_parts(self.dp, IFACES, REQIDS)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.dp.close()
+        with contextlib.suppress(Exception):
+            self.dp.unpin()
+
+
+class CountingTraffic:
+    """The counting program of test_metrics.py: the datapath's counter map, moved by a
+    program that counts what the frame says; SA entries are modelled here."""
+
+    name = "counting"
+
+    def __init__(self) -> None:
+        self.dp = CountingDatapath()
+        self.sa = {SPI_OUT: [0, 0], SPI_IN: [0, 0]}  # spi -> [packets, last seq]
+
+    def hits(self, d: Direction, n: int) -> None:
+        self.dp.send(d, member("fastpath", direction_name(d)), n, size=120)
+        sa = self.sa[SPI_OUT if d is Direction.ENCAP else SPI_IN]
+        sa[0] += n
+        sa[1] += n
+
+    def punts(self, d: Direction, n: int) -> None:
+        reason = "unknown_flow" if d is Direction.ENCAP else "unknown_spi"
+        self.dp.send(d, member("kernel", reason), n, size=100)
+
+    def replays(self, n: int) -> None:
+        self.dp.send(Direction.DECAP, member("drop", "replay"), n, size=140)
+
+    def bad_icvs(self, n: int) -> None:
+        self.dp.send(Direction.DECAP, member("drop", "bad_icv"), n, size=140)
+
+    def near_exhaustion(self) -> int:
+        self.dp.send(Direction.ENCAP, member("fastpath", "encap"), 3, size=120)
+        self.sa.setdefault(SPI_OLD, [0, int(0.95 * 2**32) - 1])
+        self.sa[SPI_OLD][0] += 3
+        self.sa[SPI_OLD][1] += 3
+        return 3
+
+    def parts(self):
+        sas = [
+            SaReading(spi, REQIDS[spi], Direction.DECAP if spi == SPI_IN else Direction.ENCAP,
+                      pkts, 100 * pkts, seq)
+            for spi, (pkts, seq) in self.sa.items()
+        ]  # fmt: skip
+        return snapshot_from_datapath(self.dp.summed(), IFACES, sas, REASONS)
+
+    def close(self) -> None:
+        self.dp.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The gateway being watched: traffic through the datapath, controller state changing
 # --------------------------------------------------------------------------------------------
 def flow(i: int) -> FlowRecord:
     key = FlowKey(3, Direction.ENCAP, "10.1.0.2", "10.2.0.2", 17, 1024 + i % 60000, 53)
@@ -334,59 +522,63 @@ def flow(i: int) -> FlowRecord:
 
 
 class Gateway:
-    """Drives the counting datapath and the controller state from a background thread, in
-    phases: "normal" (mostly fastpath hits, a few punts, flows learned and aged out), "hold"
-    (nothing moves) and "fault"
-    (no hits, heavy punting, replay and ICV drops, flow table nearly full, sequence numbers near
-    2^32, controller unhealthy). Bounded: it stops after `max_s` seconds whatever happens."""
+    """Drives the traffic and the controller state from a background thread, in phases:
+    "normal" (mostly fastpath hits, a few punts, flows learned and aged out), "hold" (nothing
+    moves) and "fault" (no hits, heavy punting, replay and ICV drops, flow table nearly full,
+    an SA near 2^32, controller unhealthy). Bounded: it stops after `max_s` seconds."""
 
     FLOW_CAPACITY = 64
+    HITS = {Direction.ENCAP: 40, Direction.DECAP: 30}  # per tick (5 ticks a second)
 
-    def __init__(self, dp: CountingDatapath, max_s: float = 150.0) -> None:
-        self.dp = dp
+    def __init__(self, traffic: RealTraffic | CountingTraffic, max_s: float = 150.0) -> None:
+        self.traffic = traffic
         self.rng = random.Random(6)
         self.flows = FlowState(capacity=self.FLOW_CAPACITY)
-        self.seq = {Direction.ENCAP: 1, Direction.DECAP: 1}
-        self.sa_pkts = {Direction.ENCAP: 0, Direction.DECAP: 0}
         self.source = MetricsSource(
             flows=self.flows, datapath=self.read, build_info={"version": "test", "bcc": "0.26"}
         )
         self.source.set_health(up=True, bpf_programs_attached=2)
         self.phase = "normal"
         self.sent_hits = {Direction.ENCAP: 0, Direction.DECAP: 0}
+        self.sent_frames = {Direction.ENCAP: 0, Direction.DECAP: 0}
         self.ticks = 0
         self.n_flows = 0
         self.error: BaseException | None = None
         self.holding = threading.Event()  # set once a tick ran in the "hold" phase
         self._stop = threading.Event()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the exporter's thread reads while the feeder writes
         self._max_s = max_s
         self._thread = threading.Thread(target=self._run, name="gateway-feeder", daemon=True)
 
     def read(self):
         with self._lock:
-            sas = [
-                SaReading(0xC001, 7, Direction.ENCAP, self.sa_pkts[Direction.ENCAP],
-                          120 * self.sa_pkts[Direction.ENCAP], self.seq[Direction.ENCAP]),
-                SaReading(0xC002, 7, Direction.DECAP, self.sa_pkts[Direction.DECAP],
-                          110 * self.sa_pkts[Direction.DECAP], self.seq[Direction.DECAP]),
-            ]  # fmt: skip
-        return snapshot_from_datapath(self.dp.summed(), IFACES, sas, REASONS)
+            return self.traffic.parts()
 
     def _tick(self) -> None:
-        dp, rng = self.dp, self.rng
-        cpu = sorted(os.sched_getaffinity(0))[self.ticks % len(os.sched_getaffinity(0))]
+        t, rng = self.traffic, self.rng
+        cpus = sorted(os.sched_getaffinity(0))
+        cpu = cpus[self.ticks % len(cpus)]
         if self.phase == "hold":
             self.holding.set()
-        elif self.phase == "normal":
-            for d, n in ((Direction.ENCAP, 200), (Direction.DECAP, 150)):
-                dp.send(d, member("fastpath", direction_name(d)), n, size=120, cpu=cpu)
-                self.sent_hits[d] += n
-                with self._lock:
-                    self.sa_pkts[d] += n
-                    self.seq[d] += n
-            dp.send(Direction.ENCAP, member("kernel", "unknown_flow"), 2, size=100)
-            dp.send(Direction.DECAP, member("kernel", "unknown_spi"), 1, size=140)
+            return
+        with self._lock, on_cpu(cpu):
+            if self.phase == "normal":
+                for d, n in self.HITS.items():
+                    t.hits(d, n)
+                    t.punts(d, 1)
+                    self.sent_hits[d] += n
+                    self.sent_frames[d] += n + 1
+            else:
+                for d in Direction:
+                    t.punts(d, 1000)
+                    self.sent_frames[d] += 1000
+                t.replays(5)
+                t.bad_icvs(2)
+                self.sent_frames[Direction.DECAP] += 7
+                n = t.near_exhaustion()
+                self.sent_hits[Direction.ENCAP] += n
+                self.sent_frames[Direction.ENCAP] += n
+        if self.phase == "normal":
             rec = flow(self.n_flows)
             self.n_flows += 1
             self.flows.add(rec)
@@ -398,15 +590,9 @@ class Gateway:
                 self.source.reject("no_policy")
             self.source.netlink_event()
         else:
-            dp.send(Direction.ENCAP, member("kernel", "unknown_flow"), 1000, size=100, cpu=cpu)
-            dp.send(Direction.DECAP, member("kernel", "inner_miss"), 1000, size=140, cpu=cpu)
-            dp.send(Direction.DECAP, member("drop", "replay"), 5, size=140)
-            dp.send(Direction.DECAP, member("drop", "bad_icv"), 2, size=140)
             while len(self.flows) < self.FLOW_CAPACITY - 2:
                 self.flows.add(flow(self.n_flows))
                 self.n_flows += 1
-            with self._lock:
-                self.seq[Direction.ENCAP] = int(0.95 * 2**32)
             self.source.set_health(up=False, bpf_programs_attached=0)
 
     def _run(self) -> None:
@@ -433,13 +619,28 @@ def direction_name(d: Direction) -> str:
     return d.name.lower()
 
 
+def make_traffic(kind: str) -> RealTraffic | CountingTraffic:
+    if kind == "counting":
+        return CountingTraffic()
+    try:
+        import packets  # noqa: F401  (tests/packets.py: frames and reference ESP)
+
+        import controller.datapath  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"the datapath's loader or packet helpers are missing: {exc}")
+    return RealTraffic()
+
+
 # --------------------------------------------------------------------------------------------
 # The end-to-end test
 # --------------------------------------------------------------------------------------------
 @needs_prometheus
-def test_every_dashboard_and_rule_expression_returns_data(tmp_path: Path) -> None:
-    dp = CountingDatapath()
-    gw = Gateway(dp)
+@pytest.mark.parametrize("traffic_kind", ["datapath", "counting"])
+def test_every_dashboard_and_rule_expression_returns_data(
+    tmp_path: Path, traffic_kind: str
+) -> None:
+    traffic = make_traffic(traffic_kind)
+    gw = Gateway(traffic)
     exporter = Exporter("127.0.0.1", 0, gw.source.snapshot)
     try:
         exporter.start()
@@ -449,7 +650,7 @@ def test_every_dashboard_and_rule_expression_returns_data(tmp_path: Path) -> Non
     finally:
         gw.stop()
         exporter.stop()
-        dp.close()
+        traffic.close()
 
 
 def check_expressions(prom: Prometheus, gw: Gateway, exporter: Exporter) -> None:
@@ -483,20 +684,30 @@ def check_expressions(prom: Prometheus, gw: Gateway, exporter: Exporter) -> None
     p99 = prom.finite(f"histogram_quantile(0.99, sum by (le) ({buckets}))")
     assert 0.0001 <= float(p99[0]["value"][1]) <= 1.0, f"learn latency p99 in range: {p99}"
 
-    # The exported count is what the generator sent, through the per-CPU maps, the exporter and
-    # Prometheus: compare totals while the generator holds still.
+    # The exported counts are what the generator sent, through the per-CPU maps, the exporter
+    # and Prometheus: every frame counted once (fastpath, kernel or drop), the hits as fastpath
+    # packets, and the SA's own counter. Compared while the generator holds still.
     gw.phase = "hold"
     poll("the feeder to hold", gw.holding.is_set, timeout=10)
-    sent = dict(gw.sent_hits)
+    hits = {direction_name(d): n for d, n in gw.sent_hits.items()}
+    frames = {direction_name(d): n for d, n in gw.sent_frames.items()}
 
-    def totals_match() -> bool:
-        got = {
-            s["metric"]["direction"]: int(float(s["value"][1]))
-            for s in prom.query("sum by (direction) (xfrm_fastpath_packets_total)")
-        }
-        return got == {direction_name(d): n for d, n in sent.items()}
+    def by_direction(expr: str) -> dict[str, int]:
+        return {s["metric"]["direction"]: int(float(s["value"][1])) for s in prom.query(expr)}
 
-    poll(f"Prometheus to report the {sent} hits sent", totals_match, timeout=15)
+    every = (
+        "sum by (direction) (xfrm_fastpath_packets_total)"
+        " + sum by (direction) (xfrm_fastpath_kernel_packets_total)"
+        " + sum by (direction) (xfrm_fastpath_drops_total)"
+    )
+    poll(f"Prometheus to count every frame sent {frames}", lambda: by_direction(every) == frames,
+         timeout=15)  # fmt: skip
+    fastpath = by_direction("sum by (direction) (xfrm_fastpath_packets_total)")
+    assert fastpath == hits, f"fastpath packets exported {fastpath}, hits sent {hits}"
+    sa = prom.query(f'xfrm_fastpath_sa_packets_total{{spi="0x{SPI_OUT:08x}"}}')
+    assert [int(float(x["value"][1])) for x in sa] == [hits["encap"]], (
+        f"the outbound SA's packet counter is the encap hits sent ({hits['encap']}): {sa}"
+    )
 
     # Faults: each alert expression must return data (the alert fires).
     gw.phase = "fault"
