@@ -1,0 +1,749 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The controller: learn, validate, install, invalidate. One loop, one thread.
+
+    learner (tracepoints) ──candidate──▶ validate against the kernel ──▶ datapath maps
+    kernel_watch (netlink) ──event────▶ invalidate what relied on it ──▶ datapath maps
+
+The process runs in the gateway's network namespace (on a gateway: the host; in the test beds:
+`nsenter --net=/run/netns/gw1`). Everything it attaches is detached on SIGTERM/SIGINT and on
+any error; flows are removed and each offloaded SA's sequence state is handed back to the
+kernel (XFRM_MSG_NEWAE) before the programs go.
+
+Sequence ownership (DESIGN.md §3, issue 5): once an outbound SA is offloaded, the datapath's
+counter in the SA entry is the SA's only sequence source. The datapath starts it SEQ_JUMP
+above the kernel's output sequence, so every number it sends is above any the kernel has sent
+(the peer's window only moves forward), and ESP packets the kernel itself still builds for the
+SA (first packets of new flows, gateway-originated traffic) are renumbered from the same
+counter on their way out (bpf/tc_reseq.c). IVs follow the kernel's seqiv construction
+(IV = seq XOR a per-SA mask learned from a kernel packet), so distinct sequence numbers give
+distinct nonces whoever sends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from controller import defs
+from controller.config import Config, check_interfaces
+from controller.state import Cause, Direction, FlowKey, FlowRecord, FlowState, SaRef
+from controller.validate import (
+    Accepted,
+    NeighInfo,
+    Rejected,
+    RouteInfo,
+    Sighting,
+    validate_decap,
+    validate_encap,
+)
+from controller.xfrm.model import (
+    DefaultPolicy,
+    Flushed,
+    Overrun,
+    Policy,
+    PolicyAdded,
+    PolicyDeleted,
+    PolicyExpired,
+    PolicyUpdated,
+    Sa,
+    SaAdded,
+    SaDeleted,
+    SaExpired,
+    SaUpdated,
+    XfrmEvent,
+)
+
+log = logging.getLogger("xfrm-fastpath")
+
+RUN_DIR = Path("/run/xfrm-fastpath")
+STATUS_FILE = "status.json"
+# The datapath's counter starts this far above the kernel's output sequence: room for the
+# packets the kernel may still send on the SA while the entry is being written (checked after).
+SEQ_JUMP = 4096
+SEQ_SPACE_32 = 1 << 32
+TICK_S = 0.2  # housekeeping period: idle sweep, watchdog refresh, status
+NEVER = (1 << 64) - 1
+
+
+@dataclass
+class OffloadedSa:
+    """An SA written into the datapath, and what the controller keeps to look after it."""
+
+    sa: Sa
+    sa_id: int
+    direction: Direction
+    hard_deadline_ns: int  # CLOCK_MONOTONIC; NEVER when the SA has no hard time limit
+    synced_packets: int = 0  # datapath counters already added to the kernel's lifetime
+    synced_bytes: int = 0
+    soft_expire_sent: bool = False
+
+    @property
+    def ref(self) -> SaRef:
+        return SaRef(str(self.sa.dst), self.sa.spi, self.sa.reqid)
+
+
+def _hard_deadline(sa: Sa, now_ns: int) -> int:
+    """When the SA dies by time, as CLOCK_MONOTONIC ns (add_time is wall-clock seconds)."""
+    lt = sa.lifetime
+    if not lt.hard_add_expires_seconds:
+        return NEVER
+    added = sa.current.add_time or int(time.time())
+    remaining = added + lt.hard_add_expires_seconds - time.time()
+    return now_ns + max(0, int(remaining * 1e9))
+
+
+@dataclass
+class KernelView:
+    """XFRM state cached between events: re-read after any XFRM event (dirty flag)."""
+
+    xfrm: Any
+    dirty: bool = True
+    policies: list[Policy] = field(default_factory=list)
+    default: DefaultPolicy = field(default_factory=DefaultPolicy)
+    sas: list[Sa] = field(default_factory=list)
+
+    def refresh(self) -> None:
+        if not self.dirty:
+            return
+        self.policies = self.xfrm.policies()
+        self.default = self.xfrm.get_default_policy()
+        self.sas = self.xfrm.sas()
+        self.dirty = False
+
+    def sa_by_spi(self, spi: int, daddr: str | None = None) -> Sa | None:
+        for sa in self.sas:
+            if sa.spi == spi and sa.proto == 50 and (daddr is None or str(sa.dst) == daddr):
+                return sa
+        return None
+
+
+class Controller:
+    """The controller for one gateway namespace. `run()` blocks until stop() or a signal."""
+
+    def __init__(self, cfg: Config, *, pin_dir: str | None = None, run_dir: Path = RUN_DIR):
+        self.cfg = cfg
+        self.pin_dir = pin_dir
+        self.run_dir = run_dir
+        self.flows = FlowState(capacity=cfg.flow_table_size)
+        self.sa_out: dict[SaRef, OffloadedSa] = {}
+        self.sa_in: dict[SaRef, OffloadedSa] = {}
+        self.refused_sas: dict[SaRef, str] = {}
+        self._next_sa_id = 1
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self.ifindex: dict[str, int] = {}
+        self.role: dict[int, str] = {}
+        self.dp: Any = None
+        self.learner: Any = None
+        self.watch: Any = None
+        self.xfrm: Any = None
+        self.ipr: Any = None
+        self.view: KernelView | None = None
+        self.metrics: Any = None
+        self.exporter: Any = None
+        self._snapshot: Any = None
+        self.started = time.time()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def stop(self, *_: object) -> None:
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def start(self) -> None:
+        """Check, load, attach, open watchers. On any failure, undo what was done and raise."""
+        from pyroute2 import IPRoute
+
+        from controller.datapath import Datapath
+        from controller.kernel_watch import KernelWatch
+        from controller.learner import Learner, netns_inode
+        from controller.metrics import Exporter, MetricsSource, datapath_parts
+        from controller.xfrm import XfrmSocket
+
+        cfg = self.cfg
+        self.ifindex = check_interfaces(cfg)  # a missing interface fails before any attach
+        self.role = {self.ifindex[n]: "lan" for n in cfg.lan}
+        self.role.update({self.ifindex[n]: "wan" for n in cfg.wan})
+        try:
+            self.xfrm = XfrmSocket()
+            self.view = KernelView(self.xfrm)
+            self.ipr = IPRoute()
+            self.watch = KernelWatch()
+            kw: dict[str, Any] = {"xdp_mode": cfg.xdp_mode}
+            if self.pin_dir:
+                kw["pin_dir"] = self.pin_dir
+            self.dp = Datapath(**kw).load()
+            self._recover_pinned_state()
+            for ifindex in self.role:
+                self.dp.put_tx_port(ifindex)
+            self.dp.attach(lan=list(cfg.lan), wan=list(cfg.wan))
+            log.info(
+                "XDP attached: encap on %s, decap on %s (mode %s)",
+                ",".join(cfg.lan),
+                ",".join(cfg.wan),
+                cfg.xdp_mode,
+            )
+            self.learner = Learner.open(netns_inode(), dict(self.role))
+            lan_wan = {Direction.ENCAP: cfg.lan, Direction.DECAP: cfg.wan}
+            self.metrics = MetricsSource(
+                flows=self.flows,
+                datapath=lambda: datapath_parts(self.dp, lan_wan, self._reqids()),
+                flow_capacity=cfg.flow_table_size,
+            )
+            self.metrics.set_health(up=True, bpf_programs_attached=len(self.dp.attached))
+            self._snapshot = self.metrics.snapshot()
+            self.exporter = Exporter(cfg.metrics_host, cfg.metrics_port, lambda: self._snapshot)
+            self.exporter.start()
+            log.info("metrics on http://%s/metrics", cfg.metrics_address)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _reqids(self) -> dict[int, int]:
+        return {o.sa_id: o.sa.reqid for o in (*self.sa_out.values(), *self.sa_in.values())}
+
+    def _recover_pinned_state(self) -> None:
+        """A previous controller that died left SA entries pinned: hand their sequence numbers
+        back to the kernel, then start clean (flows are re-learned from the next packets)."""
+        leftover = list(self.dp.maps["sa_out"].keys())
+        for key in leftover:
+            entry = self.dp.maps["sa_out"].get(key)
+            if entry is None:
+                continue
+            spi, daddr = defs.from_be32(entry.spi), defs.ip_of(entry.daddr)
+            sa = self.xfrm.get_sa(daddr, spi)
+            if sa is not None and entry.seq > 1:
+                with contextlib.suppress(Exception):
+                    self._hand_back_oseq(sa, entry.seq - 1)
+            self.dp.delete_outbound_sa(int(key.value))
+        for key in list(self.dp.maps["sa_in"].keys()):
+            entry = self.dp.maps["sa_in"].get(key)
+            if entry is not None:
+                self.dp.delete_inbound_sa(defs.from_be32(entry.spi), defs.ip_of(entry.daddr))
+        for key, _val in list(self.dp.flows()):
+            self.dp.delete_flow(key)
+        if leftover:
+            log.warning("recovered %d SA entries left by a previous controller", len(leftover))
+
+    def shutdown(self) -> None:
+        """Remove flows, hand sequence state back, wipe keys, detach. Tolerant of half-starts."""
+        if self.dp is not None and self.dp.maps:
+            self._remove(list(self.flows.flows), Cause.SHUTDOWN)
+            for off in list(self.sa_out.values()) + list(self.sa_in.values()):
+                with contextlib.suppress(Exception):
+                    self._release_sa(off)
+        for name in ("exporter",):
+            obj = getattr(self, name)
+            if obj is not None:
+                with contextlib.suppress(Exception):
+                    obj.stop()
+        if self.dp is not None:
+            with contextlib.suppress(Exception):
+                self.dp.close()
+            log.info("XDP detached")
+        for name in ("learner", "watch", "xfrm", "ipr"):
+            obj = getattr(self, name)
+            if obj is not None:
+                with contextlib.suppress(Exception):
+                    obj.close()
+            setattr(self, name, None)
+        self.dp = None
+        with contextlib.suppress(OSError):
+            (self.run_dir / STATUS_FILE).unlink()
+
+    # -- main loop ---------------------------------------------------------------------------------
+    def run(self) -> int:
+        self.start()
+        poller = select.epoll()
+        poller.register(self.learner.fileno(), select.EPOLLIN)
+        poller.register(self.watch.fileno(), select.EPOLLIN)
+        poller.register(self._wake_r, select.EPOLLIN)
+        next_tick = 0.0
+        try:
+            while not self._stop.is_set():
+                poller.poll(TICK_S)
+                for ev in self.watch.read_events():
+                    self.on_kernel_event(ev)
+                for cand in self.learner.poll(0):
+                    self.on_candidate(cand)
+                now = time.monotonic()
+                if now >= next_tick:
+                    self.tick()
+                    next_tick = now + TICK_S
+        finally:
+            poller.close()
+            self.shutdown()
+        return 0
+
+    # -- learning ----------------------------------------------------------------------------------
+    def on_candidate(self, cand: Any) -> None:
+        if cand.direction not in ("encap", "decap"):
+            return  # clear forwarding (no tunnel): the kernel keeps it
+        s = Sighting(
+            direction=cand.direction,
+            in_ifindex=cand.in_ifindex,
+            out_ifindex=cand.out_ifindex,
+            saddr=cand.saddr,
+            daddr=cand.daddr,
+            proto=cand.proto,
+            sport=cand.sport,
+            dport=cand.dport,
+            spi=cand.spi,
+            outer_saddr=cand.outer_saddr,
+            outer_daddr=cand.outer_daddr,
+            eth_src=cand.eth_src,
+            eth_dst=cand.eth_dst,
+            mangled=cand.mangled,
+        )
+        encap = s.direction == "encap"
+        want_in, want_out = ("lan", "wan") if encap else ("wan", "lan")
+        if self.role.get(s.in_ifindex) != want_in or self.role.get(s.out_ifindex) != want_out:
+            return self._refuse(cand, Rejected("wrong_interfaces", "not between our lan/wan"))
+        if self.flows.full():
+            return self._refuse(cand, Rejected("table_full", "flow table full"))
+        try:
+            result = self._validate(s)
+        except Exception as e:  # netlink error: fail closed, never install on partial facts
+            log.warning("validation of %s failed: %s", s.saddr, e)
+            result = Rejected("netlink_error", str(e))
+        if isinstance(result, Rejected):
+            return self._refuse(cand, result)
+        try:
+            self._install(cand, s, result)
+        except Exception as e:
+            log.error("installing flow %s->%s failed: %s", s.saddr, s.daddr, e)
+            self._refuse(cand, Rejected("install_failed", str(e)))
+
+    def _refuse(self, cand: Any, why: Rejected) -> None:
+        self.metrics.reject(why.reason)
+        log.info(
+            "not offloaded: %s %s %s->%s proto %d: %s",
+            cand.direction,
+            why.reason,
+            cand.saddr,
+            cand.daddr,
+            cand.proto,
+            why.detail,
+        )
+        if why.reason in ("sa_unsupported",) and cand.spi is not None:
+            sa = self.view.sa_by_spi(cand.spi) if self.view else None
+            if sa is not None:
+                self.refused_sas[SaRef(str(sa.dst), sa.spi, sa.reqid)] = why.detail
+
+    def _route(self, dst: str) -> RouteInfo | None:
+        try:
+            msgs = self.ipr.route("get", dst=dst)
+        except Exception:
+            return None
+        for m in msgs:
+            return RouteInfo(
+                oif=m.get_attr("RTA_OIF") or 0, gateway=m.get_attr("RTA_GATEWAY"), type=m["type"]
+            )
+        return None
+
+    def _neigh(self, ifindex: int, addr: str) -> NeighInfo | None:
+        try:
+            msgs = self.ipr.neigh("dump", ifindex=ifindex, dst=addr)
+        except Exception:
+            return None
+        for m in msgs:
+            if m.get_attr("NDA_DST") == addr:
+                return NeighInfo(m.get_attr("NDA_LLADDR"), m["state"])
+        return None
+
+    def _local_addrs(self) -> set[str]:
+        return {a.get_attr("IFA_ADDRESS") for a in self.ipr.get_addr(family=socket.AF_INET)}
+
+    def _validate(self, s: Sighting) -> Accepted | Rejected:
+        view = self.view
+        assert view is not None
+        view.refresh()
+        if s.spi is None:
+            return Rejected("no_spi", "the sighting carries no SPI")
+        if s.direction == "encap":
+            sa = view.sa_by_spi(s.spi, s.outer_daddr)
+            route = self._route(s.outer_daddr)
+            hop = route.next_hop(s.outer_daddr) if route else s.outer_daddr
+            neigh = self._neigh(route.oif, hop) if route else None
+            return validate_encap(s, view.policies, view.default, sa, route, neigh)
+        sa = view.sa_by_spi(s.spi)
+        route = self._route(s.daddr)
+        hop = route.next_hop(s.daddr) if route else s.daddr
+        neigh = self._neigh(route.oif, hop) if route else None
+        return validate_decap(s, view.policies, view.default, sa, self._local_addrs(), route, neigh)
+
+    def _alloc_sa_id(self) -> int:
+        sa_id = self._next_sa_id
+        self._next_sa_id += 1
+        return sa_id
+
+    def _link_mtu(self, ifindex: int) -> int:
+        for link in self.ipr.get_links(ifindex):
+            return int(link.get_attr("IFLA_MTU") or 1500)
+        return 1500
+
+    def _install(self, cand: Any, s: Sighting, ok: Accepted) -> None:
+        from controller.datapath import flow_key, flow_val
+
+        sa = ok.sa
+        ref = SaRef(str(sa.dst), sa.spi, sa.reqid)
+        now = time.monotonic_ns()
+        if s.direction == "encap":
+            off = self.sa_out.get(ref) or self._offload_outbound(sa, cand, s, now)
+            if off is None:
+                return
+            key = flow_key(
+                s.in_ifindex, defs.Dir.ENCAP, s.proto, s.saddr, s.daddr, s.sport, s.dport
+            )
+            val = flow_val(off.sa_id)
+            direction = Direction.ENCAP
+        else:
+            off = self.sa_in.get(ref) or self._offload_inbound(sa, now)
+            key = flow_key(
+                s.in_ifindex, defs.Dir.DECAP, s.proto, s.saddr, s.daddr, s.sport, s.dport
+            )
+            val = flow_val(
+                off.sa_id, s.out_ifindex, s.eth_dst, s.eth_src, mtu=self._link_mtu(s.out_ifindex)
+            )
+            direction = Direction.DECAP
+        self.dp.put_flow(key, val)
+        rec = FlowRecord(
+            key=FlowKey(s.in_ifindex, direction, s.saddr, s.daddr, s.proto, s.sport, s.dport),
+            sa=ref,
+            egress_ifindex=s.out_ifindex,
+            src_mac=s.eth_src,
+            dst_mac=s.eth_dst,
+            policy_index=ok.policy.index,
+            neighbour=(ok.route.oif, ok.next_hop),
+            seen_ns=cand.ktime_rx,
+            installed_ns=time.monotonic_ns(),
+        )
+        self.flows.add(rec)
+        self.metrics.observe_learn_latency(rec.learn_latency_s)
+        log.info(
+            "offloaded %s via SA 0x%08x (learned in %.2f ms)",
+            rec.key,
+            sa.spi,
+            (rec.learn_latency_s or 0) * 1e3,
+        )
+
+    def _offload_outbound(self, sa: Sa, cand: Any, s: Sighting, now: int) -> OffloadedSa | None:
+        from controller.datapath import OutboundSa
+
+        mask = cand.iv_xor_seq
+        if mask is None:
+            self.metrics.reject("no_iv_mask")
+            return None
+        ae = self.xfrm.get_ae(sa)
+        kernel_oseq = ae.replay.oseq64 if ae.replay else 0
+        start = kernel_oseq + 1 + SEQ_JUMP
+        limit = SEQ_SPACE_32 if not sa.esn else (1 << 64) - 1
+        if start >= limit - SEQ_JUMP:
+            self.metrics.reject("seq_exhausted")
+            return None
+        off = OffloadedSa(sa, self._alloc_sa_id(), Direction.ENCAP, _hard_deadline(sa, now))
+        self.dp.put_outbound_sa(
+            OutboundSa(
+                sa_id=off.sa_id,
+                spi=sa.spi,
+                saddr=str(sa.src),
+                daddr=str(sa.dst),
+                key=sa.key.reveal(),
+                egress_ifindex=s.out_ifindex,
+                dmac=s.eth_dst,
+                smac=s.eth_src,
+                mtu=self._link_mtu(s.out_ifindex),
+                seq=start,
+                seq_limit=limit,
+                iv_mask=int.from_bytes(mask, "big"),
+                esn=sa.esn,
+                deadline_ns=off.hard_deadline_ns,
+            )
+        )
+        self._refresh_watchdog(off, now)
+        # The kernel may have sent on the SA while the entry was written: its numbers must
+        # still be below the datapath's, or the entry is withdrawn (fail closed).
+        after = self.xfrm.get_ae(sa)
+        if after.replay and after.replay.oseq64 >= start:
+            self.dp.delete_outbound_sa(off.sa_id)
+            self.metrics.reject("kernel_raced")
+            return None
+        self.sa_out[off.ref] = off
+        log.info(
+            "SA 0x%08x (reqid %d) outbound offloaded as sa_id %d, seq from %d",
+            sa.spi,
+            sa.reqid,
+            off.sa_id,
+            start,
+        )
+        return off
+
+    def _offload_inbound(self, sa: Sa, now: int) -> OffloadedSa:
+        from controller.datapath import InboundSa
+
+        ae = self.xfrm.get_ae(sa)
+        top = ae.replay.seq64 if ae.replay else 0
+        off = OffloadedSa(sa, self._alloc_sa_id(), Direction.DECAP, _hard_deadline(sa, now))
+        self.dp.put_inbound_sa(
+            InboundSa(
+                sa_id=off.sa_id,
+                spi=sa.spi,
+                saddr=str(sa.src),
+                daddr=str(sa.dst),
+                key=sa.key.reveal(),
+                replay_window=min(max(sa.replay_window, 32), defs.REPLAY_MAX_WINDOW)
+                if sa.replay_window
+                else 0,
+                esn=sa.esn,
+                deadline_ns=off.hard_deadline_ns,
+                seq_top=top,
+            )
+        )
+        self._refresh_watchdog(off, now)
+        self.sa_in[off.ref] = off
+        log.info("SA 0x%08x (reqid %d) inbound offloaded as sa_id %d", sa.spi, sa.reqid, off.sa_id)
+        return off
+
+    def _refresh_watchdog(self, off: OffloadedSa, now: int) -> None:
+        deadline = min(off.hard_deadline_ns, now + int(self.cfg.watchdog * 1e9))
+        self.dp.refresh_watchdog(off.sa_id, deadline)
+
+    # -- releasing ---------------------------------------------------------------------------
+    def _hand_back_oseq(self, sa: Sa, last_used: int) -> None:
+        ae = self.xfrm.get_ae(sa)
+        cur = ae.replay.oseq64 if ae.replay else 0
+        if last_used > cur:
+            self.xfrm.set_oseq(sa, last_used)
+
+    def _release_sa(self, off: OffloadedSa) -> None:
+        """Take an SA out of the datapath: its flows first, then the entry (key wiped), and
+        for an outbound SA the last sequence number used goes back to the kernel."""
+        self._remove(self.flows.flows_of_sa(off.ref), Cause.SA_DELETED)
+        if off.direction is Direction.ENCAP:
+            entry = self.dp.outbound_sa(off.sa_id)
+            self.dp.delete_outbound_sa(off.sa_id)
+            self.sa_out.pop(off.ref, None)
+            if entry is not None and entry.seq > 1:
+                with contextlib.suppress(Exception):
+                    self._hand_back_oseq(off.sa, entry.seq - 1)
+        else:
+            self.dp.delete_inbound_sa(off.sa.spi, str(off.sa.dst))
+            self.sa_in.pop(off.ref, None)
+
+    def _remove(self, keys: Iterable[FlowKey], cause: Cause) -> int:
+        from controller.datapath import flow_key
+
+        recs = self.flows.remove(keys, cause)
+        for rec in recs:
+            k = rec.key
+            dk = flow_key(
+                k.ifindex, defs.Dir(int(k.direction)), k.proto, k.saddr, k.daddr, k.sport, k.dport
+            )
+            with contextlib.suppress(Exception):
+                self.dp.delete_flow(dk)
+            if self.learner is not None:
+                with contextlib.suppress(Exception):
+                    self.learner.forget(
+                        (k.direction.name.lower(), k.saddr, k.daddr, k.proto, k.sport, k.dport)
+                    )
+        if recs:
+            log.info("removed %d flow(s): %s", len(recs), cause.value)
+        return len(recs)
+
+    def _sas_matching(self, spi: int, dst: str | None) -> list[OffloadedSa]:
+        return [
+            o
+            for o in (*self.sa_out.values(), *self.sa_in.values())
+            if o.sa.spi == spi and (dst is None or str(o.sa.dst) == dst)
+        ]
+
+    def _drop_sa(self, spi: int, dst: str | None, cause: Cause) -> None:
+        for off in self._sas_matching(spi, dst):
+            self._remove(self.flows.flows_of_sa(off.ref), cause)
+            self._release_sa(off)
+
+    def _drop_all(self, cause: Cause) -> None:
+        self._remove(list(self.flows.flows), cause)
+
+    # -- kernel events -----------------------------------------------------------------------------
+    def on_kernel_event(self, ev: Any) -> None:
+        from controller import kernel_watch as kw
+
+        self.metrics.netlink_event()
+        if isinstance(ev, XfrmEvent):
+            if self.view is not None:
+                self.view.dirty = True
+            self._on_xfrm(ev)
+        elif isinstance(ev, kw.NftChanged | kw.NftGeneration):
+            self._drop_all(Cause.FIREWALL_CHANGED)
+        elif isinstance(ev, kw.RouteChanged | kw.RuleChanged):
+            self._drop_all(Cause.ROUTE_CHANGED)
+        elif isinstance(ev, kw.NeighChanged):
+            if ev.dst:
+                self._remove(self.flows.flows_of_neigh(ev.ifindex, ev.dst), Cause.NEIGH_CHANGED)
+        elif isinstance(ev, kw.LinkChanged):
+            if ev.action == "del" or not ev.up or not ev.lower_up:
+                self._remove(self.flows.flows_of_link(ev.ifindex), Cause.LINK_CHANGED)
+        elif isinstance(ev, kw.AddrChanged):
+            self._drop_all(Cause.ROUTE_CHANGED)
+
+    def _on_xfrm(self, ev: XfrmEvent) -> None:
+        if isinstance(ev, SaDeleted):
+            self._drop_sa(ev.sa_id.spi, str(ev.sa_id.dst), Cause.SA_DELETED)
+        elif isinstance(ev, SaUpdated):
+            self._drop_sa(ev.sa.spi, str(ev.sa.dst), Cause.SA_UPDATED)
+        elif isinstance(ev, SaExpired):
+            if ev.hard:
+                self._drop_sa(ev.sa.spi, str(ev.sa.dst), Cause.SA_EXPIRED)
+            # soft: the IKE daemon rekeys; flows move when the new SA's first packets are seen
+        elif isinstance(ev, SaAdded):
+            # A rekey installs a new SA with the same reqid: the kernel switches to it for new
+            # packets, so flows on the old one are re-learned onto the new one.
+            for off in list(self.sa_out.values()):
+                if off.sa.reqid and off.sa.reqid == ev.sa.reqid and ev.sa.src == off.sa.src:
+                    self._remove(self.flows.flows_of_sa(off.ref), Cause.SA_REKEYED)
+        elif isinstance(ev, PolicyAdded | PolicyUpdated | PolicyDeleted | PolicyExpired):
+            self._drop_all(Cause.POLICY_CHANGED)
+        elif isinstance(ev, Flushed):
+            if ev.what == "sa":
+                for off in list(self.sa_out.values()) + list(self.sa_in.values()):
+                    self._remove(self.flows.flows_of_sa(off.ref), Cause.SA_DELETED)
+                    self._release_sa(off)
+            else:
+                self._drop_all(Cause.POLICY_CHANGED)
+        elif isinstance(ev, Overrun):
+            log.warning("netlink overrun: dropping every flow and re-reading state")
+            self._drop_all(Cause.POLICY_CHANGED)
+        elif type(ev).__name__ == "DefaultPolicyChanged":
+            self._drop_all(Cause.POLICY_CHANGED)
+
+    # -- housekeeping ------------------------------------------------------------------------------
+    def tick(self) -> None:
+        now = time.monotonic_ns()
+        self._sweep_idle(now)
+        for off in (*self.sa_out.values(), *self.sa_in.values()):
+            if now >= off.hard_deadline_ns:
+                self._drop_sa(off.sa.spi, str(off.sa.dst), Cause.SA_EXPIRED)
+                continue
+            self._refresh_watchdog(off, now)
+        self._snapshot = self.metrics.snapshot()
+        self._write_status()
+
+    def _sweep_idle(self, now: int) -> None:
+        """Fold the datapath's per-flow last_seen into the state, then remove quiet flows."""
+        from controller.datapath import flow_key
+
+        for rec in self.flows.flows.values():
+            k = rec.key
+            val = self.dp.get_flow(
+                flow_key(
+                    k.ifindex,
+                    defs.Dir(int(k.direction)),
+                    k.proto,
+                    k.saddr,
+                    k.daddr,
+                    k.sport,
+                    k.dport,
+                )
+            )
+            if val is None:
+                rec.last_active_ns = 0  # evicted by the LRU: let the sweep drop it
+            elif val.last_seen_ns > rec.last_active_ns:
+                rec.last_active_ns = val.last_seen_ns
+        idle = self.flows.idle(now, self.cfg.idle_timeout)
+        gone = {k for k in idle if self.flows.flows[k].last_active_ns == 0}
+        self._remove(gone, Cause.EVICTED)
+        self._remove(idle - gone, Cause.IDLE)
+
+    # -- status ------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        from controller.metrics import snapshot_to_dict
+
+        flows = []
+        for rec in sorted(self.flows.flows.values(), key=lambda r: r.key):
+            flows.append(
+                {
+                    "direction": rec.key.direction.name.lower(),
+                    "ifindex": rec.key.ifindex,
+                    "saddr": rec.key.saddr,
+                    "daddr": rec.key.daddr,
+                    "proto": rec.key.proto,
+                    "sport": rec.key.sport,
+                    "dport": rec.key.dport,
+                    "spi": f"0x{rec.sa.spi:08x}",
+                    "egress_ifindex": rec.egress_ifindex,
+                    "learn_latency_ms": round((rec.learn_latency_s or 0) * 1e3, 3),
+                }
+            )
+        sas = []
+        offloaded = {**self.sa_out, **self.sa_in}
+        for sa in self.view.sas if self.view else []:
+            ref = SaRef(str(sa.dst), sa.spi, sa.reqid)
+            ok, why = sa.fastpath_support()
+            off = offloaded.get(ref)
+            sas.append(
+                {
+                    "spi": f"0x{sa.spi:08x}",
+                    "src": str(sa.src),
+                    "dst": str(sa.dst),
+                    "reqid": sa.reqid,
+                    "algorithm": sa.alg_name,
+                    "offloaded": off is not None,
+                    "direction": off.direction.name.lower() if off else None,
+                    "supported": ok,
+                    "reason": "offloaded"
+                    if off
+                    else (self.refused_sas.get(ref) or ("waiting for traffic" if ok else why)),
+                    "flows": len(self.flows.flows_of_sa(ref)),
+                }
+            )
+        return {
+            "pid": os.getpid(),
+            "started": self.started,
+            "interfaces": {"lan": list(self.cfg.lan), "wan": list(self.cfg.wan)},
+            "metrics": snapshot_to_dict(self._snapshot) if self._snapshot else None,
+            "flows": flows,
+            "sas": sas,
+        }
+
+    def _write_status(self) -> None:
+        try:
+            self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = self.run_dir / (STATUS_FILE + ".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.status(), f)
+            os.replace(tmp, self.run_dir / STATUS_FILE)
+        except OSError as e:
+            log.debug("status file: %s", e)
+
+
+def netns_run_dir(base: Path = RUN_DIR) -> Path:
+    """Status files live per network namespace (inode), so controllers of several test-bed
+    gateways on one machine do not collide."""
+    ino = os.stat("/proc/self/ns/net").st_ino
+    return base / f"netns-{ino}"
+
+
+def run(cfg: Config) -> int:
+    """Run the controller until SIGTERM/SIGINT; everything attached is detached on the way out."""
+    ctl = Controller(cfg, run_dir=netns_run_dir())
+    signal.signal(signal.SIGTERM, ctl.stop)
+    signal.signal(signal.SIGINT, ctl.stop)
+    log.info("xfrm-fastpath controller starting (%s)", cfg.source)
+    try:
+        return ctl.run()
+    finally:
+        log.info("xfrm-fastpath controller stopped")
