@@ -11,10 +11,21 @@ CACHE=/var/cache/xfrm-fastpath/kernel
 mkdir -p "$CACHE"
 say() { printf '[fetch-kernel] %s\n' "$*"; }
 
+# The guest sees the unpacked module tree as /lib/modules/ABI (virtme-ng links it there), so BCC
+# in the guest finds its kernel headers through build/source links inside that tree, pointing at
+# the headers packages installed on this machine (which the guest sees through its 9p root).
+link_headers() {
+  local mods="$CACHE/root/lib/modules/$1"
+  [ -d "$mods" ] || return 0
+  ln -sfn "/usr/src/linux-headers-$1" "$mods/build"
+  ln -sfn "/usr/src/linux-headers-${1%-amd64}-common" "$mods/source"
+}
+
 abi=$KERNEL_ABI
 if [ -f "$CACHE/current.env" ]; then
   . "$CACHE/current.env"
   if [ -f "$CACHE/root/boot/vmlinuz-$KERNEL_ABI" ] && [ -d "/usr/src/linux-headers-$KERNEL_ABI" ]; then
+    link_headers "$KERNEL_ABI"
     say "cached: $KERNEL_ABI"
     exit 0
   fi
@@ -49,5 +60,6 @@ if ! dpkg-query -W -f='${Status}' "linux-headers-$abi" 2>/dev/null | grep -q 'in
   say "installing linux-headers-$abi"
   apt-get install -y -qq --no-install-recommends "linux-headers-$abi" >/dev/null
 fi
+link_headers "$abi"
 printf 'KERNEL_ABI=%s\n' "$abi" > "$CACHE/current.env"
 say "ready: $CACHE/root/boot/vmlinuz-$abi"

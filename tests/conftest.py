@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 
 import pytest
 
 from controller.testbed import Testbed, testbed
+from controller.vmrun import RUNNER_ENV, host_has_esp
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -16,6 +18,37 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         skip = pytest.mark.skip(reason="needs root: creates network namespaces and loads BPF")
         for item in items:
             item.add_marker(skip)
+
+
+@functools.cache
+def _esp_status() -> tuple[bool, str]:
+    return host_has_esp()
+
+
+def skip_without_esp() -> None:
+    """`vm` tests need kernel ESP. Outside controller.vmrun, skip them (saying how to run them)
+    on a kernel without it; inside the runner (XFRM_FASTPATH_RUNNER set) they run, and fail."""
+    if os.environ.get(RUNNER_ENV):
+        return
+    ok, why = _esp_status()
+    if not ok:
+        pytest.skip(
+            f"needs kernel ESP ({why}): run `make test` or "
+            "`.venv/bin/python -m controller.vmrun vm-only`, which boot a kernel with ESP"
+        )
+
+
+@pytest.fixture(autouse=True)
+def _vm_tests_need_esp(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("vm") is not None:
+        skip_without_esp()
+
+
+@pytest.fixture(scope="session")
+def esp_kernel() -> None:
+    """Depend on this from session-scoped fixtures of `vm` tests (e.g. a BPF program compiled
+    once per session, ~40 s in the VM): they run after the per-test ESP check otherwise."""
+    skip_without_esp()
 
 
 _counter = 0
