@@ -10,6 +10,7 @@ Kernel references are to net/xfrm/xfrm_user.c (handlers named xfrm_add_sa, xfrm_
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import select
@@ -47,6 +48,7 @@ from controller.xfrm.model import (
     PolicyUpdated,
     Proto,
     ReplayState,
+    Report,
     Sa,
     SaAdded,
     SaDeleted,
@@ -464,6 +466,10 @@ def event_from(mtype: int, msg: Any, ts_ns: int) -> XfrmEvent | None:
         )
     if mtype in (m.XFRM_MSG_GETDEFAULT, m.XFRM_MSG_SETDEFAULT):
         return DefaultPolicyChanged(ts_ns, _default_from(msg))
+    if mtype == m.XFRM_MSG_REPORT:
+        sel = selector_from(msg["sel"])
+        co = attrs.get("XFRMA_COADDR")
+        return Report(ts_ns, msg["proto"], sel, addr_from(co, sel.family) if co else None)
     return None
 
 
@@ -534,7 +540,14 @@ class XfrmSocket:
         msg.encode()
         payload = bytes(msg.data[16:])
         what = m.MSG_NAMES.get(mtype, str(mtype))
-        replies = self.nl.request(payload, mtype, flags, timeout=self.timeout, what=what)
+        for attempt in range(3):
+            try:
+                replies = self.nl.request(payload, mtype, flags, timeout=self.timeout, what=what)
+                break
+            except NetlinkError as e:
+                # A dump that raced with a change is flagged NLM_F_DUMP_INTR: read it again.
+                if e.errno != errno.EINTR or attempt == 2:
+                    raise
         out = []
         for _rtype, _flags, raw in replies:
             t, dec = decode(raw)
@@ -608,6 +621,25 @@ class XfrmSocket:
         """Every policy, in the kernel's dump order: newest first (see model.policy_lookup)."""
         res = self._do(m.xfrm_empty(), m.XFRM_MSG_GETPOLICY, NLM_F_DUMP)
         return [policy_from(_fields(x, m.XfrmUserpolicyInfo), msg_attrs(x)) for _t, x in res]
+
+    def get_policy(
+        self, index: int = 0, dir: Dir = Dir.OUT, selector: Selector | None = None
+    ) -> Policy | None:
+        """One policy by index, or by selector + dir (XFRM_MSG_GETPOLICY, xfrm_get_policy());
+        None when absent."""
+        msg = m.xfrm_userpolicy_id()
+        msg["sel"] = selector_to(selector or Selector())
+        msg["index"] = index
+        msg["dir"] = int(dir)
+        try:
+            res = self._do(msg, m.XFRM_MSG_GETPOLICY, NLM_F_ACK)
+        except NetlinkError as e:
+            if e.errno in (errno.ENOENT, errno.ESRCH):
+                return None
+            raise
+        for _t, x in res:
+            return policy_from(_fields(x, m.XfrmUserpolicyInfo), msg_attrs(x))
+        return None
 
     def _policy_msg(self, p: Policy) -> Any:
         msg = m.xfrm_userpolicy_info()

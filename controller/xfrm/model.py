@@ -606,6 +606,11 @@ class SaDeleted(XfrmEvent):
 
 @dataclass(frozen=True)
 class SaExpired(XfrmEvent):
+    """A lifetime limit was hit (or someone sent XFRM_MSG_EXPIRE). soft: the key manager should
+    rekey; the SA still works. hard: the SA is already deleted, and NO SaDeleted follows
+    (xfrm_timer_handler() and xfrm_add_sa_expire() call __xfrm_state_delete() without a
+    DELSA notification), so treat a hard expire as the deletion."""
+
     sa: Sa
     hard: bool
 
@@ -669,6 +674,15 @@ class AeEvent(XfrmEvent):
     flags: int
     replay: ReplayState | None
     current: LifetimeCur | None
+
+
+@dataclass(frozen=True)
+class Report(XfrmEvent):
+    """XFRM_MSG_REPORT (XFRMNLGRP_REPORT, Mobile IPv6 route optimization)."""
+
+    proto: int
+    selector: Selector
+    coaddr: IPAddress | None
 
 
 @dataclass(frozen=True)
