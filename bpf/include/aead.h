@@ -113,6 +113,15 @@ BPF_PERCPU_ARRAY(xfp_crypto_scratch, struct xfp_crypto_scratch, 1);
 static __always_inline struct xfp_crypto_scratch *xfp_scratch(void);
 #endif
 
+/* The context whose data/data_end the functions walk: XDP by default; a TC program defines
+ * XFP_CTX_SKB before including this header (struct __sk_buff carries data/data_end too, valid
+ * after bpf_skb_pull_data()). */
+#if defined(XFP_CTX_SKB) && !defined(XFP_NATIVE)
+typedef struct __sk_buff xfp_ctx_t;
+#else
+typedef struct xdp_md xfp_ctx_t;
+#endif
+
 /* Hide a value from clang so that it cannot fold the mask that follows into a range check
  * the verifier does not understand. */
 #define XFP_OPAQUE(v) asm volatile("" : "+r"(v))
@@ -172,7 +181,7 @@ xfp_aead_begin(__u32 off, __u32 len, __u32 tag_off, const struct xfp_aead_key *k
 }
 
 /* ChaCha20 (counter from 1, RFC 8439 §2.4) XORed in place over [s->off, s->off + s->len). */
-static __always_inline int xfp_chacha20_xor_pkt(struct xdp_md *ctx, struct xfp_crypto_scratch *s)
+static __always_inline int xfp_chacha20_xor_pkt(xfp_ctx_t *ctx, struct xfp_crypto_scratch *s)
 {
 	__u8 *data = (__u8 *)(long)ctx->data;
 	__u8 *end = (__u8 *)(long)ctx->data_end;
@@ -242,8 +251,8 @@ static __always_inline int xfp_chacha20_xor_pkt(struct xdp_md *ctx, struct xfp_c
  * le64(aad_len) || le64(len), keyed with the first 32 bytes of ChaCha20 block 0.
  * Every block is a padded 16-byte block, so hibit is always 1.
  */
-static __always_inline int xfp_aead_mac(struct xdp_md *ctx, struct xfp_crypto_scratch *s,
-					__u64 *tag_lo, __u64 *tag_hi)
+static __always_inline int xfp_aead_mac(xfp_ctx_t *ctx, struct xfp_crypto_scratch *s, __u64 *tag_lo,
+					__u64 *tag_hi)
 {
 	__u8 *data = (__u8 *)(long)ctx->data;
 	__u8 *end = (__u8 *)(long)ctx->data_end;
@@ -339,7 +348,7 @@ static __always_inline int xfp_aead_set_aad(struct xfp_crypto_scratch *s, const 
 	return 0;
 }
 
-static __always_inline int xfp_aead_seal(struct xdp_md *ctx, __u32 off, __u32 len, __u32 tag_off,
+static __always_inline int xfp_aead_seal(xfp_ctx_t *ctx, __u32 off, __u32 len, __u32 tag_off,
 					 const struct xfp_aead_key *k, const __u8 iv[8],
 					 const __u8 *aad, __u32 aad_len)
 {
@@ -361,7 +370,7 @@ static __always_inline int xfp_aead_seal(struct xdp_md *ctx, __u32 off, __u32 le
 	return 0;
 }
 
-static __always_inline int xfp_aead_verify(struct xdp_md *ctx, __u32 off, __u32 len, __u32 tag_off,
+static __always_inline int xfp_aead_verify(xfp_ctx_t *ctx, __u32 off, __u32 len, __u32 tag_off,
 					   const struct xfp_aead_key *k, const __u8 iv[8],
 					   const __u8 *aad, __u32 aad_len)
 {
@@ -381,7 +390,7 @@ static __always_inline int xfp_aead_verify(struct xdp_md *ctx, __u32 off, __u32 
 	return diff ? -1 : 0;
 }
 
-static __always_inline int xfp_aead_decrypt(struct xdp_md *ctx, __u32 off, __u32 len,
+static __always_inline int xfp_aead_decrypt(xfp_ctx_t *ctx, __u32 off, __u32 len,
 					    const struct xfp_aead_key *k, const __u8 iv[8])
 {
 	struct xfp_crypto_scratch *s = xfp_aead_begin(off, len, 0, k, iv);
@@ -391,7 +400,7 @@ static __always_inline int xfp_aead_decrypt(struct xdp_md *ctx, __u32 off, __u32
 	return xfp_chacha20_xor_pkt(ctx, s);
 }
 
-static __always_inline int xfp_aead_peek(struct xdp_md *ctx, __u32 off, __u32 len,
+static __always_inline int xfp_aead_peek(xfp_ctx_t *ctx, __u32 off, __u32 len,
 					 const struct xfp_aead_key *k, const __u8 iv[8],
 					 __u8 out[64])
 {
