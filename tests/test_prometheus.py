@@ -161,6 +161,21 @@ def test_promtool_checks_config_and_rules() -> None:
     assert rules.returncode == 0, f"promtool check rules:\n{rules.stdout}{rules.stderr}"
 
 
+@needs_prometheus
+def test_promtool_rule_unit_tests() -> None:
+    """dashboards/rules/tests.yml: each alert quiet on a healthy gateway, firing after its
+    `for:` time on a faulty one, with its labels and rendered annotations."""
+    run = subprocess.run(
+        [PROMTOOL, "test", "rules", str(DASH / "rules" / "tests.yml")],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, f"promtool test rules:\n{run.stdout}{run.stderr}"
+    tested = set(re.findall(r"alertname: (\w+)", (DASH / "rules" / "tests.yml").read_text()))
+    defined = {where.split()[1] for where, _ in rule_exprs("alert")}
+    assert defined <= tested, f"alerts without a unit test: {defined - tested}"
+
+
 def unknown_names(exprs: list[tuple[str, str]], known: set[str]) -> dict[str, set[str]]:
     return {where: bad for where, e in exprs if (bad := promql_metric_names(e) - known)}
 
@@ -683,6 +698,10 @@ def check_expressions(prom: Prometheus, gw: Gateway, exporter: Exporter) -> None
     buckets = "rate(xfrm_fastpath_learn_latency_seconds_bucket[1m])"
     p99 = prom.finite(f"histogram_quantile(0.99, sum by (le) ({buckets}))")
     assert 0.0001 <= float(p99[0]["value"][1]) <= 1.0, f"learn latency p99 in range: {p99}"
+
+    # A healthy gateway raises no alert: every alert expression is empty in the normal phase.
+    firing = {w: prom.query(e) for w, e in rule_exprs("alert")}
+    assert not any(firing.values()), f"alerts fire on a healthy gateway: {firing}"
 
     # The exported counts are what the generator sent, through the per-CPU maps, the exporter
     # and Prometheus: every frame counted once (fastpath, kernel or drop), the hits as fastpath
