@@ -9,7 +9,7 @@ compile again for each. Only the network namespace changes: the mount namespace,
 /sys and tracefs, stay this machine's (unlike `ip netns exec`).
 
     with in_netns(bed.ns("gw1")):
-        b.attach_xdp("lan", fn, 0)
+        b.attach_xdp(b"lan", fn, 0)
 """
 
 from __future__ import annotations
