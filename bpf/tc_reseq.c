@@ -1,0 +1,173 @@
+/* SPDX-License-Identifier: GPL-2.0-only */
+/*
+ * tc_reseq.c: TC egress on the WAN side. Renumbers the ESP packets the KERNEL builds for an SA
+ * the fastpath has taken over, so that the SA has one sequence space with one owner
+ * (DESIGN.md section 3, issue 5).
+ *
+ * Why: once an outbound SA is offloaded, XDP sends most of its packets with numbers from the
+ * SA entry's counter, which starts above the kernel's output sequence. The kernel still sends
+ * some (the first packet of each new flow, traffic of the gateway itself), numbered from its
+ * own lagging x->replay.oseq: the peer would drop them as replays (RFC 4303 section 3.4.3),
+ * and their IVs (crypto/seqiv.c: IV = seq XOR a per-SA salt) could repeat ours. Here each such
+ * packet takes the next number from the same counter, a fresh IV from it, and is re-encrypted
+ * and re-authenticated (RFC 7634: the IV feeds the nonce and the sequence number the AAD).
+ *
+ * Frames XDP redirects never pass TC egress (they go straight to the driver's ndo_xdp_xmit),
+ * so every ESP frame seen here was built by the kernel's esp4_output().
+ *
+ * Input:  eth | IPv4 (no options, not a fragment) | SPI, seq | IV | ciphertext | ICV(16)
+ * Output: the same frame, new seq, new IV, new ciphertext and ICV; or TC_ACT_SHOT when the
+ *         counter is exhausted or an error left the payload half-processed (no plaintext
+ *         leaves). SAs not in the map, other traffic: untouched (TC_ACT_OK).
+ *
+ * The SA's watchdog is NOT checked: after the controller dies, renumbering must go on for as
+ * long as the kernel uses the SA (until its hard deadline), or the sequence would go backwards.
+ */
+#define XFP_CTX_SKB 1
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+#include "maps.h"
+#include "parsing.h"
+#include "esp.h"
+#include "aead.h"
+
+/* Outbound SA by (SPI, outer daddr) -> sa_id: the kernel's frame names its SA by SPI only.
+ * Written by the controller beside each xfp_sa_out entry (controller/reseq.py). */
+BPF_TABLE_PINNED("hash", struct xfp_sa_in_key, __u32, xfp_sa_out_spi, XFP_SA_MAX,
+		 XFP_PIN_DIR "/xfp_sa_out_spi");
+
+enum xfp_reseq_stat {
+	XFP_RESEQ_OK = 0,	 /* renumbered and re-sealed */
+	XFP_RESEQ_EXHAUSTED = 1, /* counter at its limit: dropped, never reused */
+	XFP_RESEQ_ERROR = 2,	 /* bounds or crypto failure after decrypting: dropped */
+	XFP_RESEQ_EXPIRED = 3,	 /* SA past its hard deadline: left as the kernel built it */
+	XFP_RESEQ_GSO = 4,	 /* a GSO super-frame: dropped (cannot renumber segments here) */
+	XFP_RESEQ_TOO_BIG = 5,	 /* longer than XFP_MAX_FRAME: dropped */
+	XFP_RESEQ_MAX = 6,
+};
+
+/* Per-CPU counters of this program by enum xfp_reseq_stat; the controller sums them. */
+BPF_TABLE_PINNED("percpu_array", __u32, struct xfp_stat, xfp_reseq_stats, XFP_RESEQ_MAX,
+		 XFP_PIN_DIR "/xfp_reseq_stats");
+
+static __always_inline struct xfp_crypto_scratch *xfp_scratch(void)
+{
+	__u32 zero = 0;
+
+	return xfp_crypto_scratch.lookup(&zero);
+}
+
+static __always_inline void reseq_count(__u32 what, __u32 len)
+{
+	struct xfp_stat *st = xfp_reseq_stats.lookup(&what);
+
+	if (st) {
+		st->packets += 1;
+		st->bytes += len;
+	}
+}
+
+#define RESEQ_ENC_OFF (XFP_ETH_LEN + XFP_ENCAP_HEAD) /* 50: first encrypted byte */
+
+int tc_reseq(struct __sk_buff *skb)
+{
+	struct xfp_sa_in_key k = {};
+	struct xfp_sa_out *sa;
+	struct xfp_esp_hdr *esp;
+	struct iphdr *iph;
+	__u8 aad[12] __attribute__((aligned(4)));
+	__u8 iv[8] __attribute__((aligned(8)));
+	__u8 old_iv[8] __attribute__((aligned(8)));
+	__u32 *sa_id, len = skb->len, ilen, clen, aad_len;
+	__u64 seq;
+	void *data, *data_end;
+
+	if (skb->protocol != xfp_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	if (xfp_parse_eth_ipv4(data, data_end, &iph))
+		return TC_ACT_OK;
+	if (iph->protocol != IPPROTO_ESP || iph->ihl != 5 ||
+	    (iph->frag_off & xfp_htons(XFP_IP_MF | XFP_IP_OFFSET)))
+		return TC_ACT_OK;
+	esp = (void *)(iph + 1);
+	if ((void *)(esp + 1) > data_end)
+		return TC_ACT_OK;
+	k.spi = esp->spi;
+	k.daddr = iph->daddr;
+	sa_id = xfp_sa_out_spi.lookup(&k);
+	if (!sa_id)
+		return TC_ACT_OK;
+	{
+		__u32 id = *sa_id;
+
+		sa = xfp_sa_out.lookup(&id);
+	}
+	if (!sa || !(sa->flags & XFP_SA_F_OFFLOAD))
+		return TC_ACT_OK;
+	if (bpf_ktime_get_ns() > sa->deadline_ns) {
+		reseq_count(XFP_RESEQ_EXPIRED, len);
+		return TC_ACT_OK;
+	}
+	if (skb->gso_segs > 1) {
+		reseq_count(XFP_RESEQ_GSO, len);
+		return TC_ACT_SHOT;
+	}
+	if (len > XFP_MAX_FRAME) {
+		reseq_count(XFP_RESEQ_TOO_BIG, len);
+		return TC_ACT_SHOT;
+	}
+	/* The AEAD walks data..data_end: make the whole frame linear first. */
+	if (bpf_skb_pull_data(skb, len))
+		return TC_ACT_SHOT;
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	if (data + RESEQ_ENC_OFF > data_end)
+		return TC_ACT_SHOT;
+	iph = data + XFP_ETH_LEN;
+	esp = data + XFP_ETH_LEN + XFP_IP_LEN;
+	ilen = xfp_ntohs(iph->tot_len);
+	if (ilen < XFP_ENCAP_HEAD + XFP_ESP_ICV_LEN + 4 || XFP_ETH_LEN + ilen > len)
+		return TC_ACT_OK; /* not a frame esp4_output() makes: leave it to the peer */
+	clen = ilen - XFP_ENCAP_HEAD - XFP_ESP_ICV_LEN;
+	__builtin_memcpy(old_iv, esp->iv, 8);
+
+	/* Take the next number under the same lock XDP takes it (xdp_encap.c). */
+	bpf_spin_lock(&sa->lock);
+	seq = sa->seq;
+	if (seq == 0)
+		seq = 1;
+	if (seq >= sa->seq_limit || (!(sa->flags & XFP_SA_F_ESN) && seq > 0xffffffffULL)) {
+		bpf_spin_unlock(&sa->lock);
+		reseq_count(XFP_RESEQ_EXHAUSTED, len);
+		return TC_ACT_SHOT;
+	}
+	sa->seq = seq + 1;
+	bpf_spin_unlock(&sa->lock);
+
+	/* ChaCha20 is a stream cipher: strip the kernel's keystream, then apply ours. The
+	 * kernel's ICV is not checked: this gateway built the packet a moment ago. */
+	if (xfp_aead_decrypt(skb, RESEQ_ENC_OFF, clen, (const struct xfp_aead_key *)sa->key,
+			     old_iv))
+		goto shot;
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	if (data + RESEQ_ENC_OFF > data_end)
+		goto shot;
+	esp = data + XFP_ETH_LEN + XFP_IP_LEN;
+	esp->seq = xfp_htonl(seq & 0xffffffff);
+	*(__u64 *)iv = xfp_htonll(seq ^ sa->iv_mask);
+	__builtin_memcpy(esp->iv, iv, 8);
+	aad_len = xfp_esp_aad(aad, sa->spi, seq, sa->flags & XFP_SA_F_ESN);
+	if (xfp_aead_seal(skb, RESEQ_ENC_OFF, clen, RESEQ_ENC_OFF + clen,
+			  (const struct xfp_aead_key *)sa->key, iv, aad, aad_len))
+		goto shot;
+	reseq_count(XFP_RESEQ_OK, len);
+	return TC_ACT_OK;
+
+shot:
+	/* The payload may be clear now: it must not leave. */
+	reseq_count(XFP_RESEQ_ERROR, len);
+	return TC_ACT_SHOT;
+}
