@@ -421,7 +421,8 @@ def snapshot_from_datapath(
 
 def read_datapath_sas(dp: Any, reqids: Mapping[int, int] | None = None) -> list[SaReading]:
     """Every SA entry of a loaded `controller.datapath.Datapath` (maps "sa_out", "sa_in"),
-    with the reqid the controller knows for its SPI (`reqids`: spi -> reqid; 0 if unknown).
+    with the reqid the controller knows for it (`reqids`: the entry's sa_id -> reqid, 0 if
+    unknown; sa_id, not SPI, because an inbound and an outbound SA may share an SPI value).
 
     Encap: struct xfp_sa_out's `seq` is the next number to send, so the last used is seq - 1.
     Decap: struct xfp_sa_in's `seq_top` is the highest authenticated number."""
@@ -437,10 +438,14 @@ def read_datapath_sas(dp: Any, reqids: Mapping[int, int] | None = None) -> list[
             sa = handle.get(key)
             if sa is None:  # deleted while we walked
                 continue
-            spi = defs.from_be32(sa.spi)
             out.append(
                 SaReading(
-                    spi, reqids.get(spi, 0), direction, int(sa.packets), int(sa.bytes), used(sa)
+                    defs.from_be32(sa.spi),
+                    reqids.get(int(sa.sa_id), 0),
+                    direction,
+                    int(sa.packets),
+                    int(sa.bytes),
+                    used(sa),
                 )
             )
     return out

@@ -346,7 +346,8 @@ def prometheus(workdir: Path, target: str) -> Iterator[Prometheus]:
 LAN_HOST, REMOTE_HOST, GW1_WAN, GW2_WAN = "10.1.0.2", "10.2.0.2", "192.0.2.1", "192.0.2.2"
 MAC_A, MAC_B, MAC_C = "02:00:00:00:00:01", "02:00:00:00:00:02", "02:00:00:00:00:03"
 SPI_OUT, SPI_IN, SPI_OLD = 0xC001, 0xD001, 0xC003
-REQIDS = {SPI_OUT: 7, SPI_IN: 7, SPI_OLD: 8}
+REQIDS = {SPI_OUT: 7, SPI_IN: 7, SPI_OLD: 8}  # by SPI (CountingTraffic's model)
+SA_REQIDS = {1: 7, 2: 7, 3: 8}  # by sa_id, as the daemon passes them to datapath_parts
 
 
 @contextlib.contextmanager
@@ -473,7 +474,7 @@ class RealTraffic:
         return 3
 
     def parts(self):
-        return datapath_parts(self.dp, IFACES, REQIDS)
+        return datapath_parts(self.dp, IFACES, SA_REQIDS)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -727,6 +728,7 @@ def check_expressions(prom: Prometheus, gw: Gateway, exporter: Exporter) -> None
     assert [int(float(x["value"][1])) for x in sa] == [hits["encap"]], (
         f"the outbound SA's packet counter is the encap hits sent ({hits['encap']}): {sa}"
     )
+    assert sa[0]["metric"].get("reqid") == "7", f"the SA carries the controller's reqid: {sa}"
 
     # Faults: each alert expression must return data (the alert fires).
     gw.phase = "fault"
