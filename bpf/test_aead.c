@@ -21,12 +21,15 @@ static __always_inline struct xfp_crypto_scratch *xfp_scratch(void)
 }
 
 enum xfp_aead_test_op {
-	XFP_T_SEAL = 1,	   /* xfp_aead_seal: encrypt [off,+len), tag at tag_off */
-	XFP_T_VERIFY = 2,  /* xfp_aead_verify only */
-	XFP_T_DECRYPT = 3, /* xfp_aead_decrypt only (raw ChaCha20 from counter 1) */
-	XFP_T_OPEN = 4,	   /* verify, then decrypt (the decap order) */
-	XFP_T_PEEK = 5,	   /* xfp_aead_peek; the 64 bytes written at tag_off */
-	XFP_T_POLY = 6,	   /* raw Poly1305 (RFC 8439 §2.5) of [off,+len) keyed by key[32] */
+	XFP_T_SEAL = 1,	     /* xfp_aead_seal: encrypt [off,+len), tag at tag_off */
+	XFP_T_VERIFY = 2,    /* xfp_aead_verify only */
+	XFP_T_DECRYPT = 3,   /* xfp_aead_decrypt only (raw ChaCha20 from counter 1) */
+	XFP_T_OPEN = 4,	     /* verify, then decrypt (the decap order) */
+	XFP_T_PEEK = 5,	     /* xfp_aead_peek; the 64 bytes written at tag_off */
+	XFP_T_POLY = 6,	     /* raw Poly1305 (RFC 8439 §2.5) of [off,+len) keyed by key[32] */
+	XFP_T_OPEN_COST = 7, /* bench: verify, then decrypt whatever verify said, so that a
+			      * repeated run on one buffer costs what one open costs */
+	XFP_T_NOP = 8,	     /* bench floor: parse the header, XDP_TX */
 };
 
 struct xfp_aead_test_hdr {
@@ -150,6 +153,18 @@ int xfp_aead_test(struct xdp_md *ctx)
 			XFP_ST64(p + j * 8, out[j]);
 		break;
 	}
+	case XFP_T_OPEN_COST:
+		rc = xfp_aead_verify(ctx, off, len, tag_off, &k, h->iv, h->aad, aad_len);
+		data = (__u8 *)(long)ctx->data;
+		end = (__u8 *)(long)ctx->data_end;
+		h = (struct xfp_aead_test_hdr *)data;
+		if ((__u8 *)(h + 1) > end)
+			return XDP_ABORTED;
+		rc |= xfp_aead_decrypt(ctx, off, len, &k, h->iv);
+		break;
+	case XFP_T_NOP:
+		rc = 0;
+		break;
 	case XFP_T_POLY:
 		rc = xfp_test_poly(ctx, off, len, tag_off, &k);
 		break;

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import struct
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,3 +309,20 @@ def prog_id(fn: object) -> int:
         if line.startswith("prog_id:"):
             return int(line.split()[1])
     raise AssertionError("fdinfo of a BPF program fd carries prog_id")
+
+
+@pytest.mark.bench
+def test_aead_bench_table() -> None:
+    """`make bench`: ns/op of seal and open, BPF vs the same C native vs OpenSSL (one table)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("aead_bench", ROOT / "bench" / "aead_bench.py")
+    assert spec and spec.loader, "bench/aead_bench.py is importable"
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["aead_bench"] = bench  # dataclasses look the module up
+    spec.loader.exec_module(bench)
+    rows = bench.measure()
+    print("\n" + bench.table(rows))
+    for r in rows:
+        assert r.bpf_seal > r.bpf_floor, f"seal at {r.size} B costs more than the empty program"
+        assert r.native_seal > 0 and r.native_open > 0, f"native timings at {r.size} B"
