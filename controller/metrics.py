@@ -346,6 +346,20 @@ def _r_max(reasons: type[enum.IntEnum]) -> int:
 
 
 @dataclass(frozen=True)
+class DatapathParts:
+    """The snapshot fields that come from the datapath's counters."""
+
+    fastpath_packets: dict[tuple[str, str], int]
+    fastpath_bytes: dict[tuple[str, str], int]
+    kernel_packets: dict[tuple[str, str], int]
+    kernel_bytes: dict[tuple[str, str], int]
+    drops: dict[tuple[str, str], int]
+    sas: tuple[SaCounters, ...] = ()
+    flow_entries: int | None = None  # None: take the controller's own count (FlowState)
+    flow_evictions: int | None = None  # None: the controller's evictions (Cause.EVICTED)
+
+
+@dataclass(frozen=True)
 class SaReading:
     """One SA entry as read from the datapath's SA maps, with the reqid the controller knows."""
 
@@ -459,20 +473,6 @@ def datapath_parts(
     """Everything the exporter needs from a loaded `controller.datapath.Datapath`: its summed
     per-CPU counters and its SA entries. The daemon's `MetricsSource(datapath=...)` callable."""
     return snapshot_from_datapath(dp.stats(), interfaces, read_datapath_sas(dp, reqids))
-
-
-@dataclass(frozen=True)
-class DatapathParts:
-    """The snapshot fields that come from the datapath's counters."""
-
-    fastpath_packets: dict[tuple[str, str], int]
-    fastpath_bytes: dict[tuple[str, str], int]
-    kernel_packets: dict[tuple[str, str], int]
-    kernel_bytes: dict[tuple[str, str], int]
-    drops: dict[tuple[str, str], int]
-    sas: tuple[SaCounters, ...] = ()
-    flow_entries: int | None = None  # None: take the controller's own count (FlowState)
-    flow_evictions: int | None = None  # None: the controller's evictions (Cause.EVICTED)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1035,7 +1035,7 @@ def format_status(snap: MetricsSnapshot, now: float | None = None) -> str:
     out.append(f"SAs on the fastpath: {len(snap.sas)}")
     rows = [
         [sa.spi, str(sa.reqid), sa.direction, _si(sa.packets), _bytes(sa.bytes), str(sa.sequence)]
-        for sa in sorted(snap.sas, key=lambda s: (s.direction, s.spi))
+        for sa in sorted(snap.sas, key=lambda s: (s.direction != "encap", s.spi))
     ]
     if rows:
         out += _table(["spi", "reqid", "direction", "packets", "bytes", "sequence"], rows)

@@ -219,6 +219,23 @@ def test_dashboard_panels_all_have_queries() -> None:
             assert t["datasource"]["uid"] == "${datasource}", f"{p['title']}: datasource variable"
 
 
+def test_dashboard_layout_is_valid() -> None:
+    """Unique panel ids, panels inside the 24-column grid, no two panels on the same cells
+    (Grafana would silently push one down), and a stable uid for provisioning."""
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash.get("uid") == "xfrm-fastpath", "a stable uid (links and provisioning use it)"
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)), f"panel ids are unique: {ids}"
+    taken: dict[tuple[int, int], str] = {}
+    for p in dash["panels"]:
+        g = p["gridPos"]
+        assert g["x"] >= 0 and g["w"] > 0 and g["x"] + g["w"] <= 24, f"{p['title']}: {g}"
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in taken, f"{p['title']!r} overlaps {taken[(x, y)]!r} at {x},{y}"
+                taken[(x, y)] = p["title"]
+
+
 # --------------------------------------------------------------------------------------------
 # A real Prometheus
 # --------------------------------------------------------------------------------------------
