@@ -4,9 +4,10 @@ and waiting for candidates with a deadline."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
+import ctypes
+import os
+import socket
+import threading
 import time
 from collections.abc import Callable
 
@@ -25,59 +26,83 @@ def watch_gw1(learner: Learner, bed: Testbed) -> dict[str, int]:
     return info
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000  # include/uapi/linux/sched.h
+
+
+def socket_in(bed: Testbed, role: str, family: int, kind: int) -> socket.socket:
+    """A socket created inside a role's namespace (a socket keeps its namespace for life): a
+    helper thread setns()es there, creates it, and ends. No process start per packet, which
+    matters under qemu TCG where starting Python takes seconds."""
+    result: dict[str, object] = {}
+
+    def enter_and_create() -> None:
+        fd = os.open(f"/run/netns/{bed.ns(role)}", os.O_RDONLY)
+        try:
+            if _libc.setns(fd, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns {bed.ns(role)}: {os.strerror(err)}")
+            result["sock"] = socket.socket(family, kind)
+        except BaseException as e:
+            result["err"] = e
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=enter_and_create)
+    t.start()
+    t.join(timeout=10)
+    if "err" in result:
+        raise result["err"]  # type: ignore[misc]
+    sock = result.get("sock")
+    assert isinstance(sock, socket.socket), f"socket created in {bed.ns(role)}"
+    return sock
+
+
 def udp_send(bed: Testbed, role: str, dst: str, dport: int, count: int = 1) -> int:
     """Send `count` UDP datagrams from a fresh socket in `role`; returns the source port."""
-    code = textwrap.dedent(f"""
-        import socket
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with socket_in(bed, role, socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("0.0.0.0", 0))
-        for _ in range({count}):
-            s.sendto(b"x" * 32, ({dst!r}, {dport}))
-        print(s.getsockname()[1])
-    """)
-    return int(bed.cmd(role, [sys.executable, "-c", code], timeout=20).stdout.strip())
+        for _ in range(count):
+            s.sendto(b"x" * 32, (dst, dport))
+        return int(s.getsockname()[1])
 
 
-def tcp_exchange(bed: Testbed, server_role: str, client_role: str, dst: str, port: int) -> int:
-    """A real TCP connection client -> server:port with a little data both ways; returns the
-    client's source port."""
-    server_code = textwrap.dedent(f"""
-        import socket
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("0.0.0.0", {port}))
-        s.listen(1)
-        s.settimeout(20)
-        print("listening", flush=True)
-        c, _ = s.accept()
-        c.settimeout(20)
-        c.sendall(c.recv(100))
-        c.close()
-    """)
-    server = subprocess.Popen(
-        ["ip", "netns", "exec", bed.ns(server_role), sys.executable, "-c", server_code],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None
-        assert server.stdout.readline().strip() == "listening", "TCP server did not start"
-        client_code = textwrap.dedent(f"""
-            import socket
-            c = socket.create_connection(({dst!r}, {port}), timeout=20)
-            c.sendall(b"hello")
-            assert c.recv(100) == b"hello"
-            print(c.getsockname()[1])
-            c.close()
-        """)
-        out = bed.cmd(client_role, [sys.executable, "-c", client_code], timeout=30).stdout
-        server.wait(timeout=20)
-        return int(out.strip())
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+def tcp_exchange(
+    bed: Testbed, server_role: str, client_role: str, dst: str, port: int, bulk: int = 0
+) -> int:
+    """A real TCP connection client -> server:port: a greeting echoed back, then `bulk` bytes
+    client -> server. Returns the client's source port."""
+    with socket_in(bed, server_role, socket.AF_INET, socket.SOCK_STREAM) as srv:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("0.0.0.0", port))
+        srv.listen(1)
+        srv.settimeout(30)
+        with socket_in(bed, client_role, socket.AF_INET, socket.SOCK_STREAM) as cli:
+            cli.settimeout(30)
+            cli.connect((dst, port))  # the listener's backlog completes the handshake
+            conn, _ = srv.accept()
+            with conn:
+                conn.settimeout(30)
+                cli.sendall(b"hello")
+                conn.sendall(conn.recv(100))
+                assert cli.recv(100) == b"hello", "TCP echo came back"
+                if bulk:
+                    received = 0
+
+                    def sink() -> None:
+                        nonlocal received
+                        while received < bulk:
+                            chunk = conn.recv(65536)
+                            if not chunk:
+                                break
+                            received += len(chunk)
+
+                    t = threading.Thread(target=sink)
+                    t.start()
+                    cli.sendall(b"b" * bulk)
+                    t.join(timeout=60)
+                    assert received == bulk, f"bulk transfer arrived: {received}/{bulk}"
+            return int(cli.getsockname()[1])
 
 
 class Events:

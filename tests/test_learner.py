@@ -11,6 +11,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from learner_util import Events, tcp_exchange, udp_send, watch_gw1
+from learner_util import Events, socket_in, tcp_exchange, udp_send, watch_gw1
 
 from controller import btf_offsets
 from controller import learn_defs as d
@@ -308,43 +309,19 @@ def test_forget_lets_a_flow_be_reported_again(learner: Learner, bed: Testbed) ->
     watch_gw1(learner, bed)
     ev = Events(learner)
     remote = bed.addr("REMOTE_HOST")
-    code = textwrap.dedent(f"""
-        import socket, sys
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with socket_in(bed, "lan", socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("0.0.0.0", 0))
-        print(s.getsockname()[1], flush=True)
-        for line in sys.stdin:
-            s.sendto(b"x", ({remote!r}, 4200))
-            print("sent", flush=True)
-    """)
-    sender = subprocess.Popen(
-        ["ip", "netns", "exec", bed.ns("lan"), sys.executable, "-c", code],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert sender.stdin is not None and sender.stdout is not None
-        sport = int(sender.stdout.readline())
-
-        def send() -> None:
-            sender.stdin.write("go\n")  # type: ignore[union-attr]
-            sender.stdin.flush()  # type: ignore[union-attr]
-            assert sender.stdout.readline().strip() == "sent", "sender alive"  # type: ignore[union-attr]
-
-        send()
+        sport = s.getsockname()[1]
+        s.sendto(b"x", (remote, 4200))
         first = ev.wait(lambda c: c.sport == sport)
         assert first is not None, f"first sighting: {ev.seen}"
-        send()
+        s.sendto(b"x", (remote, 4200))
         same = [c for c in ev.drain(0.5) if c.sport == sport]
         assert len(same) == 1, f"held down while the controller has it: {same}"
         learner.forget(first.flow)
-        send()
+        s.sendto(b"x", (remote, 4200))
         again = Events(learner).wait(lambda c: c.sport == sport)
         assert again is not None, f"after forget() the flow is reported again: {ev.seen}"
-    finally:
-        sender.kill()
-        sender.wait()
 
 
 def test_fileno_becomes_readable_on_an_event(learner: Learner, bed: Testbed) -> None:
@@ -419,27 +396,12 @@ def test_learn_latency_over_200_flows(learner: Learner, bed: Testbed) -> None:
     a time, with the controller's way of waiting (select on fileno, then poll(0))."""
     watch_gw1(learner, bed)
     remote = bed.addr("REMOTE_HOST")
-    code = textwrap.dedent(f"""
-        import socket, sys
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        for line in sys.stdin:
-            s.sendto(b"x", ({remote!r}, int(line)))
-            print("sent", flush=True)
-    """)
-    sender = subprocess.Popen(
-        ["ip", "netns", "exec", bed.ns("lan"), sys.executable, "-c", code],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
     flows = 200
     got: dict[int, Candidate] = {}
-    try:
-        assert sender.stdin is not None and sender.stdout is not None
+    with socket_in(bed, "lan", socket.AF_INET, socket.SOCK_DGRAM) as s:
         for i in range(flows):
             port = 20000 + i
-            sender.stdin.write(f"{port}\n")
-            sender.stdin.flush()
+            s.sendto(b"x", (remote, port))
             deadline = time.monotonic() + 5
             while port not in got and time.monotonic() < deadline:
                 select.select([learner], [], [], max(0.0, deadline - time.monotonic()))
@@ -447,10 +409,6 @@ def test_learn_latency_over_200_flows(learner: Learner, bed: Testbed) -> None:
                     if c.proto == 17 and c.direction == "clear-out":
                         got[c.dport] = c
             assert port in got, f"flow {i} (dport {port}) was learned: {learner.stats()}"
-            assert sender.stdout.readline().strip() == "sent", "sender alive"
-    finally:
-        sender.kill()
-        sender.wait()
     lat = sorted(c.latency_ns / 1e3 for c in got.values())
     fwd = sorted((c.ktime_tx - c.ktime_rx) / 1e3 for c in got.values())
     p50, p99 = statistics.median(lat), lat[int(0.99 * (len(lat) - 1))]
