@@ -50,6 +50,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug output is per message
     from controller.daemon import run
 
     try:

@@ -71,6 +71,10 @@ STATUS_FILE = "status.json"
 # The datapath's counter starts this far above the kernel's output sequence: room for the
 # packets the kernel may still send on the SA while the entry is being written (checked after).
 SEQ_JUMP = 4096
+# When the datapath lets an SA go, the kernel's output sequence is set this far above the
+# datapath's counter before the entry is removed: room for the packets XDP and the
+# resequencer may still number in between (checked after removal).
+HANDBACK_MARGIN = 1024
 SEQ_SPACE_32 = 1 << 32
 TICK_S = 0.2  # housekeeping period: idle sweep, watchdog refresh, status
 NEVER = (1 << 64) - 1
@@ -146,6 +150,7 @@ class Controller:
         self.ifindex: dict[str, int] = {}
         self.role: dict[int, str] = {}
         self.dp: Any = None
+        self.reseq: Any = None
         self.learner: Any = None
         self.watch: Any = None
         self.xfrm: Any = None
@@ -170,6 +175,7 @@ class Controller:
         from controller.kernel_watch import KernelWatch
         from controller.learner import Learner, netns_inode
         from controller.metrics import Exporter, MetricsSource, datapath_parts
+        from controller.reseq import Resequencer
         from controller.xfrm import XfrmSocket
 
         cfg = self.cfg
@@ -185,7 +191,10 @@ class Controller:
             if self.pin_dir:
                 kw["pin_dir"] = self.pin_dir
             self.dp = Datapath(**kw).load()
+            self.reseq = Resequencer(pin_dir=self.dp.pin_dir).load()
             self._recover_pinned_state()
+            # Renumbering is in place before any SA is offloaded (bpf/tc_reseq.c).
+            self.reseq.attach(list(cfg.wan))
             for ifindex in self.role:
                 self.dp.put_tx_port(ifindex)
             self.dp.attach(lan=list(cfg.lan), wan=list(cfg.wan))
@@ -224,16 +233,15 @@ class Controller:
                 continue
             spi, daddr = defs.from_be32(entry.spi), defs.ip_of(entry.daddr)
             sa = self.xfrm.get_sa(daddr, spi)
-            if sa is not None and entry.seq > 1:
-                with contextlib.suppress(Exception):
-                    self._hand_back_oseq(sa, entry.seq - 1)
-            self.dp.delete_outbound_sa(int(key.value))
+            self._hand_back_outbound(sa, int(key.value), spi, daddr)
         for key in list(self.dp.maps["sa_in"].keys()):
             entry = self.dp.maps["sa_in"].get(key)
             if entry is not None:
                 self.dp.delete_inbound_sa(defs.from_be32(entry.spi), defs.ip_of(entry.daddr))
         for key, _val in list(self.dp.flows()):
             self.dp.delete_flow(key)
+        for spi, daddr, _sa_id in self.reseq.indexed():
+            self.reseq.unindex_sa(spi, daddr)
         if leftover:
             log.warning("recovered %d SA entries left by a previous controller", len(leftover))
 
@@ -249,6 +257,10 @@ class Controller:
             if obj is not None:
                 with contextlib.suppress(Exception):
                     obj.stop()
+        if self.reseq is not None:
+            with contextlib.suppress(Exception):
+                self.reseq.close()
+            self.reseq = None
         if self.dp is not None:
             with contextlib.suppress(Exception):
                 self.dp.close()
@@ -473,10 +485,12 @@ class Controller:
             )
         )
         self._refresh_watchdog(off, now)
+        self.reseq.index_sa(sa.spi, str(sa.dst), off.sa_id)
         # The kernel may have sent on the SA while the entry was written: its numbers must
         # still be below the datapath's, or the entry is withdrawn (fail closed).
         after = self.xfrm.get_ae(sa)
         if after.replay and after.replay.oseq64 >= start:
+            self.reseq.unindex_sa(sa.spi, str(sa.dst))
             self.dp.delete_outbound_sa(off.sa_id)
             self.metrics.reject("kernel_raced")
             return None
@@ -521,23 +535,48 @@ class Controller:
         self.dp.refresh_watchdog(off.sa_id, deadline)
 
     # -- releasing ---------------------------------------------------------------------------
-    def _hand_back_oseq(self, sa: Sa, last_used: int) -> None:
-        ae = self.xfrm.get_ae(sa)
-        cur = ae.replay.oseq64 if ae.replay else 0
-        if last_used > cur:
-            self.xfrm.set_oseq(sa, last_used)
+    def _hand_back_outbound(self, sa: Sa | None, sa_id: int, spi: int, daddr: str) -> None:
+        """Give an outbound SA's sequence back to the kernel, then remove the entry.
+
+        The kernel's output sequence is set HANDBACK_MARGIN above the datapath's counter
+        first, so that whatever XDP or the resequencer still numbers before the entry is gone
+        stays below what the kernel sends next; then the SPI index and the entry go (key
+        wiped). If the counter ran past the margin meanwhile, that is logged loudly: the
+        kernel would repeat numbers (and IVs), so the SA is expired to force a rekey."""
+        entry = self.dp.outbound_sa(sa_id)
+        handed = 0
+        if sa is not None and entry is not None and entry.seq > 1:
+            try:
+                ae = self.xfrm.get_ae(sa)
+                cur = ae.replay.oseq64 if ae.replay else 0
+                handed = max(cur, entry.seq - 1 + HANDBACK_MARGIN)
+                if not sa.esn:
+                    handed = min(handed, SEQ_SPACE_32 - 1)
+                self.xfrm.set_oseq(sa, handed)
+            except Exception as e:
+                log.error("SA 0x%08x: handing the sequence back failed: %s", spi, e)
+        self.reseq.unindex_sa(spi, daddr)
+        last = self.dp.outbound_sa(sa_id)
+        self.dp.delete_outbound_sa(sa_id)
+        if handed and last is not None and last.seq - 1 > handed and sa is not None:
+            log.error(
+                "SA 0x%08x: datapath used %d > handed back %d: expiring the SA",
+                spi,
+                last.seq - 1,
+                handed,
+            )
+            with contextlib.suppress(Exception):
+                self.xfrm.send_expire(sa, hard=True)
+        elif handed:
+            log.info("SA 0x%08x: sequence handed back to the kernel at %d", spi, handed)
 
     def _release_sa(self, off: OffloadedSa) -> None:
         """Take an SA out of the datapath: its flows first, then the entry (key wiped), and
         for an outbound SA the last sequence number used goes back to the kernel."""
         self._remove(self.flows.flows_of_sa(off.ref), Cause.SA_DELETED)
         if off.direction is Direction.ENCAP:
-            entry = self.dp.outbound_sa(off.sa_id)
-            self.dp.delete_outbound_sa(off.sa_id)
+            self._hand_back_outbound(off.sa, off.sa_id, off.sa.spi, str(off.sa.dst))
             self.sa_out.pop(off.ref, None)
-            if entry is not None and entry.seq > 1:
-                with contextlib.suppress(Exception):
-                    self._hand_back_oseq(off.sa, entry.seq - 1)
         else:
             self.dp.delete_inbound_sa(off.sa.spi, str(off.sa.dst))
             self.sa_in.pop(off.ref, None)
