@@ -23,6 +23,8 @@ PKGS=(
   qemu-system-x86 kmod udev busybox-static
   charon-systemd strongswan-swanctl strongswan-pki libstrongswan-standard-plugins
   clang-format shellcheck
+  # `vagrant validate` of vagrant/Vagrantfile; with the libvirt plugin it checks provider blocks
+  vagrant vagrant-libvirt
   prometheus
 )
 missing=()
