@@ -6,6 +6,9 @@
 #   usage: render.sh gw1|gw2 OUTDIR [RUNDIR]     (SWAN_PSK from the environment)
 #   then:  STRONGSWAN_CONF=OUTDIR/strongswan.conf charon-systemd &
 #          swanctl --load-all --file OUTDIR/swanctl.conf --uri unix://RUNDIR/charon.vici
+#   On a Debian machine with AppArmor (swanctl's profile allows only /run/charon.vici and config
+#   under /etc/swanctl, /etc/strongswan.d), use RUNDIR=/run and install the two files into
+#   /etc/strongswan.d/ and /etc/swanctl/conf.d/ instead: testbed/provision/strongswan.sh.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 role=${1:?usage: render.sh gw1|gw2 OUTDIR [RUNDIR]}
