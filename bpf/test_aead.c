@@ -102,8 +102,8 @@ int xfp_aead_test(struct xdp_md *ctx)
 	__u8 *data = (__u8 *)(long)ctx->data;
 	__u8 *end = (__u8 *)(long)ctx->data_end;
 	struct xfp_aead_test_hdr *h = (struct xfp_aead_test_hdr *)data;
-	struct xfp_aead_key k;
-	__u64 out[8];
+	struct xfp_aead_key k __attribute__((aligned(8)));
+	__u64 out[8], *kq;
 	__u32 off, len, tag_off, aad_len;
 	int op, rc;
 
@@ -114,8 +114,13 @@ int xfp_aead_test(struct xdp_md *ctx)
 	off = h->off;
 	len = h->len;
 	tag_off = h->tag_off;
-	__builtin_memcpy(k.key, h->key, sizeof(k.key));
-	__builtin_memcpy(k.salt, h->salt, sizeof(k.salt));
+	/* quadword copies: memcpy from the packed header would go byte by byte */
+	kq = (__u64 *)k.key;
+	kq[0] = XFP_LD64(h->key);
+	kq[1] = XFP_LD64(h->key + 8);
+	kq[2] = XFP_LD64(h->key + 16);
+	kq[3] = XFP_LD64(h->key + 24);
+	*(__u32 *)k.salt = *(__u32 *)h->salt;
 
 	switch (op) {
 	case XFP_T_SEAL:

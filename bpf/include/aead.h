@@ -145,9 +145,17 @@ static __always_inline __u64 xfp_bound(__u64 v)
 	return v & XFP_OFF_MASK;
 }
 
-/* Unaligned little-endian 64-bit load/store (x86 and the BPF verifier allow unaligned packet
- * access; the native build uses memcpy-free may_alias types). */
+/*
+ * Little-endian 64-bit packet load/store at any byte offset. BPF: a plain 8-byte access; the
+ * verifier allows unaligned packet access where the arch has efficient unaligned access (x86,
+ * arm64: no BPF_F_STRICT_ALIGNMENT), and an aligned(1) type would make clang split it into 8
+ * byte loads plus 14 shifts/ors (it assumes BPF cannot load unaligned). Native: aligned(1).
+ */
+#ifdef XFP_NATIVE
 typedef __u64 __attribute__((may_alias, aligned(1))) xfp_u64u;
+#else
+typedef __u64 __attribute__((may_alias)) xfp_u64u;
+#endif
 #define XFP_LD64(p) (*(const xfp_u64u *)(p))
 #define XFP_ST64(p, v) (*(xfp_u64u *)(p) = (v))
 
