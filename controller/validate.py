@@ -101,9 +101,6 @@ class Rejected:
     reason: str  # short label: counted in xfrm_fastpath_validation_rejections_total
     detail: str  # for the log
 
-    def __bool__(self) -> bool:
-        return False
-
 
 def _reject(reason: str, detail: str) -> Rejected:
     return Rejected(reason, detail)
@@ -169,7 +166,7 @@ def validate_encap(
     if len(out.policy.templates) != 1:
         return _reject("bundle", f"{out.policy} has {len(out.policy.templates)} templates")
     bad = check_sa(sa, s.spi)
-    if bad:
+    if bad is not None:
         return bad
     assert sa is not None
     tmpl = out.policy.templates[0]
@@ -178,7 +175,7 @@ def validate_encap(
     if str(sa.dst) != s.outer_daddr or str(sa.src) != s.outer_saddr:
         return _reject("outer_mismatch", f"SA {sa} vs wire {s.outer_saddr}->{s.outer_daddr}")
     bad = check_l2(route, neigh, s.out_ifindex, s.eth_dst, str(sa.dst))
-    if bad:
+    if bad is not None:
         return bad
     assert route is not None
     return Accepted(sa, out.policy, route.next_hop(str(sa.dst)), route)
@@ -198,7 +195,7 @@ def validate_decap(
     if s.mangled:
         return _reject("mangled", "the packet was rewritten (NAT) on its way through")
     bad = check_sa(sa, s.spi)
-    if bad:
+    if bad is not None:
         return bad
     assert sa is not None
     if str(sa.dst) not in local_addrs:
@@ -216,7 +213,7 @@ def validate_decap(
     if not sa.selector.matches(flow) and sa.selector.src.prefixlen + sa.selector.dst.prefixlen:
         return _reject("sa_selector", f"SA {sa} selector does not cover {flow.src}->{flow.dst}")
     bad = check_l2(route, neigh, s.out_ifindex, s.eth_dst, s.daddr)
-    if bad:
+    if bad is not None:
         return bad
     assert route is not None
     return Accepted(sa, fwd.policy, route.next_hop(s.daddr), route)
