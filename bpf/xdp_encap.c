@@ -54,6 +54,50 @@ static __always_inline int encap_flow_key(struct iphdr *iph, void *data_end,
 	return xfp_l4_ports(iph->protocol, l4, avail, fk);
 }
 
+/* n bytes from packet offset src to dst through buf; n must be a constant after inlining. */
+static __always_inline int encap_copy(struct xdp_md *ctx, __u32 src, __u32 dst, __u8 *buf, __u32 n)
+{
+	if (bpf_xdp_load_bytes(ctx, src, buf, n) || bpf_xdp_store_bytes(ctx, dst, buf, n))
+		return -1;
+	return 0;
+}
+
+/* Copy len bytes of the packet from offset src down to dst (dst < src, so a forward copy never
+ * overwrites bytes still to be read), in 64-byte chunks and then 32, 16, .., 1: the helpers take
+ * a constant length. Returns 0, or -1 when an offset is out of the packet. */
+static __always_inline int encap_slide(struct xdp_md *ctx, __u32 src, __u32 dst, __u32 len)
+{
+	__u8 buf[64] __attribute__((aligned(8)));
+	__u32 done = 0, rem, i;
+
+	for (i = 0; i < XFP_MAX_FRAME / 64 + 1; i++) {
+		if (done + 64 > len)
+			break;
+		if (encap_copy(ctx, src + done, dst + done, buf, 64))
+			return -1;
+		done += 64;
+	}
+	rem = len - done;
+	if ((rem & 32) && encap_copy(ctx, src + done, dst + done, buf, 32))
+		return -1;
+	done += rem & 32;
+	if ((rem & 16) && encap_copy(ctx, src + done, dst + done, buf, 16))
+		return -1;
+	done += rem & 16;
+	if ((rem & 8) && encap_copy(ctx, src + done, dst + done, buf, 8))
+		return -1;
+	done += rem & 8;
+	if ((rem & 4) && encap_copy(ctx, src + done, dst + done, buf, 4))
+		return -1;
+	done += rem & 4;
+	if ((rem & 2) && encap_copy(ctx, src + done, dst + done, buf, 2))
+		return -1;
+	done += rem & 2;
+	if ((rem & 1) && encap_copy(ctx, src + done, dst + done, buf, 1))
+		return -1;
+	return 0;
+}
+
 int xdp_encap(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
@@ -158,13 +202,24 @@ int xdp_encap(struct xdp_md *ctx)
 		r = XFP_R_PASS_NO_ROOM;
 		goto pass;
 	}
-	if (bpf_xdp_adjust_tail(ctx, tail)) {
-		if (bpf_xdp_adjust_head(ctx, (int)XFP_ENCAP_HEAD)) {
+	if (tail > 0 && bpf_xdp_adjust_tail(ctx, tail)) {
+		/* No tailroom (veth gives XDP a buffer cut to the frame's size, rounded to 64):
+		 * take the trailer's room in front as well and slide the inner packet down. */
+		if (bpf_xdp_adjust_head(ctx, -tail)) {
+			if (bpf_xdp_adjust_head(ctx, (int)XFP_ENCAP_HEAD)) {
+				r = XFP_R_DROP_ERROR;
+				goto drop;
+			}
+			r = XFP_R_PASS_NO_ROOM;
+			goto pass;
+		}
+		if (encap_slide(ctx, XFP_ENC_OFF + tail, XFP_ENC_OFF, ilen)) {
 			r = XFP_R_DROP_ERROR;
 			goto drop;
 		}
-		r = XFP_R_PASS_NO_ROOM;
-		goto pass;
+	} else if (tail <= 0 && bpf_xdp_adjust_tail(ctx, tail)) {
+		r = XFP_R_DROP_ERROR; /* shrinking cannot fail; the head moved already */
+		goto drop;
 	}
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;

@@ -379,7 +379,7 @@ class Datapath:
                 for devs, loaded in ((lan, self.encap), (wan, self.decap)):
                     for dev in devs:
                         try:
-                            BPF.attach_xdp(dev, loaded.fn, flags)
+                            BPF.attach_xdp(dev.encode(), loaded.fn, flags)
                         except Exception as e:
                             raise DatapathError(f"attach XDP to {dev}: {e}") from e
                         entry = (netns, dev, flags)
@@ -398,7 +398,7 @@ class Datapath:
         for netns, dev, flags in reversed(list(entries)):
             try:
                 with self._netns(netns):
-                    BPF.remove_xdp(dev, flags)
+                    BPF.remove_xdp(dev.encode(), flags)
             except Exception as e:  # keep going: detach everything we can
                 errors.append(f"{netns or ''}:{dev}: {e}")
         return errors
@@ -427,14 +427,16 @@ class Datapath:
             pin.rmdir()
 
     # -- devmap -----------------------------------------------------------------------------------
-    def put_tx_port(self, ifindex: int) -> None:
-        """Allow redirects to `ifindex` (in both programs' devmaps). The ifindex is resolved in
-        the calling thread's network namespace, so call it there (or pass through attach's)."""
+    def put_tx_port(self, ifindex: int, netns: str | None = None) -> None:
+        """Allow redirects to `ifindex` (in both programs' devmaps). The kernel resolves the
+        ifindex in the calling thread's network namespace: pass `netns` (as to attach) when the
+        device lives elsewhere."""
         if not 0 < ifindex < defs.DEVMAP_SIZE:
             raise DatapathError(f"ifindex {ifindex} outside the devmap (< {defs.DEVMAP_SIZE})")
-        for loaded in (self.encap, self.decap):
-            assert loaded is not None, "load() first"
-            loaded.tx_ports.put(ctypes.c_uint32(ifindex), ctypes.c_int32(ifindex))
+        with self._netns(netns):
+            for loaded in (self.encap, self.decap):
+                assert loaded is not None, "load() first"
+                loaded.tx_ports.put(ctypes.c_uint32(ifindex), ctypes.c_int32(ifindex))
 
     def delete_tx_port(self, ifindex: int) -> None:
         for loaded in (self.encap, self.decap):
