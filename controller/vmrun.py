@@ -313,10 +313,25 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(Exception):
+    """SIGTERM/SIGHUP: unwind so `stream` kills the VM's process group (qemu runs in a session
+    of its own and would otherwise outlive us)."""
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise Terminated(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.chdir(ROOT)
-    return int(args.func(args))
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
+    try:
+        return int(args.func(args))
+    except (Terminated, KeyboardInterrupt) as e:
+        say(f"stopped ({e or 'SIGINT'})")
+        return 130
 
 
 if __name__ == "__main__":
