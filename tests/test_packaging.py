@@ -36,6 +36,7 @@ EXAMPLE_CONFIG = ROOT / "packaging" / "config.toml"
 INSTALL = ROOT / "scripts" / "install-gateway.sh"
 VAGRANTFILE = ROOT / "vagrant" / "Vagrantfile"
 RENDER = ROOT / "testbed" / "strongswan" / "render.sh"
+RUN_UNIT = ROOT / "testbed" / "provision" / "run-unit.sh"
 PY = ROOT / ".venv" / "bin" / "python"
 
 
@@ -280,6 +281,10 @@ def test_render_sh_matches_the_test_beds_renderer(role: str, tmp_path: Path) -> 
 
 
 # -- capabilities -------------------------------------------------------------------------------
+# Capability numbers, include/uapi/linux/capability.h: those the unit may name.
+CAP_NUMBERS = {"net_admin": 12, "net_raw": 13, "sys_admin": 21, "perfmon": 38, "bpf": 39}
+
+
 def unit_caps() -> list[str]:
     svc = unit_sections()["Service"]
     bounding = svc["CapabilityBoundingSet"].split()
@@ -332,16 +337,9 @@ def test_packaged_controller_runs_with_unit_caps(bed: Testbed, tmp_path: Path) -
     svc = unit_sections()["Service"]
     assert svc["KillSignal"] == "SIGTERM", f"KillSignal={svc['KillSignal']}"
     stop_timeout = float(svc["TimeoutStopSec"])
-    argv = svc["ExecStart"].split()
-    # The install puts the checkout at /opt/xfrm-fastpath and the example at /etc/...; here the
-    # checkout is ROOT and the example is used where it lies.
-    argv[0] = argv[0].replace("/opt/xfrm-fastpath", str(ROOT))
-    argv[argv.index("--config") + 1] = str(EXAMPLE_CONFIG)
-    capset = ",".join(["-all", *(f"+{c}" for c in unit_caps())])
-    # `setpriv` execs, and so does `nsenter` for a network namespace alone: proc is the
-    # controller itself, so the signal below reaches it as systemd's would.
-    cmd = [*bed.nsenter_argv("gw1"), "setpriv", f"--inh-caps={capset}"]
-    cmd += [f"--bounding-set={capset}", "--no-new-privs", "--", *argv]
+    # testbed/provision/run-unit.sh: the unit's ExecStart (prefix mapped to this checkout) with
+    # its capability set and NoNewPrivileges, exec'd, so proc is the controller itself.
+    cmd = [str(RUN_UNIT), "--netns", bed.ns("gw1"), "--config", str(EXAMPLE_CONFIG)]
     log = tmp_path / "controller.log"
     # The controller pins its maps in /sys/fs/bpf/xfrm-fastpath and leaves them there on exit
     # (so a restart finds its state); remove them afterwards only if this test made them.
@@ -353,6 +351,10 @@ def test_packaged_controller_runs_with_unit_caps(bed: Testbed, tmp_path: Path) -
 
     with log.open("w") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=tmp_path)
+
+    def read_status() -> str:
+        return Path(f"/proc/{proc.pid}/status").read_text()
+
     try:
         deadline = time.monotonic() + 420  # several BCC compiles on a loaded 2-core machine
         while status().returncode != 0:
@@ -361,6 +363,13 @@ def test_packaged_controller_runs_with_unit_caps(bed: Testbed, tmp_path: Path) -
             time.sleep(0.5)
         links = bed.ip("gw1", "-d", "link", "show").stdout
         assert links.count("prog/xdp") >= 2, f"XDP not on lan and wan:\n{links}"
+        held = {
+            k: int(v, 16) for k, v in re.findall(r"^(Cap\w+):\s+([0-9a-f]+)$", read_status(), re.M)
+        }
+        want = sum(1 << CAP_NUMBERS[c] for c in unit_caps())
+        assert held["CapEff"] == want and held["CapBnd"] == want, (
+            f"the controller holds {held}, the unit grants {want:#x}"
+        )
     finally:
         try:
             proc.send_signal(signal.SIGTERM)
