@@ -15,9 +15,11 @@ import os
 import random
 import socket
 import struct
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import packets as P
 import pytest
@@ -697,3 +699,20 @@ def test_delete_wipes_and_removes_sa(env: Datapath) -> None:
     assert not env.delete_inbound_sa(SPI_IN, GW1_WAN), "a second delete finds nothing"
     frame = clear_frame()
     assert run(env.encap_fd, frame) == (XDP_PASS, frame), "no SA: punted"
+
+
+@pytest.mark.bench
+def test_datapath_bench_table() -> None:
+    """`make bench`: encap/decap ns per packet next to the XDP_TX floor and the AEAD alone."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "datapath_bench.py"
+    spec = importlib.util.spec_from_file_location("datapath_bench", path)
+    assert spec and spec.loader, "bench/datapath_bench.py is importable"
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["datapath_bench"] = bench  # dataclasses look the module up
+    spec.loader.exec_module(bench)
+    rows = bench.measure()
+    print("\n" + bench.table(rows))
+    for r in rows:
+        assert r.floor < r.encap and r.floor < r.decap, f"{r.size} B: crypto costs more than TX"

@@ -1,0 +1,161 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""Per-packet cost of the XDP datapath next to its floor and to the AEAD alone, in one table.
+
+    .venv/bin/python bench/datapath_bench.py [--runs N]
+
+Per inner IPv4 packet size (64, 256, 512, 1024, 1400 B): ns of bpf/xdp_encap.c (clear frame ->
+ESP, redirected) and bpf/xdp_decap.c (ESP -> clear, ICV, replay window, peek, flow lookup,
+decrypt, strip, redirected), the parse-and-XDP_TX floor (bpf/xdp_floor.c), and from
+bench/aead_bench.py the AEAD alone: in BPF (its harness, mean of repeat=100), the same C built
+natively with gcc -O2, and OpenSSL. encap - bpf seal is what the datapath adds around the AEAD.
+
+Timing: BPF_PROG_TEST_RUN with repeat=1 (the kernel times the single run), the fastest of
+`runs` runs. repeat > 1 cannot be used here: the kernel reruns the program on the frame the
+previous run left (already encapsulated or decapsulated), and a replayed ESP frame would be
+dropped by the window -- so every decap run gets its own sequence number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from controller.bpf_testrun import prog_test_run  # noqa: E402
+
+SIZES = (64, 256, 512, 1024, 1400)
+XDP_TX, XDP_REDIRECT = 3, 4
+
+
+@dataclass
+class Row:
+    size: int
+    floor: float
+    encap: float
+    decap: float
+    bpf_seal: float | None
+    bpf_open: float | None
+    native_seal: float | None
+    native_open: float | None
+    openssl: float | None
+
+
+def _aead_bench():  # bench/aead_bench.py (the crypto engineer's), imported by path
+    spec = importlib.util.spec_from_file_location("aead_bench", ROOT / "bench" / "aead_bench.py")
+    if spec is None or spec.loader is None:
+        return None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["aead_bench"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _best(fd: int, frames: list[bytes], want: int) -> float:
+    best = None
+    for f in frames:
+        ret, _, ns = prog_test_run(fd, f, repeat=1)
+        if ret != want:
+            raise RuntimeError(f"verdict {ret}, expected {want}")
+        best = ns if best is None else min(best, ns)
+    return float(best)
+
+
+def measure(sizes: tuple[int, ...] = SIZES, runs: int = 400, with_aead: bool = True) -> list[Row]:
+    import test_datapath as T
+    from bcc import BPF
+
+    from controller.datapath import Datapath, flow_key, flow_val
+    from controller.defs import Dir
+
+    floor_b = BPF(
+        src_file=str(ROOT / "bpf" / "xdp_floor.c").encode(),
+        cflags=[f"-I{ROOT / 'bpf' / 'include'}"],
+    )
+    floor_fd = floor_b.load_func(b"xdp_floor", BPF.XDP).fd
+    aead = {}
+    if with_aead and (mod := _aead_bench()) is not None:
+        aead = {r.size: r for r in mod.measure(sizes)}
+    dp = Datapath(pin_dir=f"/sys/fs/bpf/xfp-bench-{os.getpid()}", cflags=("-DXFP_MAX_FRAME=1600",))
+    rows = []
+    try:
+        dp.load()
+        dp.put_tx_port(T.LO)
+        dp.put_outbound_sa(T.out_sa(mtu=1600))
+        dp.put_inbound_sa(T.in_sa(replay_window=4096))
+        dp.put_flow(flow_key(T.LO, Dir.ENCAP, **T.ENCAP_KEY), flow_val(T.SA_OUT_ID))
+        dp.put_flow(
+            flow_key(T.LO, Dir.DECAP, **T.DECAP_KEY),
+            flow_val(T.SA_IN_ID, egress_ifindex=T.LO, dmac=T.LAN_HOST_MAC, smac=T.GW1_LAN_MAC),
+        )
+        seq = 1
+        for size in sizes:
+            payload = bytes(i & 0xFF for i in range(size - 28))
+            clear = T.clear_frame(payload)
+            inner = T.inner_packet(payload)
+            esp = []
+            for _ in range(runs):
+                esp.append(T.esp_frame(inner, seq))
+                seq += 1
+            a = aead.get(size)
+            rows.append(
+                Row(
+                    size=size,
+                    floor=_best(floor_fd, [clear] * runs, XDP_TX),
+                    encap=_best(dp.encap_fd, [clear] * runs, XDP_REDIRECT),
+                    decap=_best(dp.decap_fd, esp, XDP_REDIRECT),
+                    bpf_seal=a.bpf_seal if a else None,
+                    bpf_open=a.bpf_open if a else None,
+                    native_seal=a.native_seal if a else None,
+                    native_open=a.native_open if a else None,
+                    openssl=a.openssl if a else None,
+                )
+            )
+    finally:
+        dp.close()
+        dp.unpin()
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    def f(v: float | None) -> str:
+        return f"{v:9.0f}" if v is not None else "        -"
+
+    def ratio(a: float, b: float | None) -> str:
+        return f"{a / b:9.2f}" if b else "        -"
+
+    head = (
+        "  size |  floor ns |  encap ns |  decap ns | bpf seal | bpf open | nat.seal | nat.open "
+        "|  openssl | encap/nat | decap/nat | encap/ossl"
+    )
+    lines = [
+        "XDP datapath, ns per packet (BPF_PROG_TEST_RUN, fastest run; size = inner IPv4 bytes)",
+        head,
+        "-" * len(head),
+    ]
+    for r in rows:
+        lines.append(
+            f"{r.size:6d} |{f(r.floor)}  |{f(r.encap)}  |{f(r.decap)}  |{f(r.bpf_seal)} |"
+            f"{f(r.bpf_open)} |{f(r.native_seal)} |"
+            f"{f(r.native_open)} |{f(r.openssl)} |{ratio(r.encap, r.native_seal)}  |"
+            f"{ratio(r.decap, r.native_open)}  |{ratio(r.encap, r.openssl)}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=400)
+    ap.add_argument("--no-aead", action="store_true", help="skip the native/OpenSSL columns")
+    args = ap.parse_args()
+    print(table(measure(runs=args.runs, with_aead=not args.no_aead)))
+
+
+if __name__ == "__main__":
+    main()
