@@ -16,6 +16,17 @@ at its path). Variants are chosen with -D cflags only. Map access goes through t
 wrappers of libbcc with the ctypes structs of controller/defs.py, so what is written is exactly
 what tests/test_defs.py checked against the C header.
 
+Limits worth knowing:
+- veth delivers an XDP-redirected frame only if the receiving peer runs an XDP program (or has
+  GRO on). Frames that a veth receives from a local sender may carry CHECKSUM_PARTIAL (the L4
+  checksum not yet computed): XDP sees the bytes only, so they would be encrypted with an
+  unfinished checksum. Real NICs deliver complete checksums; on veth, turn tx checksum offload
+  off on the sender (tests/test_datapath_redirect.py does).
+- veth also hands XDP a buffer cut to the frame's size: bpf/xdp_encap.c then takes the ESP
+  trailer's room in front and slides the packet (costs a copy; counted as a normal encap).
+- Rewriting a live SA entry (put_outbound_sa / put_inbound_sa on an sa_id in use) resets its
+  sequence number or replay window; extend an SA with refresh_watchdog instead.
+
 Namespaces: attach/detach act on devices of the calling thread's network namespace. A process
 started with `nsenter --net=/run/netns/NAME` works as is; `netns=` on attach/detach enters a
 named namespace around the call (controller/netns.py), so one compile can serve several.

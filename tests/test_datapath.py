@@ -716,3 +716,23 @@ def test_datapath_bench_table() -> None:
     print("\n" + bench.table(rows))
     for r in rows:
         assert r.floor < r.encap and r.floor < r.decap, f"{r.size} B: crypto costs more than TX"
+
+
+def test_pinned_maps_survive_a_reload(env: Datapath) -> None:
+    """A restarted controller compiles again and finds the same maps (pinned in bpffs)."""
+    pin = Path(str(env.pin_dir))
+    for name in ("xfp_flows", "xfp_sa_out", "xfp_sa_in", "xfp_watchdog", "xfp_stats"):
+        st = (pin / name).stat()
+        assert st.st_mode & 0o777 == 0o600, f"{name} pinned with mode 0600"
+    run(env.encap_fd, clear_frame())  # seq 1 taken
+    again = Datapath(pin_dir=env.pin_dir).load()
+    try:
+        sa = again.outbound_sa(SA_OUT_ID)
+        assert sa is not None and sa.seq == 2, "the reloaded datapath sees the SA, seq moved"
+        assert again.get_flow(flow_key(LO, Dir.ENCAP, **ENCAP_KEY)) is not None, "and the flow"
+        again.put_tx_port(LO)
+        ret, out = run(again.encap_fd, clear_frame())
+        assert ret == XDP_REDIRECT, "the new program forwards with the old state"
+        check_encap_output(clear_frame(), out, 2)
+    finally:
+        again.close()
