@@ -54,7 +54,7 @@
 #define LEARN_MAX_AGE_NS 1000000000ULL /* 1 s from receive to xmit: generous for qemu TCG */
 #endif
 #ifndef LEARN_FIB_WINDOW_NS
-#define LEARN_FIB_WINDOW_NS 1000000ULL /* route lookup within 1 ms of its receive, same CPU */
+#define LEARN_FIB_WINDOW_NS 10000000ULL /* route lookup within 10 ms of its receive, same CPU */
 #endif
 
 #define IPPROTO_ESP_ 50

@@ -319,21 +319,35 @@ class Learner:
             self._recent.popitem(last=False)
         return out
 
-    def forget(self, flow: tuple[object, ...]) -> None:
-        """Let the next sighting of `flow` (Candidate.flow) through again."""
-        for key in [k for k in self._recent if k[:6] == tuple(flow)]:
+    def forget(self, flow: tuple[object, ...], spi: int | None = None) -> None:
+        """Let the next sighting of `flow` (Candidate.flow) through again, in Python and in
+        the BPF re-emit map. With `spi` (Candidate.spi) only that SA's entry is dropped, in one
+        map operation; without it every SPI's entry of the flow is (a scan of the map)."""
+        flow = tuple(flow)
+        for key in [k for k in self._recent if k[:6] == flow and (spi is None or k[6] == spi)]:
             del self._recent[key]
         fk_map = self.bpf[b"learn_emitted"]  # type: ignore[index]
         direction, saddr, daddr, proto, sport, dport = flow
-        rev = {v: k for k, v in DIRECTIONS.items()}
+        want = fk_map.Key()
+        want.saddr = socket.htonl(int(ipaddress.IPv4Address(str(saddr))))
+        want.daddr = socket.htonl(int(ipaddress.IPv4Address(str(daddr))))
+        want.sport = socket.htons(int(sport))  # type: ignore[call-overload]
+        want.dport = socket.htons(int(dport))  # type: ignore[call-overload]
+        want.proto = int(proto)  # type: ignore[call-overload]
+        want.direction = {v: k for k, v in DIRECTIONS.items()}.get(str(direction), 0)
+        if spi is not None or direction in ("clear-out", "clear-in"):
+            want.spi = socket.htonl(spi or 0)
+            with contextlib.suppress(KeyError):
+                del fk_map[want]
+            return
         for k in list(fk_map.keys()):
-            if (
-                k.saddr == socket.htonl(int(ipaddress.IPv4Address(saddr)))
-                and k.daddr == socket.htonl(int(ipaddress.IPv4Address(daddr)))
-                and k.proto == proto
-                and k.sport == socket.htons(int(sport))
-                and k.dport == socket.htons(int(dport))
-                and k.direction == rev.get(str(direction), 0)
+            if (k.saddr, k.daddr, k.sport, k.dport, k.proto, k.direction) == (
+                want.saddr,
+                want.daddr,
+                want.sport,
+                want.dport,
+                want.proto,
+                want.direction,
             ):
                 with contextlib.suppress(KeyError):
                     del fk_map[k]
@@ -346,6 +360,12 @@ class Learner:
             out[name] = int(sum(table[ct.c_int(idx)]))
         out["lost"] = self.lost
         return out
+
+    def __enter__(self) -> Learner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         """Detach everything (idempotent)."""
