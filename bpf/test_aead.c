@@ -133,16 +133,18 @@ int xfp_aead_test(struct xdp_md *ctx)
 		rc = xfp_aead_decrypt(ctx, off, len, &k, h->iv);
 		break;
 	case XFP_T_OPEN:
+	case XFP_T_OPEN_COST:
+		/* one copy of the open path for both ops keeps the verifier's walk short */
 		rc = xfp_aead_verify(ctx, off, len, tag_off, &k, h->iv, h->aad, aad_len);
-		if (rc == 0) {
-			/* re-read: the verifier forgets packet bounds across the call chain */
-			data = (__u8 *)(long)ctx->data;
-			end = (__u8 *)(long)ctx->data_end;
-			h = (struct xfp_aead_test_hdr *)data;
-			if ((__u8 *)(h + 1) > end)
-				return XDP_ABORTED;
-			rc = xfp_aead_decrypt(ctx, off, len, &k, h->iv);
-		}
+		if (rc && op == XFP_T_OPEN)
+			break;
+		/* re-read: the verifier forgets packet bounds across the call chain */
+		data = (__u8 *)(long)ctx->data;
+		end = (__u8 *)(long)ctx->data_end;
+		h = (struct xfp_aead_test_hdr *)data;
+		if ((__u8 *)(h + 1) > end)
+			return XDP_ABORTED;
+		rc |= xfp_aead_decrypt(ctx, off, len, &k, h->iv);
 		break;
 	case XFP_T_PEEK: {
 		__u8 *p;
@@ -158,15 +160,6 @@ int xfp_aead_test(struct xdp_md *ctx)
 			XFP_ST64(p + j * 8, out[j]);
 		break;
 	}
-	case XFP_T_OPEN_COST:
-		rc = xfp_aead_verify(ctx, off, len, tag_off, &k, h->iv, h->aad, aad_len);
-		data = (__u8 *)(long)ctx->data;
-		end = (__u8 *)(long)ctx->data_end;
-		h = (struct xfp_aead_test_hdr *)data;
-		if ((__u8 *)(h + 1) > end)
-			return XDP_ABORTED;
-		rc |= xfp_aead_decrypt(ctx, off, len, &k, h->iv);
-		break;
 	case XFP_T_NOP:
 		rc = 0;
 		break;

@@ -20,6 +20,7 @@ import platform
 
 # include/uapi/linux/bpf.h: enum bpf_cmd
 BPF_PROG_TEST_RUN = 10
+BPF_OBJ_GET_INFO_BY_FD = 15
 
 # arch/*/entry/syscalls: __NR_bpf
 _NR_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "riscv64": 280, "ppc64le": 361}
@@ -60,12 +61,102 @@ class _TestAttr(ctypes.Structure):
     ]
 
 
+class _ProgInfo(ctypes.Structure):
+    """struct bpf_prog_info (include/uapi/linux/bpf.h, as of 6.x), up to verified_insns (5.16+)."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+        ("ifindex", ctypes.c_uint32),
+        ("gpl_compatible", ctypes.c_uint32),
+        ("netns_dev", ctypes.c_uint64),
+        ("netns_ino", ctypes.c_uint64),
+        ("nr_jited_ksyms", ctypes.c_uint32),
+        ("nr_jited_func_lens", ctypes.c_uint32),
+        ("jited_ksyms", ctypes.c_uint64),
+        ("jited_func_lens", ctypes.c_uint64),
+        ("btf_id", ctypes.c_uint32),
+        ("func_info_rec_size", ctypes.c_uint32),
+        ("func_info", ctypes.c_uint64),
+        ("nr_func_info", ctypes.c_uint32),
+        ("nr_line_info", ctypes.c_uint32),
+        ("line_info", ctypes.c_uint64),
+        ("jited_line_info", ctypes.c_uint64),
+        ("nr_jited_line_info", ctypes.c_uint32),
+        ("line_info_rec_size", ctypes.c_uint32),
+        ("jited_line_info_rec_size", ctypes.c_uint32),
+        ("nr_prog_tags", ctypes.c_uint32),
+        ("prog_tags", ctypes.c_uint64),
+        ("run_time_ns", ctypes.c_uint64),
+        ("run_cnt", ctypes.c_uint64),
+        ("recursion_misses", ctypes.c_uint64),
+        ("verified_insns", ctypes.c_uint32),
+        ("attach_btf_obj_id", ctypes.c_uint32),
+        ("attach_btf_id", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+    ]
+
+
+class _InfoAttr(ctypes.Structure):
+    """The `info` member of union bpf_attr: { __u32 bpf_fd; __u32 info_len; __u64 info; }."""
+
+    _fields_ = [
+        ("bpf_fd", ctypes.c_uint32),
+        ("info_len", ctypes.c_uint32),
+        ("info", ctypes.c_uint64),
+    ]
+
+
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 
 class BpfTestRunError(OSError):
     """The kernel refused the test run (errno carried, e.g. EINVAL for a bad size)."""
+
+
+def _nr_bpf() -> int:
+    nr = _NR_BPF.get(platform.machine())
+    if nr is None:
+        raise BpfTestRunError(0, f"unknown bpf(2) syscall number on {platform.machine()}")
+    return nr
+
+
+def prog_info(fd: int | object) -> dict[str, int | str]:
+    """BPF_OBJ_GET_INFO_BY_FD for a program: id, name, xlated/jited sizes in bytes, and
+    verified_insns (what the verifier walked; 0 on kernels before 5.16)."""
+    info = _ProgInfo()
+    attr = _InfoAttr()
+    attr.bpf_fd = int(getattr(fd, "fd", fd))
+    attr.info_len = ctypes.sizeof(info)
+    attr.info = ctypes.addressof(info)
+    ret = _libc.syscall(
+        ctypes.c_long(_nr_bpf()),
+        ctypes.c_long(BPF_OBJ_GET_INFO_BY_FD),
+        ctypes.byref(attr),
+        ctypes.c_uint(ctypes.sizeof(attr)),
+    )
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise BpfTestRunError(err, f"BPF_OBJ_GET_INFO_BY_FD: {os.strerror(err)}")
+    return {
+        "id": info.id,
+        "name": info.name.decode(errors="replace"),
+        "xlated_bytes": info.xlated_prog_len,
+        "jited_bytes": info.jited_prog_len,
+        "insns": info.xlated_prog_len // 8,
+        "verified_insns": info.verified_insns,
+    }
 
 
 def prog_test_run(
@@ -78,9 +169,7 @@ def prog_test_run(
     once), so the duration is the program's cost without syscall overhead. `out_size`
     defaults to len(data) + OUT_SLACK.
     """
-    nr = _NR_BPF.get(platform.machine())
-    if nr is None:
-        raise BpfTestRunError(0, f"unknown bpf(2) syscall number on {platform.machine()}")
+    nr = _nr_bpf()
     if out_size is None:
         out_size = len(data) + OUT_SLACK
     inbuf = ctypes.create_string_buffer(bytes(data), len(data))

@@ -5,9 +5,14 @@
  * Portable C: compiled by BCC for BPF and by gcc for the native benchmark
  * (bench/native_aead.c), so both run the very same algorithm. No BPF helpers here.
  *
- * BPF note: BCC 0.26 emits BPF ISA v1 (no 32-bit ALU), so every 32-bit rotate costs a
- * zero-extension (shift pair) plus shift/shift/or; x86 has `rol`. That, and 16 live state
- * words against 10 BPF registers (spills), is most of the gap to the native build.
+ * BPF note: BCC 0.26 emits BPF ISA v1 (no 32-bit ALU), so every 32-bit rotate is
+ * mov/shl/and/shr/or (clang folds the zero-extension into the mask of the right shift) where
+ * x86 has one `rol`, and the 16 state words meet 10 BPF registers (~70 spill loads/stores per
+ * double round). Tried and measured slower here (bench/aead_bench.py, A/B on 1400 B): a 5-insn
+ * mask-free rotate in inline asm (-5%), and quarter rounds in pairs as inline asm, which cut
+ * the double round from ~360 to ~285 instructions and the spills to ~50, yet ran 8% slower:
+ * clang's schedule keeps four quarter rounds in flight, and the chain latency (add, xor,
+ * 3-cycle rotate) is what bounds a block, not the instruction count alone.
  */
 #ifndef XFP_CHACHA20_H
 #define XFP_CHACHA20_H
@@ -33,32 +38,7 @@ typedef uint64_t __u64;
 #define XFP_CHACHA_C2 0x79622d32U
 #define XFP_CHACHA_C3 0x6b206574U
 
-#ifdef XFP_NATIVE
-typedef __u32 xfp_cw; /* a ChaCha word: 32 bits, gcc emits `rol` */
 #define XFP_ROTL32(v, n) (((v) << (n)) | ((v) >> (32 - (n))))
-#else
-/*
- * A ChaCha word in BPF: a 64-bit register whose low 32 bits are the word and whose high bits
- * are don't-care (adds and XORs only carry upwards, so the low half stays exact). The rotate
- * ignores the high bits: t = x << 32 >> (64 - n) extracts the n bits that wrap around, already
- * clean, so it needs neither a zero-extension nor a mask constant. 5 instructions where clang
- * emits 6 for the (__u32) form (mask materialised with ld_imm64, plus an `and`), and with no
- * constant to keep in a register.
- */
-typedef __u64 xfp_cw;
-#define XFP_ROTL32(v, n)                                                                           \
-	({                                                                                         \
-		__u64 __t;                                                                         \
-		asm("%[t] = %[w]\n\t"                                                              \
-		    "%[t] <<= 32\n\t"                                                              \
-		    "%[t] >>= %[sr]\n\t"                                                           \
-		    "%[w] <<= %[sl]\n\t"                                                           \
-		    "%[w] |= %[t]"                                                                 \
-		    : [w] "+r"(v), [t] "=&r"(__t)                                                  \
-		    : [sl] "i"(n), [sr] "i"(64 - (n)));                                            \
-		v;                                                                                 \
-	})
-#endif
 
 /* RFC 8439 §2.1 quarter round on four state words (plain statements, no control flow). */
 #define XFP_CHACHA_QR(a, b, c, d)                                                                  \
@@ -90,10 +70,10 @@ union xfp_chacha_block {
  */
 static __always_inline void xfp_chacha20_block(union xfp_chacha_block *out, const __u32 *in)
 {
-	xfp_cw x0 = in[0], x1 = in[1], x2 = in[2], x3 = in[3];
-	xfp_cw x4 = in[4], x5 = in[5], x6 = in[6], x7 = in[7];
-	xfp_cw x8 = in[8], x9 = in[9], x10 = in[10], x11 = in[11];
-	xfp_cw x12 = in[12], x13 = in[13], x14 = in[14], x15 = in[15];
+	__u32 x0 = in[0], x1 = in[1], x2 = in[2], x3 = in[3];
+	__u32 x4 = in[4], x5 = in[5], x6 = in[6], x7 = in[7];
+	__u32 x8 = in[8], x9 = in[9], x10 = in[10], x11 = in[11];
+	__u32 x12 = in[12], x13 = in[13], x14 = in[14], x15 = in[15];
 
 	/* 10 double rounds: a column round then a diagonal round (RFC 8439 §2.3). Kept as a
 	 * loop: unrolled, each inlined block is ~2.5k BPF instructions and a program with a few

@@ -16,6 +16,7 @@
 
 struct xfp_poly1305 {
 	__u64 r0, r1, r2, r3, r4; /* clamped r, radix 2^26 */
+	__u64 s1, s2, s3, s4;	  /* 5 * r1..r4: 2^130 = 5 mod p folds the high products */
 	__u64 h0, h1, h2, h3, h4; /* accumulator, radix 2^26 */
 	__u64 pad_lo, pad_hi;	  /* s, added at the end (RFC 8439 §2.5.1) */
 };
@@ -30,6 +31,10 @@ static __always_inline void xfp_poly1305_init(struct xfp_poly1305 *st, __u64 k0,
 	st->r2 = ((k0 >> 52) | (k1 << 12)) & 0x3ffc0ff;
 	st->r3 = (k1 >> 14) & 0x3f03fff;
 	st->r4 = (k1 >> 40) & 0x00fffff;
+	st->s1 = st->r1 * 5;
+	st->s2 = st->r2 * 5;
+	st->s3 = st->r3 * 5;
+	st->s4 = st->r4 * 5;
 	st->h0 = 0;
 	st->h1 = 0;
 	st->h2 = 0;
@@ -48,7 +53,7 @@ static __always_inline void xfp_poly1305_block(struct xfp_poly1305 *st, __u64 lo
 					       __u64 hibit)
 {
 	__u64 r0 = st->r0, r1 = st->r1, r2 = st->r2, r3 = st->r3, r4 = st->r4;
-	__u64 s1 = r1 * 5, s2 = r2 * 5, s3 = r3 * 5, s4 = r4 * 5;
+	__u64 s1 = st->s1, s2 = st->s2, s3 = st->s3, s4 = st->s4;
 	__u64 h0 = st->h0 + (lo & XFP_P26);
 	__u64 h1 = st->h1 + ((lo >> 26) & XFP_P26);
 	__u64 h2 = st->h2 + (((lo >> 52) | (hi << 12)) & XFP_P26);
