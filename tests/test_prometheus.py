@@ -776,3 +776,131 @@ def check_expressions(prom: Prometheus, gw: Gateway, exporter: Exporter) -> None
         lambda: not prom.query("xfrm_fastpath_up") and prom.query(down),
         timeout=30,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Real traffic in the namespace test bed
+# --------------------------------------------------------------------------------------------
+N_KERNEL, N_FAST = 12, 20  # datagrams before and after the flows are installed
+
+
+@needs_prometheus
+def test_tunnel_traffic_counts_through_prometheus(bed, tmp_path: Path) -> None:
+    """UDP echo between the lan and remote hosts across gw1 and gw2, both running the XDP
+    programs (tests/test_datapath_redirect.py's tunnel set-up: this host has no ESP, so only
+    XDP can carry the tunnel). First with no flow installed: the kernel carries everything in
+    the clear, and XDP counts it as punts. Then with the flows: XDP carries it as ESP. A real
+    Prometheus scrapes gw1's exporter throughout, and the exported figures add up: requests
+    (encap) fastpath = sent - kernel-carried; replies (decap) = the kernel-path replies plus
+    the ESP replies gw2's datapath counted sending; the SA's counter equals the fastpath's."""
+    try:
+        from test_datapath_redirect import SPI_A, configure, udp_echo
+    except ImportError as exc:
+        pytest.skip(f"tests/test_datapath_redirect.py's tunnel set-up is not available: {exc}")
+    from bcc import BPF
+
+    from controller.datapath import Datapath
+    from controller.netns import in_netns
+
+    pid = os.getpid()
+    gw1 = Datapath(pin_dir=f"/sys/fs/bpf/xfp-prom-{pid}-gw1")
+    gw2 = Datapath(pin_dir=f"/sys/fs/bpf/xfp-prom-{pid}-gw2")
+    hosts = [("lan", "eth0"), ("remote", "eth0")]
+    attached_hosts: list[str] = []
+    source = MetricsSource(
+        datapath=lambda: datapath_parts(gw1, IFACES, {1: 7, 2: 7}),
+        flow_capacity=1024,
+        build_info={"version": "test"},
+    )
+    exporter = Exporter("127.0.0.1", 0, source.snapshot)
+    try:
+        gw1.load()
+        gw2.load()
+        # veth delivers a redirected frame only to a peer that runs XDP: pass-all on the hosts.
+        xdp_pass = BPF(text=b"int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }")
+        fn = xdp_pass.load_func(b"xdp_pass", BPF.XDP)
+        for role, dev in hosts:
+            with in_netns(bed.ns(role)):
+                BPF.attach_xdp(dev, fn, 0)
+            attached_hosts.append(role)
+        gw1.attach(lan=["lan"], wan=["wan"], netns=bed.ns("gw1"))
+        gw2.attach(lan=["lan"], wan=["wan"], netns=bed.ns("gw2"))
+        source.set_health(up=True, bpf_programs_attached=len(gw1.attached))
+        exporter.start()
+        with prometheus(tmp_path, f"127.0.0.1:{exporter.port}") as prom:
+            poll("the exporter scraped", lambda: prom.finite("xfrm_fastpath_up == 1"), 30)
+
+            slow = udp_echo(bed, N_KERNEL)  # no flows: the kernel forwards, in the clear
+            assert slow == {"ok": N_KERNEL, "bad": []}, f"kernel path echoes: {slow}"
+            configure(bed, gw1, "gw1", "gw2")
+            configure(bed, gw2, "gw2", "gw1")
+            fast = udp_echo(bed, N_FAST)
+            # gw2's own counters say how many ESP replies it sent back to gw1: the decap side
+            # of gw1 must account for exactly those (whether or not the tunnel round trip
+            # works, which is the datapath's test; here the figures must add up).
+            replies_sent = gw2.stats()[(Direction.ENCAP, member("fastpath", "encap"))][0]
+
+            def figures() -> dict[tuple[str, str], int]:
+                out = {}
+                for name, expr in (
+                    ("fastpath", "sum by (direction) (xfrm_fastpath_packets_total)"),
+                    ("kernel", "sum by (direction) (xfrm_fastpath_kernel_packets_total)"),
+                    ("drops", "sum by (direction) (xfrm_fastpath_drops_total)"),
+                ):
+                    for s in prom.query(expr):
+                        out[(name, s["metric"]["direction"])] = int(float(s["value"][1]))
+                return out
+
+            want = {
+                ("fastpath", "encap"): N_FAST,  # sent - kernel-carried
+                ("kernel", "encap"): N_KERNEL,
+                ("drops", "encap"): 0,
+                ("kernel", "decap"): N_KERNEL,  # the kernel-path replies, in the clear
+            }
+
+            def settled() -> dict[tuple[str, str], int] | None:
+                f = figures()
+                decap = f.get(("fastpath", "decap"), 0) + f.get(("drops", "decap"), 0)
+                ok = all(f.get(k) == v for k, v in want.items()) and decap == replies_sent
+                return f if ok else None
+
+            try:
+                got = poll("Prometheus figures to add up", settled, timeout=20)
+            except AssertionError as exc:
+                raise AssertionError(
+                    f"{exc}\nwanted {want} and decap fastpath + drops = {replies_sent} (gw2's "
+                    f"ESP replies); echo results: kernel path {slow}, XDP {fast}"
+                ) from None
+            sent = N_KERNEL + N_FAST
+            encap_total = got[("fastpath", "encap")] + got[("kernel", "encap")]
+            assert encap_total == sent, f"every request counted once at gw1: {got}, sent {sent}"
+            punts = {
+                (s["metric"]["direction"], s["metric"]["reason"]): int(float(s["value"][1]))
+                for s in prom.query("xfrm_fastpath_kernel_packets_total > 0")
+            }
+            assert punts == {("encap", "unknown_flow"): N_KERNEL, ("decap", "not_esp"): N_KERNEL}, (
+                f"the kernel carried the flow's first datagrams, and why: {punts}"
+            )
+            sa = prom.query(f'xfrm_fastpath_sa_packets_total{{spi="0x{SPI_A:08x}"}}')
+            assert [int(float(s["value"][1])) for s in sa] == [N_FAST], (
+                f"gw1's outbound SA counted the fastpath's requests: {sa}"
+            )
+            if fast["ok"] == N_FAST:  # the full round trip worked: the replies came by XDP
+                assert got[("fastpath", "decap")] == N_FAST, f"replies decapsulated: {got}"
+            hit = poll(
+                "the encap hit ratio recorded",
+                lambda: prom.finite('direction:xfrm_fastpath_hit_ratio:rate1m{direction="encap"}'),
+                timeout=20,
+            )
+            assert 0 < float(hit[0]["value"][1]) <= 1, f"a hit ratio in (0, 1]: {hit}"
+    finally:
+        exporter.stop()
+        for role, dev in hosts:
+            if role in attached_hosts:
+                with in_netns(bed.ns(role)):
+                    BPF.remove_xdp(dev, 0)
+        for d in (gw1, gw2):
+            with contextlib.suppress(Exception):
+                d.close()
+            with contextlib.suppress(Exception):
+                d.unpin()
