@@ -39,6 +39,17 @@
  *
  * Build knobs: -DXFP_MAX_FRAME=N (default 1600) bounds every offset; -DXFP_NATIVE compiles the
  * same code for the host (bench/native_aead.c) with a struct xdp_md of real pointers.
+ *
+ * Verifier cost at XFP_MAX_FRAME=1600 (BCC 0.26, Linux 6.18, verified_insns): seal ~133k,
+ * verify ~33k, decrypt ~98k, peek ~6k; it grows linearly with XFP_MAX_FRAME (one walk per
+ * 64-byte block: ~3.6k instructions of ChaCha20 each), so 9000-byte frames cost ~5.6x.
+ *
+ * Where the time goes (bench/aead_bench.py; 1400 B seal ~1.75x the same C built natively, 64 B
+ * ~1.85x): ~80% is the ChaCha20 block (~230 ns/64 B here against ~130 ns native), ~17%
+ * Poly1305 (~12 ns/16 B against ~7), the rest setup, the poly key block and the tag. ChaCha20
+ * in BPF ISA v1 pays a 3-cycle, 5-instruction rotate (no `rol`, no 32-bit ALU from BCC's
+ * clang) on each of its serial add-xor-rotate steps, and 10 registers for 16 state words;
+ * see chacha20.h for what was tried. Packet words are moved 8 bytes at a time.
  */
 #ifndef XFP_AEAD_H
 #define XFP_AEAD_H
