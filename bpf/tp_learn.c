@@ -21,6 +21,15 @@
  * received one overwrote the sighting at its own receive) and it is younger than
  * LEARN_MAX_AGE_NS.
  *
+ * Where the pointer does not survive, the packet is simply not learned (fail closed): seen in the
+ * 6.1 VM, a GSO skb (TCP from a veth peer with TSO) is segmented by xfrm_output_gso
+ * (net/xfrm/xfrm_output.c) into new skbs, so those leave on WAN unsighted (LEARN_STAT_TX_
+ * UNSIGHTED). A flow's first packet (SYN, first datagram) is not GSO in practice; a UDP_SEGMENT
+ * sender whose every packet is GSO stays on the kernel path. Synchronous ESP (the generic
+ * chacha20poly1305) keeps the pointer in both directions; async crypto completes on the same skb
+ * (esp_output_done -> xfrm_output_resume), possibly on another CPU, which the global sighting
+ * map allows for.
+ *
  * Tracepoints fire for every namespace, and veth hands the same skb to the peer namespace, so
  * every hook first checks the device's netns inode (skb->dev->nd_net.net->ns.inum).
  *
@@ -344,8 +353,10 @@ TRACEPOINT_PROBE(net, net_dev_start_xmit)
 	if (!out_role)
 		return 0;
 	struct learn_sighting *sp = learn_sightings.lookup(&key);
-	if (!sp)
+	if (!sp) {
+		stat_inc(LEARN_STAT_TX_UNSIGHTED);
 		return 0;
+	}
 	struct learn_sighting s = *sp;
 	/* The skb leaves the namespace: whatever happens next is not this sighting any more. */
 	learn_sightings.delete(&key);

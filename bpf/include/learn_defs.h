@@ -72,7 +72,8 @@ struct learn_event {
 #define LEARN_STAT_SUPPRESSED 9	     /* the flow was emitted less than LEARN_REEMIT_NS ago */
 #define LEARN_STAT_EMITTED 10	     /* an event went to the perf buffer */
 #define LEARN_STAT_PERF_FAIL 11	     /* perf_submit failed (buffer full) */
-#define LEARN_STAT_MAX 12
+#define LEARN_STAT_TX_UNSIGHTED 12   /* xmit on a watched device, no sighting (local, or new skb) */
+#define LEARN_STAT_MAX 13
 
 /* Partial sighting of an skb received on a watched device, keyed by the skb pointer. */
 struct learn_sighting {
