@@ -284,6 +284,53 @@ def test_bounds_are_refused(prog: AeadProg) -> None:
     assert rv == XDP_DROP, f"aad of 10 bytes is refused (verdict {rv})"
 
 
+def run_layout(
+    prog: AeadProg,
+    op: int,
+    case: tuple[bytes, bytes, bytes, bytes],
+    payload: bytes,
+    tag: bytes,
+    pad: int,
+    tag_first: bool,
+) -> tuple[int, bytes, bytes]:
+    """Run op with the payload `pad` bytes after the header; the tag slot follows the payload,
+    or (tag_first) sits before it so that the payload ends exactly at data_end, which drives
+    the byte-wise paths the bound checks fall back to. Returns (verdict, payload, tag slot)."""
+    key, salt, iv, aad = case
+    n, slot = len(payload), len(tag)
+    if tag_first:
+        tag_off, off = PAYLOAD_OFF + pad, PAYLOAD_OFF + pad + slot
+        body = bytes(pad) + tag + payload
+    else:
+        off, tag_off = PAYLOAD_OFF + pad, PAYLOAD_OFF + pad + n
+        body = bytes(pad) + payload + tag
+    hdr = HDR.pack(op, len(aad), off, n, tag_off, key, salt, iv, aad.ljust(12, b"\0"))
+    rv, out, _ = prog_test_run(prog.fn, hdr + body)
+    return rv, out[off : off + n], out[tag_off : tag_off + slot]
+
+
+@pytest.mark.parametrize("tag_first", [False, True], ids=["tag-after", "payload-at-end"])
+def test_unaligned_offsets_and_frame_end(prog: AeadProg, tag_first: bool) -> None:
+    """Payload at every offset mod 8 (ESP's is 50 B into an untagged frame), and payloads that
+    end at data_end: seal, open and peek still agree with cryptography."""
+    rng = random.Random(0xA119 + tag_first)
+    for pad in range(8):
+        for n in (0, 1, 7, 8, 9, 15, 16, 17, 63, 64, 65, 100, 127, 128, 129, 1400):
+            key, salt, iv, aad, pt = esp_case(rng, n, esn=pad % 2 == 1)
+            case = (key, salt, iv, aad)
+            want = ChaCha20Poly1305(key).encrypt(salt + iv, pt, aad)
+            rv, ct, tag = run_layout(prog, SEAL, case, pt, bytes(16), pad, tag_first)
+            where = f"{n} bytes at pad {pad}, tag_first={tag_first}"
+            assert rv == XDP_TX, f"seal of {where} succeeds (verdict {rv})"
+            assert ct + tag == want, f"seal of {where} equals cryptography"
+            rv, out, tag_out = run_layout(prog, OPEN, case, want[:-16], want[-16:], pad, tag_first)
+            assert rv == XDP_TX, f"open of {where} succeeds (verdict {rv})"
+            assert out == pt and tag_out == want[-16:], f"open of {where} gives the plaintext"
+            rv, _, peek = run_layout(prog, PEEK, case, want[:-16], bytes(64), pad, tag_first)
+            assert rv == XDP_TX, f"peek of {where} succeeds (verdict {rv})"
+            assert peek == pt[:64].ljust(64, b"\0"), f"peek of {where} is the plaintext head"
+
+
 def test_max_frame_payload(prog: AeadProg) -> None:
     """The largest payload the default XFP_MAX_FRAME allows: off + len + 16 == 1600."""
     rng = random.Random(0x1600)
