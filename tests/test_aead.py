@@ -10,7 +10,9 @@ stride up to 1500 with the block edges. The program is compiled and loaded once 
 from __future__ import annotations
 
 import random
+import shutil
 import struct
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -348,6 +350,22 @@ def test_verified_program_size(prog: AeadProg) -> None:
     assert info["name"] == "xfp_aead_test", f"program info is ours: {info}"
     if info["verified_insns"]:  # 0 before Linux 5.16
         assert info["verified_insns"] < 900_000, f"verifier walk leaves headroom: {info}"
+
+
+def test_native_build_is_the_same_algorithm(tmp_path: Path) -> None:
+    """bench/native_aead.c builds aead.h with gcc and checks RFC 8439 §2.8.2 before timing;
+    a drift between the BPF and native builds would fail here, not silently in the bench."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("no gcc: the native benchmark build cannot run")
+    exe = tmp_path / "native_aead"
+    flags = ["-O2", "-Wall", "-Werror", "-Wno-unknown-pragmas", "-DXFP_NATIVE", f"-I{INCLUDE}"]
+    src = ROOT / "bench" / "native_aead.c"
+    subprocess.run([gcc, *flags, str(src), "-o", str(exe)], check=True, timeout=120)
+    out = subprocess.run([str(exe), "64"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"native build passes RFC 8439 2.8.2: {out.stderr}"
+    size, seal, opn = out.stdout.split()
+    assert size == "64" and float(seal) > 0 and float(opn) > 0, f"timings printed: {out.stdout}"
 
 
 @pytest.mark.bench
