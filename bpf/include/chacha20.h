@@ -14,6 +14,11 @@
  * (two quarter rounds in flight instead of clang's four: the add-xor-rotate chain, with its
  * 3-cycle rotate, then bounds the block); and two blocks interleaved (32 words in flight),
  * 9% slower (spills). Unrolling the double-round loop by 2 gained nothing measurable.
+ * What ISA v1 itself costs: this file's block function, compiled from BCC's IR with llc
+ * -mcpu=v3 (alu32: 32-bit ops that zero-extend, so a rotate is mov/lsh32/rsh32/or) and loaded
+ * with bpftool, ran 225 ns/block against 265 for -mcpu=v1 in the same A/B run (native gcc:
+ * ~130-145). BCC 0.26 offers no way to pick v3 (its BPF target machine ignores cflags and
+ * function target attributes), so the ~16% stays on the table until BCC or the loader changes.
  */
 #ifndef XFP_CHACHA20_H
 #define XFP_CHACHA20_H
