@@ -81,18 +81,18 @@ def send_iperf(bed: Testbed, seconds: int = IPERF_SECONDS) -> tuple[int | None, 
     server = subprocess.Popen(
         ["ip", "netns", "exec", bed.ns("remote"), *serve],
         stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
-        assert server.stdout is not None
-        deadline = time.monotonic() + 20
-        line = ""
-        while time.monotonic() < deadline and "listening" not in line.lower():
-            line = server.stdout.readline()
-            if not line and server.poll() is not None:
-                return None, None, "iperf3 server did not start"
+        # Wait for the listening socket itself, not for iperf3's "Server listening" line: that
+        # sits in its stdio buffer when stdout is not a terminal.
+        deadline = time.monotonic() + 30
+        listening = ["ss", "-H", "-l", "-t", "-n", "sport", "=", ":5201"]
+        while not bed.cmd("remote", listening, check=False).stdout.strip():
+            if server.poll() is not None or time.monotonic() > deadline:
+                return None, None, "iperf3 server did not start listening"
+            time.sleep(0.2)
         client = bed.cmd(
             "lan",
             ["iperf3", "-c", bed.addr("REMOTE_HOST"), "-t", str(seconds), "-J"],

@@ -108,7 +108,7 @@ def probe(esp_kernel: None) -> Iterator[object]:
     """The tracepoint program, compiled and attached once for the whole session."""
     from bcc import BPF  # imported here: host runs that skip these tests need no BCC
 
-    b = BPF(text=PROG)
+    b = BPF(text=PROG.encode())
     try:
         yield b
     finally:
@@ -116,18 +116,18 @@ def probe(esp_kernel: None) -> Iterator[object]:
 
 
 def arm(probe, bed: Testbed) -> None:
-    for name in ("rx_skbs", "xmit_len"):
+    for name in (b"rx_skbs", b"xmit_len"):
         probe[name].clear()
-    counts = probe["counts"]
+    counts = probe[b"counts"]
     for i in range(3):
         counts[ctypes.c_int(i)] = ctypes.c_uint64(0)
     dst = int.from_bytes(socket.inet_aton(bed.addr("REMOTE_HOST")), "little")
-    c = probe["cfg"]
+    c = probe[b"cfg"]
     c[ctypes.c_int(0)] = c.Leaf(dst, bed.ifindex("gw1", "lan"))
 
 
 def count(probe, i: int) -> int:
-    return probe["counts"][ctypes.c_int(i)].value
+    return probe[b"counts"][ctypes.c_int(i)].value
 
 
 def test_fib_table_lookup_sees_forwarding_decision(probe, bed: Testbed) -> None:
@@ -150,6 +150,6 @@ def test_net_dev_start_xmit_sees_forwarded_skb_leave_as_esp(probe, bed: Testbed)
     assert matched == 2 * PINGS, (
         f"net_dev_start_xmit saw each forwarded skb leave on wan (same skb pointer): {matched}"
     )
-    lens = {k.value: v.value for k, v in probe["xmit_len"].items()}
+    lens = {k.value: v.value for k, v in probe[b"xmit_len"].items()}
     want = esp_frame_len(ICMP_ECHO_LEN)
     assert lens == {want: 2 * PINGS}, f"every such frame is ESP-sized ({want} bytes): {lens}"
