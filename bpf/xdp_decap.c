@@ -202,7 +202,7 @@ int xdp_decap(struct xdp_md *ctx)
 	fk.proto = blk[9];
 	fk.saddr = *(__u32 *)&blk[12];
 	fk.daddr = *(__u32 *)&blk[16];
-	r = xfp_l4_ports(blk[9], &blk[20], itot - XFP_IP_LEN, &fk);
+	r = xfp_l4_ports(blk[9], &blk[20], blk + sizeof(blk), itot - XFP_IP_LEN, &fk);
 	if (r)
 		goto pass;
 	fk.ifindex = ctx->ingress_ifindex;

@@ -49,9 +49,7 @@ static __always_inline int encap_flow_key(struct iphdr *iph, void *data_end,
 	fk->proto = iph->protocol;
 	fk->saddr = iph->saddr;
 	fk->daddr = iph->daddr;
-	if (avail >= 8 && (void *)(l4 + 8) > data_end)
-		return XFP_R_PASS_MALFORMED_IP;
-	return xfp_l4_ports(iph->protocol, l4, avail, fk);
+	return xfp_l4_ports(iph->protocol, l4, data_end, avail, fk);
 }
 
 /* n bytes from packet offset src to dst through buf; n must be a constant after inlining. */

@@ -57,18 +57,20 @@ static __always_inline int xfp_parse_eth_ipv4(void *data, void *data_end, struct
 }
 
 /* The flow key's ports for protocol `proto`, read from `l4`, the first bytes after the IPv4
- * header. Needs `avail` (bytes present at l4, from the IPv4 total length) and, for a packet
- * pointer, l4 + 8 <= data_end checked by the caller whenever avail >= 8. Returns 0, or
+ * header: `avail` bytes of them belong to the packet (IPv4 total length) and memory up to `end`
+ * is readable (data_end for a packet pointer). Needs nothing checked. Returns 0, or
  * XFP_R_PASS_MALFORMED_IP when a TCP/UDP/ICMP header is cut short (the kernel judges it).
- * ICMP echo: sport = identifier; ICMP: dport = (type << 8) | code (as bpf/tp_learn.c does). */
-static __always_inline int xfp_l4_ports(__u8 proto, const __u8 *l4, __u32 avail,
+ * ICMP echo: sport = identifier; ICMP: dport = (type << 8) | code (as bpf/tp_learn.c does).
+ * Both bounds are tested on one path before any read: the 6.1 verifier does not prune a branch
+ * whose range became impossible, so a separate length check before the pointer check fails. */
+static __always_inline int xfp_l4_ports(__u8 proto, const __u8 *l4, const void *end, __u32 avail,
 					struct xfp_flow_key *fk)
 {
 	fk->sport = 0;
 	fk->dport = 0;
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_ICMP)
 		return 0;
-	if (avail < 8)
+	if ((const void *)(l4 + 8) > end || avail < 8)
 		return XFP_R_PASS_MALFORMED_IP;
 	if (proto == IPPROTO_ICMP) {
 		fk->dport = xfp_htons(((__u16)l4[0] << 8) | l4[1]);
