@@ -44,8 +44,8 @@
  * verify ~33k, decrypt ~98k, peek ~6k; it grows linearly with XFP_MAX_FRAME (one walk per
  * 64-byte block: ~3.6k instructions of ChaCha20 each), so 9000-byte frames cost ~5.6x.
  *
- * Where the time goes (bench/aead_bench.py; 1400 B seal ~1.75x the same C built natively, 64 B
- * ~1.85x): ~80% is the ChaCha20 block (~230 ns/64 B here against ~130 ns native), ~17%
+ * Where the time goes (bench/aead_bench.py: seal and open 1.6-1.8x the same C built natively
+ * at 64..1400 B on this shared host): ~80% is the ChaCha20 block (~230 ns/64 B against ~130), ~17%
  * Poly1305 (~12 ns/16 B against ~7), the rest setup, the poly key block and the tag. ChaCha20
  * in BPF ISA v1 pays a 3-cycle, 5-instruction rotate (no `rol`, no 32-bit ALU from BCC's
  * clang) on each of its serial add-xor-rotate steps, and 10 registers for 16 state words;
