@@ -13,7 +13,8 @@
  * the double round from ~360 to ~285 instructions and the spills to ~50, yet ran 8% slower
  * (two quarter rounds in flight instead of clang's four: the add-xor-rotate chain, with its
  * 3-cycle rotate, then bounds the block); and two blocks interleaved (32 words in flight),
- * 9% slower (spills). Unrolling the double-round loop by 2 gained nothing measurable.
+ * 9% slower (spills); the rotate's left shift as a multiply (to spare the two shift ports),
+ * 6% slower. Unrolling the double-round loop by 2 gained nothing measurable.
  * What ISA v1 itself costs: this file's block function, compiled from BCC's IR with llc
  * -mcpu=v3 (alu32: 32-bit ops that zero-extend, so a rotate is mov/lsh32/rsh32/or) and loaded
  * with bpftool, ran 225 ns/block against 265 for -mcpu=v1 in the same A/B run (native gcc:
