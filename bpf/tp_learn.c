@@ -194,9 +194,11 @@ static __always_inline int parse_ipv4(void *l3, __u32 avail, struct tuple *t)
 		__builtin_memcpy(&t->esp_seq, &l4[4], 4);
 		__builtin_memcpy(t->esp_iv, &l4[8], 8);
 	} else if (ip.protocol == IPPROTO_ICMP) {
-		/* RFC 792: type, code, checksum, identifier: id as "sport", type/code as "dport".
-		 */
-		__builtin_memcpy(&t->sport, &l4[4], 2);
+		/* RFC 792: type, code, checksum, then for echo (8) and echo reply (0) the
+		 * identifier: id as "sport", type/code as "dport", 0 for other types: the key
+		 * bpf/include/parsing.h (xfp_l4_ports) builds for the datapath's flow table. */
+		if (l4[0] == 8 || l4[0] == 0)
+			__builtin_memcpy(&t->sport, &l4[4], 2);
 		__builtin_memcpy(&t->dport, &l4[0], 2);
 	} else {
 		__builtin_memcpy(&t->sport, &l4[0], 2);

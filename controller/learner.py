@@ -70,8 +70,9 @@ def _mac(raw: Iterable[int]) -> str:
 class Candidate:
     """One flow the kernel was seen forwarding. Ports and SPIs are host-order ints.
 
-    For ICMP, `sport` is the echo identifier and `dport` is (type << 8) | code, the same
-    convention as the BPF side; `icmp_type`/`icmp_id` spell it out.
+    For ICMP, `sport` is the echo identifier (0 for types other than echo and echo reply) and
+    `dport` is (type << 8) | code: the datapath's flow key (bpf/include/parsing.h) exactly;
+    `icmp_type`/`icmp_id` spell it out.
     """
 
     direction: str  # encap | decap | clear-out | clear-in
@@ -323,14 +324,16 @@ class Learner:
         """Let the next sighting of `flow` (Candidate.flow) through again, in Python and in
         the BPF re-emit map. With `spi` (Candidate.spi) only that SA's entry is dropped, in one
         map operation; without it every SPI's entry of the flow is (a scan of the map)."""
-        flow = tuple(flow)
+        direction, saddr, daddr, proto, sport, dport = flow
+        # Addresses as Candidate spells them, whatever the caller holds (str, int, IPv4Address).
+        saddr, daddr = str(ipaddress.IPv4Address(saddr)), str(ipaddress.IPv4Address(daddr))
+        flow = (direction, saddr, daddr, proto, sport, dport)
         for key in [k for k in self._recent if k[:6] == flow and (spi is None or k[6] == spi)]:
             del self._recent[key]
         fk_map = self.bpf[b"learn_emitted"]  # type: ignore[index]
-        direction, saddr, daddr, proto, sport, dport = flow
         want = fk_map.Key()
-        want.saddr = socket.htonl(int(ipaddress.IPv4Address(str(saddr))))
-        want.daddr = socket.htonl(int(ipaddress.IPv4Address(str(daddr))))
+        want.saddr = socket.htonl(int(ipaddress.IPv4Address(saddr)))
+        want.daddr = socket.htonl(int(ipaddress.IPv4Address(daddr)))
         want.sport = socket.htons(int(sport))  # type: ignore[call-overload]
         want.dport = socket.htons(int(dport))  # type: ignore[call-overload]
         want.proto = int(proto)  # type: ignore[call-overload]

@@ -6,6 +6,7 @@ ESP-specific fields (SPI, sequence, IV, sec_path) are checked in tests/test_lear
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import select
@@ -202,6 +203,17 @@ def test_icmp_both_ways_is_learned_with_type_and_id(learner: Learner, bed: Testb
     assert (rep.saddr, rep.daddr) == (bed.addr("REMOTE_HOST"), bed.addr("LAN_HOST")), f"{rep}"
 
 
+def test_icmp_error_has_no_identifier(learner: Learner, bed: Testbed) -> None:
+    """ICMP other than echo: dport = (type << 8) | code, sport 0, as the datapath keys it."""
+    watch_gw1(learner, bed)
+    ev = Events(learner)
+    udp_send(bed, "lan", bed.addr("REMOTE_HOST"), 4500)  # closed port: remote answers ICMP 3/3
+    unreach = ev.wait(lambda c: c.proto == 1 and c.icmp_type == 3)
+    assert unreach is not None, f"port unreachable forwarded back: {ev.seen}"
+    assert unreach.dport == (3 << 8) | 3 and unreach.sport == 0, f"key of ICMP 3/3: {unreach}"
+    assert unreach.direction == "clear-in", f"{unreach}"
+
+
 def test_tcp_connection_is_learned_both_ways(learner: Learner, bed: Testbed) -> None:
     watch_gw1(learner, bed)
     ev = Events(learner)
@@ -322,6 +334,12 @@ def test_forget_lets_a_flow_be_reported_again(learner: Learner, bed: Testbed) ->
         s.sendto(b"x", (remote, 4200))
         again = Events(learner).wait(lambda c: c.sport == sport)
         assert again is not None, f"after forget() the flow is reported again: {ev.seen}"
+        # The controller may hold addresses as ints: same flow.
+        d_, sa, da, *rest = again.flow
+        learner.forget((d_, int(ipaddress.IPv4Address(sa)), int(ipaddress.IPv4Address(da)), *rest))
+        s.sendto(b"x", (remote, 4200))
+        third = Events(learner).wait(lambda c: c.sport == sport)
+        assert third is not None, "forget() with int addresses lets it through too"
 
 
 def test_fileno_becomes_readable_on_an_event(learner: Learner, bed: Testbed) -> None:

@@ -37,7 +37,7 @@ struct learn_event {
 	__u32 tx_len;	   /* skb->len at xmit: the L2 frame */
 	__u32 saddr;	   /* be: inner (clear) IPv4 source, as received */
 	__u32 daddr;	   /* be */
-	__u16 sport;	   /* be: TCP/UDP source port; ICMP echo: the identifier */
+	__u16 sport;	   /* be: TCP/UDP source port; ICMP echo/reply: identifier, else 0 */
 	__u16 dport;	   /* be: TCP/UDP destination port; ICMP: (type << 8) | code */
 	__u8 proto;	   /* inner IP protocol */
 	__u8 direction;	   /* LEARN_DIR_* */
