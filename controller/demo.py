@@ -172,6 +172,8 @@ def summarize(bed: Testbed, ike: IkeTunnel, traffic: Traffic) -> bool:
             f"CHILD_SA {child.get('name')}: {child.get('state')}, {child.get('mode')} "
             f"{child.get('protocol')} {child.get('encr-alg')}, {lts} === {rts}"
         )
+        encap = "ESP in UDP 4500" if child.get("encap") == "yes" else "plain ESP (IP proto 50)"
+        print(f"         {encap}, reqid {child.get('reqid')}")
         out_spi, in_spi = int(child["spi-out"], 16), int(child["spi-in"], 16)
         print()
         print(f"  {'direction':<28}{'SPI':>10}{'packets':>10}{'bytes':>12}   counted by")
@@ -209,6 +211,7 @@ def main() -> int:
     ok = False
     try:
         bed = Testbed(prefix="")
+        step("building the test bed: namespaces lan, gw1, gw2, remote (controller/testbed.py)")
         bed.build()
         try:
             with tempfile.TemporaryDirectory(prefix="xfp-demo-") as work:

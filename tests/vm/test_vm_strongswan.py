@@ -43,6 +43,8 @@ def test_strongswan_ikev2_psk_chacha20poly1305_carries_traffic(
         assert child.get("state") == "INSTALLED", f"CHILD_SA installed: {child}"
         assert child.get("mode") == "TUNNEL" and child.get("protocol") == "ESP", f"{child}"
         assert child.get("encr-alg") == "CHACHA20_POLY1305", f"ESP cipher: {child}"
+        # No NAT between the gateways: plain ESP (IP protocol 50), what the XDP datapath parses.
+        assert child.get("encap") != "yes", f"ESP not in UDP: {child}"
         spi_out, spi_in = int(child["spi-out"], 16), int(child["spi-in"], 16)
 
         # The kernel holds what charon negotiated: the same SPIs, with the RFC 7634 AEAD.
