@@ -751,7 +751,11 @@ class XfrmSocket:
     ) -> None:
         """XFRM_MSG_NEWAE (xfrm_new_ae(), NLM_F_REPLACE required): hand sequence state and/or
         lifetime counters back to the kernel. For an ESN SA, `replay` must carry the whole
-        bitmap with the kernel's bmp_len (take it from get_ae())."""
+        bitmap with the kernel's bmp_len (take it from get_ae()). `lifetime_cur` overwrites all
+        four counters (xfrm_update_ae_params()), add_time included: start from get_ae().current
+        and add what the datapath counted. Read-modify-write is not atomic against packets the
+        kernel itself sends meanwhile; the controller should call it when it stops using the SA
+        or while it owns it."""
         if replay is None and lifetime_cur is None:
             raise ValueError("new_ae: nothing to set")
         msg = self._aevent_msg(sa, 0)
