@@ -19,7 +19,6 @@
 #include "aead.h"
 
 #define XFP_DEC_OFF (XFP_ETH_LEN + XFP_ENCAP_HEAD) /* 50: first encrypted byte */
-#define XFP_PKT_MASK 0x3fff			   /* XDP frames (one page, or a jumbo) fit */
 
 /* aead.h's per-CPU scratch, defined here because BCC rewrites map calls in the main file only. */
 static __always_inline struct xfp_crypto_scratch *xfp_scratch(void)
@@ -43,20 +42,28 @@ static __always_inline void xfp_count(__u32 dir, __u32 reason, __u32 len)
 }
 
 /* RFC 4303 section 2.4: the receiver checks the pad bytes are 1, 2, 3, ... Needs the payload
- * decrypted; pad starts at packet offset `off`. Returns 0 when they are. */
+ * decrypted; pad starts at packet offset `off`, and the pad length, next header and ICV follow
+ * it (18 bytes), so every 8-byte load stays in the packet. Eight bytes per step, compared with
+ * the expected run (byte j of step k is 8k + j + 1), the last step masked: a byte loop was
+ * "too complex" for the 6.1 verifier (8193 jumps) and costs 8 times more. Returns 0 when the
+ * bytes are right. */
 static __always_inline int decap_check_pad(struct xdp_md *ctx, __u32 off, __u32 padlen)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
-	__u32 i;
+	__u64 w, want, mask;
+	__u32 k, rem;
 
-	for (i = 0; i < 255; i++) {
-		__u8 *p;
-
-		if (i >= padlen)
+	for (k = 0; k < 32; k++) {
+		if (k * 8 >= padlen)
 			break;
-		p = data + ((off + i) & XFP_PKT_MASK);
-		if ((void *)(p + 1) > data_end || *p != (__u8)(i + 1))
+		if (bpf_xdp_load_bytes(ctx, off + k * 8, &w, 8))
+			return -1;
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+		w = __builtin_bswap64(w);
+#endif
+		want = 0x0807060504030201ULL + k * 0x0808080808080808ULL;
+		rem = padlen - k * 8;
+		mask = rem >= 8 ? ~0ULL : (1ULL << (rem * 8)) - 1;
+		if ((w ^ want) & mask)
 			return -1;
 	}
 	return 0;

@@ -373,11 +373,17 @@ def test_decap_random_lengths_sealed_by_cryptography(env: Datapath) -> None:
 
 def test_decap_long_pad_and_ethernet_trailer(env: Datapath) -> None:
     inner = inner_packet(b"q" * 10)
-    pad = bytes(range(1, 1 + 3 + 4 * 20))  # a peer may pad more (RFC 4303 section 2.4)
-    frame = esp_frame(inner, 1, pad=pad) + b"\0" * 6  # and the link may add a trailer
-    ret, out = run(env.decap_fd, frame)
-    assert ret == XDP_REDIRECT, "long padding accepted"
-    assert out == expected_decap(inner), "pad and trailer removed"
+    for seq, padlen in enumerate((83, 255, 8, 9, 16), start=1):
+        pad = bytes(range(1, 1 + padlen))  # a peer may pad more (RFC 4303 section 2.4)
+        frame = esp_frame(inner, seq, pad=pad) + b"\0" * 6  # and the link may add a trailer
+        ret, out = run(env.decap_fd, frame)
+        assert ret == XDP_REDIRECT, f"padding of {padlen} accepted"
+        assert out == expected_decap(inner), f"pad of {padlen} and trailer removed"
+    for seq, (padlen, bad) in enumerate(((255, 254), (255, 200), (83, 64), (9, 8)), start=10):
+        pad = bytearray(range(1, 1 + padlen))
+        pad[bad] ^= 0x40
+        ret, _ = run(env.decap_fd, esp_frame(inner, seq, pad=bytes(pad)))
+        assert ret == XDP_DROP, f"pad of {padlen} with byte {bad} wrong: dropped"
 
 
 @pytest.mark.parametrize(
