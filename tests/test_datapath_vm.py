@@ -29,7 +29,8 @@ from controller.netns import in_netns
 from controller.static_esp import install_static_esp
 from controller.testbed import Testbed
 
-pytestmark = pytest.mark.vm
+# Two BCC compiles and ~250k verified instructions under qemu TCG take over 15 minutes.
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(2100)]
 N_PACKETS = 20
 
 
