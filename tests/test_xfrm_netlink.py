@@ -506,7 +506,8 @@ def test_api_added_sa_is_what_ip_shows(bed: Testbed) -> None:
         x.add_sa(sa)
         text = _ip_state(bed)
         # `ip -s` decorates numbers: "spi 0x00002002(8194) reqid 7(0x00000007)", "(288 bits)"
-        assert re.search(r"proto esp spi 0x00002002(\(8194\))? reqid 7(\(0x0+7\))? mode tunnel", text)
+        head = r"proto esp spi 0x00002002(\(8194\))? reqid 7(\(0x0+7\))? mode tunnel"
+        assert re.search(head, text), text
         aead = re.escape(f"aead {FASTPATH_AEAD} 0x{KEY_HEX}") + r"( \(288 bits\))? 128"
         assert re.search(aead, text), text
         # with ESN the window lives in XFRMA_REPLAY_ESN_VAL; usersa_info.replay_window is 0
