@@ -10,8 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
+import controller.testbed as testbed_mod
 from controller.netns import in_netns, netns_inode
-from controller.testbed import Testbed, testbed
+from controller.testbed import Testbed
 
 XDP_COUNT = r"""
 #include <uapi/linux/bpf.h>
@@ -52,7 +53,7 @@ def xdp_prog() -> Iterator[tuple[object, object]]:
 def test_one_compiled_program_serves_two_test_beds(bed: Testbed, xdp_prog) -> None:
     b, fn = xdp_prog
     seen = b["seen"]
-    with testbed(prefix=f"{bed.prefix}b-") as other:
+    with testbed_mod.testbed(prefix=f"{bed.prefix}b-") as other:
         for tb in (bed, other):
             seen.clear()
             with in_netns(tb.ns("gw1")):
