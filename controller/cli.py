@@ -27,9 +27,9 @@ EXIT_NOT_RUNNING = 3
 
 
 def _status_path() -> Path:
-    from controller.daemon import STATUS_FILE, netns_run_dir
+    from controller.paths import status_path
 
-    return netns_run_dir() / STATUS_FILE
+    return status_path()
 
 
 def _read_status() -> dict[str, Any] | None:

@@ -37,6 +37,7 @@ from typing import Any
 
 from controller import defs
 from controller.config import Config, check_interfaces
+from controller.paths import RUN_DIR, STATUS_FILE, netns_run_dir
 from controller.state import Cause, Direction, FlowKey, FlowRecord, FlowState, SaRef
 from controller.validate import (
     Accepted,
@@ -66,8 +67,6 @@ from controller.xfrm.model import (
 
 log = logging.getLogger("xfrm-fastpath")
 
-RUN_DIR = Path("/run/xfrm-fastpath")
-STATUS_FILE = "status.json"
 # The datapath's counter starts this far above the kernel's output sequence: room for the
 # packets the kernel may still send on the SA while the entry is being written (checked after).
 SEQ_JUMP = 4096
@@ -767,13 +766,6 @@ class Controller:
             os.replace(tmp, self.run_dir / STATUS_FILE)
         except OSError as e:
             log.debug("status file: %s", e)
-
-
-def netns_run_dir(base: Path = RUN_DIR) -> Path:
-    """Status files live per network namespace (inode), so controllers of several test-bed
-    gateways on one machine do not collide."""
-    ino = os.stat("/proc/self/ns/net").st_ino
-    return base / f"netns-{ino}"
 
 
 def run(cfg: Config) -> int:
