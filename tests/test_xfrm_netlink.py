@@ -341,6 +341,43 @@ def test_policies_agree_with_iproute2(bed: Testbed) -> None:
         assert x.policies() == [] and _ip_policies(bed).strip() == "", "flushed"
 
 
+IP_XFRM_POLICY = 17  # include/uapi/linux/in.h
+
+
+def _socket_bypass_policy(direction: int) -> bytes:
+    """struct xfrm_userpolicy_info for setsockopt(IP_XFRM_POLICY): allow, no templates (what an
+    IKE daemon puts on its own sockets). Selector family AF_INET at offset 40; 168 bytes."""
+    sel = bytearray(56)
+    struct.pack_into("=H", sel, 40, 2)
+    lft = struct.pack("=8Q", *([(1 << 64) - 1] * 4), 0, 0, 0, 0)
+    cur = bytes(32)
+    tail = struct.pack("=IIBBBB", 0, 0, direction, 0, 0, 0)
+    return bytes(sel) + lft + cur + tail + bytes(4)
+
+
+def test_socket_policies_are_not_forwarding_policies(bed: Testbed) -> None:
+    """strongSwan bypasses IPsec on its IKE sockets with socket policies; policy dumps carry
+    them with dir 3/4 (XFRM_POLICY_MAX + dir). They never apply to forwarded traffic."""
+    import socket
+
+    from controller.netns import in_netns
+
+    with in_netns(bed.ns("gw1")):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for direction in (0, 1):
+            s.setsockopt(socket.IPPROTO_IP, IP_XFRM_POLICY, _socket_bypass_policy(direction))
+        text = _ip_policies(bed)
+        assert "socket in" in text and "socket out" in text, f"the kernel lists them: {text}"
+        with XfrmSocket(bed.ns("gw1")) as x:
+            fwd = Policy(Selector.of("10.2.0.0/24", "10.1.0.0/24"), Dir.FWD, 10)
+            x.add_policy(fwd)
+            assert [p.dir for p in x.policies()] == [Dir.FWD], "only the forwarding policy"
+            x.flush_policy()
+    finally:
+        s.close()
+
+
 def test_default_policy_both_ways(bed: Testbed) -> None:
     with XfrmSocket(bed.ns("gw1")) as x:
         assert x.get_default_policy() == DefaultPolicy(), "fresh namespace accepts"

@@ -89,6 +89,9 @@ XFRM_SA_XFLAG_OSEQ_MAY_WRAP = 2
 XFRM_POLICY_IN = 0
 XFRM_POLICY_OUT = 1
 XFRM_POLICY_FWD = 2
+# Per-socket policies (setsockopt IP_XFRM_POLICY, e.g. an IKE daemon's bypass for its own
+# sockets) show up in policy dumps with dir = XFRM_POLICY_MAX + their direction.
+XFRM_POLICY_MAX = 3
 XFRM_POLICY_ALLOW = 0
 XFRM_POLICY_BLOCK = 1
 XFRM_POLICY_LOCALOK = 1
