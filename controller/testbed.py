@@ -91,6 +91,23 @@ def _ifaces(plan: dict[str, str]) -> tuple[Iface, ...]:
     )
 
 
+def tx_checksum_offload_off(netns: str, dev: str) -> None:
+    """Turn off a device's tx checksum offload (and with it TSO) inside a namespace, so it
+    sends complete checksums as a NIC on a wire would deliver them."""
+    from pyroute2.ethtool import Ethtool
+
+    from controller.netns import in_netns
+
+    with in_netns(netns):
+        e = Ethtool()
+        try:
+            f = e.get_features(dev)
+            f.features["tx-checksum-ip-generic"].enable = False
+            e.set_features(dev, f)
+        finally:
+            e.close()
+
+
 @dataclass
 class Testbed:
     """The four-namespace topology. `prefix` keeps concurrent test beds apart.
@@ -225,6 +242,12 @@ class Testbed:
                 "nud",
                 "permanent",
             )
+        # The end hosts stand for machines behind a wire: their frames arrive with complete
+        # checksums. A veth would hand the gateway's XDP CHECKSUM_PARTIAL frames instead (L4
+        # checksum left for an offload that never comes), which the fastpath would encrypt
+        # as they are.
+        for role in ("lan", "remote"):
+            tx_checksum_offload_off(self.ns(role), "eth0")
         p = self.plan
         self.ip("lan", "route", "add", "default", "via", p["GW1_LAN"])
         self.ip("remote", "route", "add", "default", "via", p["GW2_LAN"])

@@ -66,21 +66,6 @@ def _clear(d: Datapath) -> None:
             d.maps[name].delete(key)
 
 
-def tx_checksum_offload_off(ns: str, dev: str) -> None:
-    from pyroute2.ethtool import Ethtool
-
-    from controller.netns import in_netns
-
-    with in_netns(ns):
-        e = Ethtool()
-        try:
-            f = e.get_features(dev)
-            f.features["tx-checksum-ip-generic"].enable = False
-            e.set_features(dev, f)
-        finally:
-            e.close()
-
-
 def configure(bed: Testbed, d: Datapath, me: str, peer: str) -> None:
     """SAs and flows of one gateway, as the controller would write them after validating the
     kernel's policy, SA, route and neighbour."""
@@ -197,7 +182,6 @@ def test_xdp_to_xdp_tunnel_carries_udp_both_ways(
         gw1.attach(lan=["lan"], wan=["wan"], netns=bed.ns("gw1"))
         gw2.attach(lan=["lan"], wan=["wan"], netns=bed.ns("gw2"))
         for role, dev in hosts:
-            tx_checksum_offload_off(bed.ns(role), dev)
             with in_netns(bed.ns(role)):
                 BPF.attach_xdp(dev.encode(), xdp_pass, 0)
         before = (gw1.stats(), gw2.stats())

@@ -101,7 +101,6 @@ def test_xdp_gw1_interoperates_with_kernel_esp_on_gw2(
     # Receivers of XDP-redirected frames on veth need an XDP program: gw2's wan (ESP from gw1's
     # encap) and the lan host's eth0 (clear from gw1's decap).
     peers = [("gw2", "wan"), ("lan", "eth0")]
-    R.tx_checksum_offload_off(bed.ns("lan"), "eth0")
     stat_before = xfrm_stat(bed, "gw2")
     try:
         d.attach(lan=["lan"], wan=["wan"], netns=ns)

@@ -13,6 +13,19 @@ def _root_links() -> set[str]:
     return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
 
 
+def _tx_csum(netns: str) -> bool:
+    from pyroute2.ethtool import Ethtool
+
+    from controller.netns import in_netns
+
+    with in_netns(netns):
+        e = Ethtool()
+        try:
+            return bool(e.get_features("eth0").features["tx-checksum-ip-generic"].enable)
+        finally:
+            e.close()
+
+
 def test_topology_builds_forwards_and_tears_down() -> None:
     links_before = _root_links()
     bed = Testbed(prefix=f"topo{os.getpid()}-")
@@ -30,6 +43,8 @@ def test_topology_builds_forwards_and_tears_down() -> None:
         assert bed.ping("remote", p["LAN_HOST"]), "remote reaches lan back"
         route = bed.ip("gw1", "route", "get", p["REMOTE_HOST"]).stdout
         assert "dev wan" in route, f"gw1 routes remote out of wan: {route}"
+        for role in ("lan", "remote"):
+            assert _tx_csum(bed.ns(role)) is False, f"{role}: tx checksum offload off"
     finally:
         bed.destroy()
     assert not ({bed.ns(r) for r in ROLES} & set(list_netns())), "namespaces removed"

@@ -12,24 +12,23 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from controller.paths import status_path
 from controller.static_esp import parse_xfrm_state_stats
 from controller.strongswan import IkeTunnel, have_strongswan, start_ike_tunnel
+from controller.supervisor import ControllerProcess
 from controller.testbed import Testbed
 
 pytestmark = pytest.mark.vm
 
-CLI = [sys.executable, "-m", "controller.cli"]
+Rig = tuple[Testbed, IkeTunnel, ControllerProcess]
+CONFIG = "[timers]\nidle_timeout = 300\nwatchdog = 5\n"
 ECHO_PORT = 7000
 BLOCKED_PORT = 7001
 
@@ -97,64 +96,8 @@ def wait_for(pred: Callable[[], Any], within: float, what: Callable[[], str] | s
     raise AssertionError(f"timed out after {within}s: {what() if callable(what) else what}")
 
 
-class Gateway:
-    """The controller running on gw1, with the helpers the tests ask it through."""
-
-    def __init__(self, bed: Testbed, workdir: Path) -> None:
-        self.bed = bed
-        self.log = workdir / "controller.log"
-        cfg = workdir / "gw1.toml"
-        cfg.write_text("[timers]\nidle_timeout = 300\nwatchdog = 5\n")
-        with self.log.open("w") as logf:
-            self.proc = subprocess.Popen(
-                [*bed.nsenter_argv("gw1"), *CLI, "run", "--config", str(cfg)],
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        # Generous: a Python start-up under TCG on a busy machine takes tens of seconds.
-        return subprocess.run(
-            [*self.bed.nsenter_argv("gw1"), *CLI, *args],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-
-    def status(self) -> dict[str, Any]:
-        r = self.cli("status", "--json")
-        assert r.returncode == 0, f"status: {r.stderr}"
-        return json.loads(r.stdout)
-
-    def flows(self) -> list[dict[str, Any]]:
-        r = self.cli("flows", "--json")
-        assert r.returncode == 0, f"flows: {r.stderr}"
-        return json.loads(r.stdout)
-
-    def fastpath_packets(self, direction: str) -> int:
-        st = self.status()
-        return sum(r["packets"] for r in st["fastpath"] if r["direction"] == direction)
-
-    def log_tail(self) -> str:
-        return self.log.read_text()[-4000:]
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
-                return -9
-        return self.proc.returncode
-
-
 @pytest.fixture(scope="module")
-def rig(
-    esp_kernel: None, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Testbed, IkeTunnel, Gateway]]:
+def rig(esp_kernel: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     ok, why = have_strongswan()
     if not ok:
         pytest.fail(why)
@@ -178,14 +121,8 @@ def rig(
             text=True,
         )
         assert echo.stdout.readline().strip() == "ready", "echo server up"
-        gw = Gateway(bed, work)
-        status = status_path(f"/run/netns/{bed.ns('gw1')}")
-        wait_for(
-            lambda: status.exists() or gw.proc.poll() is not None,
-            900,
-            lambda: f"controller start: {gw.log_tail()}",
-        )
-        assert gw.proc.poll() is None, f"controller running: {gw.log_tail()}"
+        gw = ControllerProcess(bed, "gw1", work, CONFIG)
+        gw.wait_started(900)
         yield bed, ike, gw
     finally:
         if gw is not None:
@@ -226,7 +163,9 @@ def udp_echo(bed: Testbed, n: int, port: int = ECHO_PORT) -> int:
     return int(out.strip() or 0)
 
 
-def test_flows_take_the_fastpath_both_ways_intact(rig: tuple[Testbed, IkeTunnel, Gateway]) -> None:
+def test_flows_take_the_fastpath_both_ways_intact(
+    rig: Rig,
+) -> None:
     bed, ike, gw = rig
     remote = bed.addr("REMOTE_HOST")
     enc0, dec0 = gw.fastpath_packets("encap"), gw.fastpath_packets("decap")
@@ -244,7 +183,7 @@ def test_flows_take_the_fastpath_both_ways_intact(rig: tuple[Testbed, IkeTunnel,
     flows = gw.flows()
     dirs = {(f["direction"], f["proto"]) for f in flows}
     for want in (("encap", 1), ("decap", 1), ("encap", 17), ("decap", 17)):
-        assert want in dirs, f"learned {want}: {flows}\n{gw.log_tail()}"
+        assert want in dirs, f"learned {want}: {flows}\n{gw.tail()}"
     enc = gw.fastpath_packets("encap") - enc0
     dec = gw.fastpath_packets("decap") - dec0
     # The kernel carries the first packet(s) of each flow; XDP the rest.
@@ -258,7 +197,9 @@ def test_flows_take_the_fastpath_both_ways_intact(rig: tuple[Testbed, IkeTunnel,
     print(f"\nfastpath encap {enc} decap {dec}; kernel encap {k_out} packets")
 
 
-def test_kernel_path_packets_share_the_sequence(rig: tuple[Testbed, IkeTunnel, Gateway]) -> None:
+def test_kernel_path_packets_share_the_sequence(
+    rig: Rig,
+) -> None:
     """New flows (kernel path, renumbered by tc_reseq) interleaved with fastpath traffic."""
     bed, _ike, gw = rig
     remote = bed.addr("REMOTE_HOST")
@@ -271,11 +212,11 @@ def test_kernel_path_packets_share_the_sequence(rig: tuple[Testbed, IkeTunnel, G
         # ... and the established ICMP flow on the fastpath in between.
         assert bed.ping("lan", remote, count=3), f"round {i}: fastpath ICMP answered"
     assert not peer_errors(bed), f"one forward-moving sequence at gw2: {peer_errors(bed)}"
-    reseq = [line for line in gw.log_tail().splitlines() if "ERROR" in line]
+    reseq = [line for line in gw.tail().splitlines() if "ERROR" in line]
     assert not reseq, f"no errors in the controller log: {reseq}"
 
 
-def test_local_traffic_is_never_learned(rig: tuple[Testbed, IkeTunnel, Gateway]) -> None:
+def test_local_traffic_is_never_learned(rig: Rig) -> None:
     bed, _ike, gw = rig
     before = {(f["saddr"], f["daddr"]) for f in gw.flows()}
     assert bed.ping("lan", bed.addr("GW1_LAN"), count=3), "gw1 answers on its LAN address"
@@ -287,7 +228,7 @@ def test_local_traffic_is_never_learned(rig: tuple[Testbed, IkeTunnel, Gateway])
 
 
 def test_firewall_change_flushes_and_dropped_flows_are_not_learned(
-    rig: tuple[Testbed, IkeTunnel, Gateway],
+    rig: Rig,
 ) -> None:
     bed, _ike, gw = rig
     assert udp_echo(bed, 5) == 5, "warm: the echo flow is learned"
@@ -311,7 +252,7 @@ def test_firewall_change_flushes_and_dropped_flows_are_not_learned(
         bed.cmd("gw1", ["nft", "delete", "table", "inet", "xfp_test"], check=False)
 
 
-def test_sas_command_reports_each_sa(rig: tuple[Testbed, IkeTunnel, Gateway]) -> None:
+def test_sas_command_reports_each_sa(rig: Rig) -> None:
     bed, _ike, gw = rig
     # An AES-GCM SA beside the tunnel's: the fastpath must say why it will not serve it.
     bed.ip(
@@ -364,12 +305,14 @@ def test_sas_command_reports_each_sa(rig: tuple[Testbed, IkeTunnel, Gateway]) ->
         )
 
 
-def test_sigterm_hands_back_and_tunnel_carries_on(rig: tuple[Testbed, IkeTunnel, Gateway]) -> None:
+def test_sigterm_hands_back_and_tunnel_carries_on(
+    rig: Rig,
+) -> None:
     bed, _ike, gw = rig
     remote = bed.addr("REMOTE_HOST")
     assert bed.ping("lan", remote, count=10), "fastpath traffic before stopping"
     rc = gw.stop()
-    assert rc == 0, f"SIGTERM: clean exit, not {rc}: {gw.log_tail()}"
+    assert rc == 0, f"SIGTERM: clean exit, not {rc}: {gw.tail()}"
     links = bed.ip("gw1", "-d", "link", "show").stdout
     assert "prog/xdp" not in links, "XDP detached"
     assert "handed back" in gw.log.read_text(), "sequence handed back to the kernel"
