@@ -30,6 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
 KERNEL_CACHE = Path("/var/cache/xfrm-fastpath/kernel")
+# Shared read-write with the guest: pytest's temporary directories (controller and charon logs,
+# captures) land here, readable from the host while the VM runs and after it is gone.
+VM_OUT = Path("/var/tmp/xfrm-fastpath-vm")
 QEMU = "qemu-system-x86_64"
 # Set in the environment of every run this module starts: tests/conftest.py skips `vm` tests on a
 # kernel without ESP only when it is NOT set (inside the runner a missing ESP is a failure).
@@ -171,6 +174,7 @@ def virtme_argv(kernel: Kernel, script: str, cpus: int, memory: str) -> list[str
         "--rodir", str(KERNEL_CACHE),
         # /tmp writable in the guest (pytest's tmp_path, iperf3), host /tmp still visible below.
         "--overlay-rwdir", "/tmp",
+        "--rwdir", str(VM_OUT),
         "--script-sh", script,
     ]
     # fmt: on
@@ -219,6 +223,8 @@ def run_in_vm(command: str, *, cpus: int, memory: str, timeout: float) -> int:
     kernel = find_kernel()
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
+    shutil.rmtree(VM_OUT, ignore_errors=True)
+    VM_OUT.mkdir(parents=True)
     argv = virtme_argv(kernel, guest_script(command), cpus, memory)
     say(f"booting Debian {kernel.abi} under qemu TCG ({cpus} vCPUs, {memory}), {timeout:.0f} s max")
     t0 = time.monotonic()
@@ -274,7 +280,9 @@ def cmd_vm_only(args: argparse.Namespace) -> int:
     extra = list(args.pytest_args)
     # Test paths given (e.g. tests/vm/test_vm_strongswan.py): run those, else all of tests/.
     paths = [a for a in extra if not a.startswith("-") and (ROOT / a.split("::")[0]).exists()]
-    return run_where_esp(pytest_cmd([*PYTEST_VM, *extra, *([] if paths else ["tests"])]), args)
+    basetemp = f"--basetemp={VM_OUT / 'pytest'}"  # logs stay readable from the host
+    argv = [*PYTEST_VM, basetemp, *extra, *([] if paths else ["tests"])]
+    return run_where_esp(pytest_cmd(argv), args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
