@@ -76,6 +76,9 @@ SEQ_JUMP = 4096
 HANDBACK_MARGIN = 1024
 SEQ_SPACE_32 = 1 << 32
 TICK_S = 0.2  # housekeeping period: idle sweep, watchdog refresh, status
+# How often what XDP carried is added to the kernel's SA lifetime counters: bounds how far
+# fastpath traffic may run past a byte/packet limit before the kernel and the IKE daemon see it.
+LIFETIME_SYNC_S = 1.0
 NEVER = (1 << 64) - 1
 
 
@@ -159,6 +162,7 @@ class Controller:
         self.exporter: Any = None
         self._snapshot: Any = None
         self.started = time.time()
+        self._next_lifetime_sync = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def stop(self, *_: object) -> None:
@@ -529,6 +533,67 @@ class Controller:
         log.info("SA 0x%08x (reqid %d) inbound offloaded as sa_id %d", sa.spi, sa.reqid, off.sa_id)
         return off
 
+    def _sync_lifetime(self, off: OffloadedSa, final: bool = False) -> bool:
+        """Add what XDP carried on the SA since the last sync to the kernel's lifetime counters
+        (XFRM_MSG_NEWAE with XFRMA_LTIME_VAL), so that `ip -s xfrm state`, the kernel's byte
+        and packet lifetimes and the IKE daemon's view of use (strongSwan's inactivity and
+        rekey-by-volume logic read these counters) include the fastpath's traffic. use_time
+        keeps the kernel's meaning (first use).
+
+        Limits reached by fastpath traffic are acted on as the kernel would: the soft limit
+        raises a soft XFRM_MSG_EXPIRE (the IKE daemon rekeys), the hard limit takes the SA off
+        the fastpath (the kernel enforces it on the next packet). False when the SA left.
+        `final`: the SA is leaving anyway; only the counters are written.
+
+        The read-modify-write is not atomic against packets the kernel counts meanwhile; the
+        window is one netlink round trip, and the error undercounts (never overcounts)."""
+        from controller.xfrm.model import LifetimeCur
+
+        if off.direction is Direction.ENCAP:
+            entry = self.dp.outbound_sa(off.sa_id)
+        else:
+            entry = self.dp.inbound_sa(off.sa.spi, str(off.sa.dst))
+        if entry is None:
+            return True
+        packets, nbytes = entry.packets - off.synced_packets, entry.bytes - off.synced_bytes
+        if packets <= 0:
+            return True
+        try:
+            cur = self.xfrm.get_ae(off.sa).current or LifetimeCur()
+            total = LifetimeCur(
+                bytes=cur.bytes + nbytes,
+                packets=cur.packets + packets,
+                add_time=cur.add_time,
+                use_time=cur.use_time or int(time.time()),
+            )
+            self.xfrm.new_ae(off.sa, lifetime_cur=total)
+        except Exception as e:  # the SA may be gone: its DELSA event follows
+            log.debug("SA 0x%08x: lifetime sync: %s", off.sa.spi, e)
+            return True
+        off.synced_packets, off.synced_bytes = entry.packets, entry.bytes
+        if final:
+            return True
+        lt = off.sa.lifetime
+        if total.bytes >= lt.hard_byte_limit or total.packets >= lt.hard_packet_limit:
+            log.info(
+                "SA 0x%08x: hard volume limit reached on the fastpath: the kernel takes over",
+                off.sa.spi,
+            )
+            self._release_sa(off)
+            return False
+        if not off.soft_expire_sent and (
+            total.bytes >= lt.soft_byte_limit or total.packets >= lt.soft_packet_limit
+        ):
+            off.soft_expire_sent = True
+            try:
+                self.xfrm.send_expire(off.sa, hard=False)
+                log.info(
+                    "SA 0x%08x: soft volume limit reached on the fastpath: soft expire", off.sa.spi
+                )
+            except Exception as e:
+                log.warning("SA 0x%08x: soft expire: %s", off.sa.spi, e)
+        return True
+
     def _refresh_watchdog(self, off: OffloadedSa, now: int) -> None:
         deadline = min(off.hard_deadline_ns, now + int(self.cfg.watchdog * 1e9))
         self.dp.refresh_watchdog(off.sa_id, deadline)
@@ -573,12 +638,26 @@ class Controller:
         """Take an SA out of the datapath: its flows first, then the entry (key wiped), and
         for an outbound SA the last sequence number used goes back to the kernel."""
         self._remove(self.flows.flows_of_sa(off.ref), Cause.SA_DELETED)
+        self._sync_lifetime(off, final=True)  # the last of XDP's counts, before the entry goes
         if off.direction is Direction.ENCAP:
             self._hand_back_outbound(off.sa, off.sa_id, off.sa.spi, str(off.sa.dst))
             self.sa_out.pop(off.ref, None)
         else:
-            self.dp.delete_inbound_sa(off.sa.spi, str(off.sa.dst))
+            self._hand_back_inbound(off)
             self.sa_in.pop(off.ref, None)
+
+    def _hand_back_inbound(self, off: OffloadedSa) -> None:
+        """Remove an inbound SA's entry (key wiped) and move the kernel's replay window up to
+        what XDP accepted, so nothing XDP let through can be replayed to the kernel."""
+        entry = self.dp.inbound_sa(off.sa.spi, str(off.sa.dst))
+        self.dp.delete_inbound_sa(off.sa.spi, str(off.sa.dst))
+        if entry is None or not entry.seq_top:
+            return
+        try:
+            r = self.xfrm.set_replay_top(off.sa, entry.seq_top)
+            log.info("SA 0x%08x: replay window handed back at %d", off.sa.spi, r.seq64)
+        except Exception as e:
+            log.error("SA 0x%08x: handing the replay window back failed: %s", off.sa.spi, e)
 
     def _remove(self, keys: Iterable[FlowKey], cause: Cause) -> int:
         from controller.datapath import flow_key
@@ -671,9 +750,14 @@ class Controller:
     def tick(self) -> None:
         now = time.monotonic_ns()
         self._sweep_idle(now)
+        sync = now >= self._next_lifetime_sync
+        if sync:
+            self._next_lifetime_sync = now + int(LIFETIME_SYNC_S * 1e9)
         for off in (*self.sa_out.values(), *self.sa_in.values()):
             if now >= off.hard_deadline_ns:
                 self._drop_sa(off.sa.spi, str(off.sa.dst), Cause.SA_EXPIRED)
+                continue
+            if sync and not self._sync_lifetime(off):
                 continue
             self._refresh_watchdog(off, now)
         self._snapshot = self.metrics.snapshot()

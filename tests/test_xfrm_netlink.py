@@ -590,6 +590,14 @@ def test_new_ae_moves_kernel_sequence_and_counters(bed: Testbed, esn: bool) -> N
         assert re.search(r"12345\(bytes\), 67\(packets\)", text), text
         with pytest.raises(ValueError):
             x.set_oseq(sa, 10)  # never backwards
+        # Inbound hand-back: the window moves up to what the fastpath accepted, all seen.
+        top = (3 << 32) + 77 if esn else 77
+        r = x.set_replay_top(sa, top).seq64
+        got = x.get_ae(sa).replay
+        assert got is not None and got.seq64 == top == r, f"window top moved: {got}"
+        assert (got.bmp and all(w == 0xFFFFFFFF for w in got.bmp)) or got.bitmap == 0xFFFFFFFF
+        assert x.set_replay_top(sa, 5).seq64 == top, "never backwards"
+        assert x.get_ae(sa).replay.oseq64 == target, "the outbound sequence is untouched"
 
 
 @pytest.mark.vm

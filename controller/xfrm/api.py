@@ -817,6 +817,28 @@ class XfrmSocket:
         self.new_ae(sa, replay=new)
         return new
 
+    def set_replay_top(self, sa: Sa, seq64: int) -> ReplayState:
+        """Move the SA's inbound window top to `seq64` (never backwards) and mark the whole
+        window as seen: what the fastpath accepted can never be accepted again by the kernel.
+        Conservative: a delayed packet still inside the window is dropped as a replay."""
+        ae = self.get_ae(sa)
+        r = ae.replay or ReplayState()
+        top = max(seq64, r.seq64)
+        if not r.esn and top >> 32:
+            raise ValueError("replay top beyond 32 bits on a non-ESN SA")
+        new = ReplayState(
+            oseq=r.oseq,
+            seq=top & 0xFFFFFFFF,
+            bitmap=0xFFFFFFFF,
+            esn=r.esn,
+            oseq_hi=r.oseq_hi,
+            seq_hi=top >> 32,
+            replay_window=r.replay_window,
+            bmp=tuple(0xFFFFFFFF for _ in r.bmp),
+        )
+        self.new_ae(sa, replay=new)
+        return new
+
     def send_expire(self, sa: Sa, hard: bool = False) -> None:
         """XFRM_MSG_EXPIRE (xfrm_add_sa_expire()): tell key managers the SA expired, as the kernel
         would on a lifetime limit. hard=True also deletes the SA. The SA must be VALID."""
