@@ -18,6 +18,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -174,10 +175,22 @@ class IkeTunnel:
     gw2: Charon
     psk: str
     daemons: list[Charon] = field(default_factory=list)
+    scratch: Path | None = None  # the daemons' run directories (sockets), removed at stop
+    logdir: Path | None = None  # where their logs are copied at stop
 
     def stop(self) -> None:
         for d in reversed(self.daemons):
             d.stop()
+        if self.scratch is not None:
+            if self.logdir is not None:
+                for d in self.daemons:
+                    with suppress(OSError):
+                        (self.logdir / d.role).mkdir(parents=True, exist_ok=True)
+                        for name in ("charon.log", "charon.out"):
+                            if (d.rundir / name).exists():
+                                shutil.copy(d.rundir / name, self.logdir / d.role / name)
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
 
 
 def start_ike_tunnel(
@@ -186,7 +199,17 @@ def start_ike_tunnel(
     """Render both configs under workdir, start both charons, load them, and (by default)
     have gw1 initiate the CHILD_SA. On failure everything started is stopped again."""
     psk = psk or secrets.token_hex(16)
-    tun = IkeTunnel(Charon(bed, "gw1", workdir / "gw1"), Charon(bed, "gw2", workdir / "gw2"), psk)
+    # Run directories (config, vici socket, log) on /run: a tmpfs on the host and in the VM,
+    # where unix sockets work (they do not on the 9p share the VM runner keeps logs on) and
+    # paths stay short (108-byte sun_path). Logs are copied to workdir when the tunnel stops.
+    scratch = Path(tempfile.mkdtemp(prefix="xfp-swan-", dir="/run"))
+    tun = IkeTunnel(
+        Charon(bed, "gw1", scratch / "gw1"),
+        Charon(bed, "gw2", scratch / "gw2"),
+        psk,
+        scratch=scratch,
+        logdir=workdir,
+    )
     try:
         for daemon in (tun.gw2, tun.gw1):
             render(daemon.role, daemon.rundir, bed.plan, psk, daemon.rundir)
