@@ -91,9 +91,9 @@ def _ifaces(plan: dict[str, str]) -> tuple[Iface, ...]:
     )
 
 
-def tx_checksum_offload_off(netns: str, dev: str) -> None:
-    """Turn off a device's tx checksum offload (and with it TSO) inside a namespace, so it
-    sends complete checksums as a NIC on a wire would deliver them."""
+def set_features(netns: str, dev: str, **features: bool) -> None:
+    """Set ethtool features of a device inside a namespace, by their ethtool names with "_"
+    for "-" (e.g. rx_gro=True, tx_checksum_ip_generic=False)."""
     from pyroute2.ethtool import Ethtool
 
     from controller.netns import in_netns
@@ -102,10 +102,17 @@ def tx_checksum_offload_off(netns: str, dev: str) -> None:
         e = Ethtool()
         try:
             f = e.get_features(dev)
-            f.features["tx-checksum-ip-generic"].enable = False
+            for name, on in features.items():
+                f.features[name.replace("_", "-")].enable = on
             e.set_features(dev, f)
         finally:
             e.close()
+
+
+def tx_checksum_offload_off(netns: str, dev: str) -> None:
+    """Turn off a device's tx checksum offload (and with it TSO) inside a namespace, so it
+    sends complete checksums as a NIC on a wire would deliver them."""
+    set_features(netns, dev, tx_checksum_ip_generic=False)
 
 
 @dataclass
@@ -248,6 +255,11 @@ class Testbed:
         # as they are.
         for role in ("lan", "remote"):
             tx_checksum_offload_off(self.ns(role), "eth0")
+        # A veth accepts frames another device's XDP program redirects to it only in NAPI
+        # mode: with an XDP program of its own, or with GRO on. Every test-bed veth has GRO
+        # on, so a gateway's fastpath can send to any neighbour, as it could to a NIC.
+        for i in self.ifaces:
+            set_features(self.ns(i.role), i.dev, rx_gro=True)
         p = self.plan
         self.ip("lan", "route", "add", "default", "via", p["GW1_LAN"])
         self.ip("remote", "route", "add", "default", "via", p["GW2_LAN"])

@@ -13,7 +13,7 @@ def _root_links() -> set[str]:
     return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
 
 
-def _tx_csum(netns: str) -> bool:
+def _feature(netns: str, dev: str, name: str) -> bool:
     from pyroute2.ethtool import Ethtool
 
     from controller.netns import in_netns
@@ -21,7 +21,7 @@ def _tx_csum(netns: str) -> bool:
     with in_netns(netns):
         e = Ethtool()
         try:
-            return bool(e.get_features("eth0").features["tx-checksum-ip-generic"].enable)
+            return bool(e.get_features(dev).features[name].enable)
         finally:
             e.close()
 
@@ -44,7 +44,11 @@ def test_topology_builds_forwards_and_tears_down() -> None:
         route = bed.ip("gw1", "route", "get", p["REMOTE_HOST"]).stdout
         assert "dev wan" in route, f"gw1 routes remote out of wan: {route}"
         for role in ("lan", "remote"):
-            assert _tx_csum(bed.ns(role)) is False, f"{role}: tx checksum offload off"
+            tx = _feature(bed.ns(role), "eth0", "tx-checksum-ip-generic")
+            assert tx is False, f"{role}: tx checksum offload off"
+        for i in bed.ifaces:
+            gro = _feature(bed.ns(i.role), i.dev, "rx-gro")
+            assert gro, f"{i.role}/{i.dev}: GRO on (receives XDP redirects)"
     finally:
         bed.destroy()
     assert not ({bed.ns(r) for r in ROLES} & set(list_netns())), "namespaces removed"

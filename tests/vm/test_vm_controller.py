@@ -57,7 +57,7 @@ while True:
 UDP_CLIENT = r"""
 import hashlib, os, socket, sys
 dst, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2); s.connect((dst, port))
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1); s.connect((dst, port))
 ok = 0
 for i in range(n):
     payload = os.urandom(16 + (i * 37) % 1200)
@@ -154,6 +154,12 @@ def peer_errors(bed: Testbed) -> dict[str, int]:
     return {k: stats.get(k, 0) for k in PEER_ERRORS if stats.get(k, 0)}
 
 
+def diag(gw: ControllerProcess) -> str:
+    """What the controller saw (per-reason counters, flows, SAs) and its log: for failures."""
+    parts = [gw.cli(cmd).stdout for cmd in ("status", "flows", "sas")]
+    return "\n".join([*parts, gw.tail(3000)])
+
+
 def udp_echo(bed: Testbed, n: int, port: int = ECHO_PORT) -> int:
     out = bed.cmd(
         "lan",
@@ -170,15 +176,17 @@ def test_flows_take_the_fastpath_both_ways_intact(
     remote = bed.addr("REMOTE_HOST")
     enc0, dec0 = gw.fastpath_packets("encap"), gw.fastpath_packets("decap")
 
-    assert bed.ping("lan", remote, count=30), "ICMP: every echo answered"
+    assert bed.ping("lan", remote, count=30), f"ICMP: every echo answered\n{diag(gw)}"
     got = udp_echo(bed, 200)
-    assert got == 200, f"UDP: all 200 datagrams (16..1215 B) came back intact, not {got}"
+    assert got == 200, (
+        f"UDP: all 200 datagrams (16..1215 B) came back intact, not {got}\n{diag(gw)}"
+    )
     tcp = bed.cmd(
         "lan",
         [sys.executable, "-c", TCP_CLIENT, remote, str(ECHO_PORT), str(2_000_000)],
         timeout=300,
     ).stdout.split()
-    assert tcp and tcp[0] == "True", f"TCP: 2 MB echoed byte for byte: {tcp}"
+    assert tcp and tcp[0] == "True", f"TCP: 2 MB echoed byte for byte: {tcp}\n{diag(gw)}"
 
     flows = gw.flows()
     dirs = {(f["direction"], f["proto"]) for f in flows}
