@@ -760,6 +760,13 @@ class Controller:
             if sync and not self._sync_lifetime(off):
                 continue
             self._refresh_watchdog(off, now)
+        if self.view is not None and self.view.dirty:
+            # XFRM changed since the last look: `xfrm-fastpath sas` shows the kernel's SAs now,
+            # not at the next learn event.
+            try:
+                self.view.refresh()
+            except Exception as e:
+                log.debug("kernel view refresh: %s", e)
         self._snapshot = self.metrics.snapshot()
         self._write_status()
 

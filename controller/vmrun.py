@@ -305,7 +305,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(where="auto")
     p.add_argument("--cpus", type=int, default=2, help="guest vCPUs (default 2)")
     p.add_argument("--memory", default="2G", help="guest memory (default 2G)")
-    p.add_argument("--timeout", type=float, default=2400, help="bound on the whole VM run, seconds")
+    p.add_argument("--timeout", type=float, default=3600, help="bound on the whole VM run, seconds")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("test", help="host tests, then the vm tests")
     t.add_argument("pytest_args", nargs="*", help="extra pytest arguments for the vm part")
