@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,26 @@ def _status_path() -> Path:
 
 
 def _read_status() -> dict[str, Any] | None:
+    """The running controller's status, or None. A file left by a controller that was killed
+    (its pid gone) is stale: None too."""
     try:
-        return json.loads(_status_path().read_text())
+        st = json.loads(_status_path().read_text())
     except (OSError, ValueError):
         return None
+    pid = st.get("pid") if isinstance(st, dict) else None
+    if not isinstance(pid, int) or not _alive(pid):
+        return None
+    return st
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def cmd_run(args: argparse.Namespace) -> int:

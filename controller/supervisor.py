@@ -55,10 +55,17 @@ class ControllerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise ControllerError(f"controller exited ({self.proc.returncode}): {self.tail()}")
-            if self._status.exists():
+            if self._published():
                 return time.monotonic() - self.started_at
             time.sleep(0.2)
         raise ControllerError(f"controller not up after {within:.0f} s: {self.tail()}")
+
+    def _published(self) -> bool:
+        """Our process wrote the status file (a controller killed earlier leaves its own)."""
+        try:
+            return json.loads(self._status.read_text()).get("pid") == self.proc.pid
+        except (OSError, ValueError):
+            return False
 
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """Run `xfrm-fastpath ARGS` in the gateway's namespace. Generous timeout: a Python

@@ -102,3 +102,20 @@ def test_run_status_and_sigterm_detach(bed: Testbed, tmp_path: Path) -> None:
     assert "tc_reseq" not in tc, f"resequencer detached: {tc}"
     assert _cli(bed, "status").returncode == 3, "status says no controller runs"
     assert "XDP detached" in log.read_text(), "the log says what happened"
+
+
+def test_status_left_by_a_killed_controller_is_stale(bed: Testbed) -> None:
+    """kill -9 leaves status.json behind: the CLI must not report a dead controller as up."""
+    from controller.paths import status_path
+
+    path = status_path(f"/run/netns/{bed.ns('gw1')}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    path.write_text(json.dumps({"pid": dead.pid, "metrics": {}, "flows": [], "sas": []}))
+    try:
+        r = _cli(bed, "status")
+        assert r.returncode == 3, f"not running (exit 3): {r.returncode} {r.stdout} {r.stderr}"
+        assert "no controller is running" in r.stderr, r.stderr
+    finally:
+        path.unlink()

@@ -21,13 +21,13 @@ from typing import Any
 import pytest
 
 from controller.static_esp import parse_xfrm_state_stats
-from controller.strongswan import IkeTunnel, have_strongswan, start_ike_tunnel
+from controller.strongswan import have_strongswan, start_ike_tunnel
 from controller.supervisor import ControllerProcess
 from controller.testbed import Testbed
 
 pytestmark = pytest.mark.vm
 
-Rig = tuple[Testbed, IkeTunnel, ControllerProcess]
+Rig = list  # [Testbed, IkeTunnel, ControllerProcess]
 CONFIG = "[timers]\nidle_timeout = 300\nwatchdog = 5\n"
 ECHO_PORT = 7000
 BLOCKED_PORT = 7001
@@ -103,9 +103,10 @@ def rig(esp_kernel: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         pytest.fail(why)
     work = tmp_path_factory.mktemp("rig")
     bed = Testbed(prefix=f"ctl{os.getpid()}-").build()
-    ike = gw = echo = None
+    ike = echo = None
+    state: Rig = [bed, None, None]  # a list: the restart test swaps in its new controller
     try:
-        ike = start_ike_tunnel(bed, work / "ike")
+        ike = state[1] = start_ike_tunnel(bed, work / "ike")
         echo = subprocess.Popen(
             [
                 "ip",
@@ -121,12 +122,12 @@ def rig(esp_kernel: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             text=True,
         )
         assert echo.stdout.readline().strip() == "ready", "echo server up"
-        gw = ControllerProcess(bed, "gw1", work, CONFIG)
-        gw.wait_started(900)
-        yield bed, ike, gw
+        state[2] = ControllerProcess(bed, "gw1", work, CONFIG)
+        state[2].wait_started(900)
+        yield state
     finally:
-        if gw is not None:
-            gw.stop()
+        if state[2] is not None:
+            state[2].stop()
         if echo is not None:
             echo.kill()
             echo.wait()
@@ -326,6 +327,64 @@ def test_sas_command_reports_each_sa(rig: Rig) -> None:
             "0x0badbeef",
             check=False,
         )
+
+
+def test_rekey_moves_flows_to_the_new_sa(rig: Rig) -> None:
+    """IKEv2 CHILD_SA rekey (make-before-break) while flows run: flows leave the old SAs,
+    are re-learned onto the new ones, no datagram is lost, the old SAs are let go."""
+    from controller.strongswan import CHILD
+
+    bed, ike, gw = rig
+    assert udp_echo(bed, 20) == 20, "warm"
+    old = {s["spi"] for s in gw.sas() if s["offloaded"]}
+    assert len(old) == 2, f"both directions offloaded before the rekey: {gw.sas()}"
+    t0 = time.monotonic()
+    ike.gw1.swanctl("--rekey", "--child", CHILD["gw1"])
+    got = udp_echo(bed, 100)
+    assert got == 100, f"no datagram lost to the rekey ({got}/100)\n{diag(gw)}"
+
+    def moved() -> set[str] | None:
+        sas = gw.sas()
+        now = {s["spi"] for s in sas if s["offloaded"]}
+        # the old SAs gone from the kernel (strongSwan deletes them) and from the fastpath
+        left = {s["spi"] for s in sas} & old
+        return now if len(now) == 2 and not now & old and not left else None
+
+    def traffic_and_moved() -> set[str] | None:
+        udp_echo(bed, 3)
+        return moved()
+
+    new = wait_for(traffic_and_moved, 60, lambda: f"flows on the new SAs: {diag(gw)}")
+    took = time.monotonic() - t0
+    assert udp_echo(bed, 50) == 50, "the new SAs carry the flows"
+    assert not peer_errors(bed), f"no replay or ICV errors across the rekey: {peer_errors(bed)}"
+    print(f"\nrekey: {sorted(old)} -> {sorted(new)}, flows moved within {took:.1f} s")
+
+
+def test_kill_9_watchdog_then_restart_resumes(rig: Rig) -> None:
+    """kill -9: XDP stops using the SAs at the watchdog, the kernel carries on (its packets
+    renumbered from XDP's counter), the peer sees no replay; a restarted controller hands the
+    pinned SAs back, starts clean and offloads again."""
+    bed, _ike, gw = rig
+    assert udp_echo(bed, 20) == 20 and gw.fastpath_packets("encap") > 0, "on the fastpath"
+    gw.proc.kill()
+    gw.proc.wait(timeout=30)
+    got = udp_echo(bed, 30)  # across the watchdog (5 s): XDP first, then the kernel
+    time.sleep(6)
+    after = udp_echo(bed, 20)
+    assert (got, after) == (30, 20), f"traffic through and after the watchdog: {got}, {after}"
+    assert not peer_errors(bed), f"no replay or ICV errors after kill -9: {peer_errors(bed)}"
+
+    work = gw.log.parent / "restart"
+    work.mkdir()
+    fresh = ControllerProcess(bed, "gw1", work, CONFIG)
+    rig[2] = fresh
+    fresh.wait_started(900)
+    assert "recovered" in fresh.tail(), f"pinned state handed back: {fresh.tail()}"
+    enc0 = fresh.fastpath_packets("encap")
+    assert udp_echo(bed, 50) == 50, f"the tunnel carries on\n{diag(fresh)}"
+    assert fresh.fastpath_packets("encap") - enc0 >= 40, f"offloaded again\n{diag(fresh)}"
+    assert not peer_errors(bed), f"no replay errors after the restart: {peer_errors(bed)}"
 
 
 def test_sigterm_hands_back_and_tunnel_carries_on(
