@@ -258,8 +258,12 @@ def test_firewall_change_flushes_and_dropped_flows_are_not_learned(
     assert udp_echo(bed, 5) == 5, "warm: the echo flow is learned"
     assert gw.flows(), "some flows on the fastpath before the rule"
     rules = (
-        f"table inet xfp_test {{ chain forward_filter {{ type filter hook forward priority 0; "
-        f"udp dport {BLOCKED_PORT} drop; }} }}"
+        "table inet xfp_test {\n"
+        "  chain forward_filter {\n"
+        "    type filter hook forward priority 0;\n"
+        f"    udp dport {BLOCKED_PORT} drop\n"
+        "  }\n"
+        "}\n"
     )
     t0 = time.monotonic()
     bed.cmd("gw1", ["nft", "-f", "-"], input=rules)
