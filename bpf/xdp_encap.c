@@ -119,6 +119,14 @@ int xdp_encap(struct xdp_md *ctx)
 	r = xfp_parse_eth_ipv4(data, data_end, &iph);
 	if (r)
 		goto pass;
+	/* ip_forward() forwards only frames sent to this host (PACKET_HOST): one to a broadcast
+	 * or multicast MAC (the group bit, IEEE 802 first octet bit 0) is the kernel's, which
+	 * drops it. */
+	eth = data;
+	if (eth->h_dest[0] & 1) {
+		r = XFP_R_PASS_NOT_IPV4;
+		goto pass;
+	}
 	r = encap_flow_key(iph, data_end, &fk);
 	if (r)
 		goto pass;

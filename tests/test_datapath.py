@@ -147,8 +147,9 @@ def run(fd: int, frame: bytes) -> tuple[int, bytes]:
 
 # ---- encap -------------------------------------------------------------------------------------
 def check_encap_output(frame_in: bytes, out: bytes, seq: int, iv_mask: int = 0) -> bytes:
-    """Every outer field of an encapsulated frame; returns the decrypted inner packet."""
-    inner_in = frame_in[14:]
+    """Every outer field of an encapsulated frame; returns the decrypted inner packet (the
+    input's IPv4 packet, up to its total length: an Ethernet trailer is not part of it)."""
+    inner_in = frame_in[14 : 14 + struct.unpack("!H", frame_in[16:18])[0]]
     assert out[:14] == P.eth(GW2_WAN_MAC, GW1_WAN_MAC), "L2 rewritten to the SA's next hop"
     ip = out[14:34]
     assert ip[0] == 0x45, "outer IPv4, no options"
@@ -240,9 +241,20 @@ ENCAP_PUNTS = [
     ),
     Case("IPv6", P.eth(GW1_LAN_MAC, LAN_HOST_MAC, P.ETH_P_IPV6) + bytes(60), Reason.PASS_NOT_IPV4),
     Case("IPv4 type, no header", P.eth(GW1_LAN_MAC, LAN_HOST_MAC), Reason.PASS_MALFORMED_IP),
+    Case(
+        "IPv4 of the flow to the broadcast MAC",
+        P.eth("ff:ff:ff:ff:ff:ff", LAN_HOST_MAC) + clear_frame()[14:],
+        Reason.PASS_NOT_IPV4,
+    ),
+    Case(
+        "IPv4 of the flow to a multicast MAC",
+        P.eth("01:00:5e:00:00:01", LAN_HOST_MAC) + clear_frame()[14:],
+        Reason.PASS_NOT_IPV4,
+    ),
     Case("truncated IPv4", clear_frame()[:30], Reason.PASS_MALFORMED_IP),
     Case("total length past frame", clear_frame(tot_len=200), Reason.PASS_MALFORMED_IP),
     Case("IP options", clear_frame(options=b"\x01\x01\x01\x00"), Reason.PASS_IP_OPTIONS),
+    Case("header checksum wrong", clear_frame(check=0x1234), Reason.PASS_MALFORMED_IP),
     Case("first fragment", clear_frame(frag=P.IP_MF), Reason.PASS_FRAGMENT),
     Case("later fragment", clear_frame(frag=100), Reason.PASS_FRAGMENT),
     Case(
@@ -422,6 +434,12 @@ def _short_esp() -> bytes:
     return P.eth(GW1_WAN_MAC, GW2_WAN_MAC) + P.ipv4(GW2_WAN, GW1_WAN, P.IPPROTO_ESP, esp)
 
 
+def _outer_csum_bad() -> bytes:
+    f = bytearray(esp_frame(inner_packet(), 1))
+    f[24:26] = b"\x12\x34"  # the outer header checksum (tests/test_fuzz_datapath.py found it)
+    return bytes(f)
+
+
 def _inner_csum_bad() -> bytes:
     return esp_frame(inner_packet(check=0x1234), 1)
 
@@ -443,6 +461,7 @@ DECAP_CASES = [
         P.eth(GW1_WAN_MAC, GW2_WAN_MAC) + P.ipv4(GW2_WAN, GW1_WAN, P.IPPROTO_ESP, b"\0\0\x20"),
         Reason.PASS_MALFORMED_IP,
     ),
+    Case("outer header checksum wrong", _outer_csum_bad, Reason.PASS_MALFORMED_IP),
     Case(
         "outer fragment",
         lambda: esp_frame(inner_packet(), 1)[:20] + b"\x20\x00" + esp_frame(inner_packet(), 1)[22:],

@@ -10,6 +10,7 @@
 #include <uapi/linux/ip.h>
 #include <uapi/linux/in.h>
 #include "xfp_defs.h"
+#include "csum.h"
 
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 #define xfp_htons(x) ((__u16)__builtin_bswap16((__u16)(x)))
@@ -32,8 +33,8 @@
 #define XFP_ICMP_ECHO 8
 
 /* Needs nothing checked. On success returns 0 with *iphp at a 20-byte IPv4 header, right after
- * an Ethernet header, whose total length fits in the frame and which is not a fragment. Else
- * returns the XFP_R_PASS_* reason to punt with. */
+ * an Ethernet header, whose total length fits in the frame, which is not a fragment and whose
+ * header checksum is right. Else returns the XFP_R_PASS_* reason to punt with. */
 static __always_inline int xfp_parse_eth_ipv4(void *data, void *data_end, struct iphdr **iphp)
 {
 	struct ethhdr *eth = data;
@@ -52,6 +53,12 @@ static __always_inline int xfp_parse_eth_ipv4(void *data, void *data_end, struct
 		return XFP_R_PASS_MALFORMED_IP;
 	if (iph->frag_off & xfp_htons(XFP_IP_MF | XFP_IP_OFFSET))
 		return XFP_R_PASS_FRAGMENT;
+	/* ip_rcv_core() drops a header whose checksum is wrong (RFC 1812 section 5.2.2): the
+	 * fastpath must not forward what the kernel would not (encap would seal the corrupt
+	 * header; decap would trust a corrupt outer TOS). Punted, the kernel drops and counts it
+	 * (InCsumErrors). */
+	if (xfp_ipv4_csum(iph) != 0)
+		return XFP_R_PASS_MALFORMED_IP;
 	*iphp = iph;
 	return 0;
 }

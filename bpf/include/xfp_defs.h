@@ -47,8 +47,8 @@ enum xfp_reason {
 	XFP_R_ENCAP_OK = 0,
 	XFP_R_DECAP_OK = 1,
 	/* punts: XDP_PASS with the frame untouched, the kernel does everything */
-	XFP_R_PASS_NOT_IPV4 = 2,     /* not Ethernet + IPv4 (ARP, IPv6, VLAN, inner IPv6...) */
-	XFP_R_PASS_MALFORMED_IP = 3, /* IPv4 header or length inconsistent: the kernel judges */
+	XFP_R_PASS_NOT_IPV4 = 2,     /* not unicast Ethernet + IPv4 (ARP, IPv6, VLAN, inner v6..) */
+	XFP_R_PASS_MALFORMED_IP = 3, /* IPv4 header, length or checksum bad: the kernel judges */
 	XFP_R_PASS_IP_OPTIONS = 4,   /* ihl != 5 (outer, or inner at decap) */
 	XFP_R_PASS_FRAGMENT = 5,     /* MF set or fragment offset != 0 */
 	XFP_R_PASS_NOT_ESP = 6,	     /* decap side: IP protocol is not 50 (incl. NAT-T UDP) */
