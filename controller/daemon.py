@@ -845,6 +845,8 @@ class Controller:
             "metrics": snapshot_to_dict(self._snapshot) if self._snapshot else None,
             "flows": flows,
             "sas": sas,
+            # Kernel-built ESP on offloaded SAs, as the TC program handled it (bpf/tc_reseq.c).
+            "resequencer": {k: v[0] for k, v in self.reseq.stats().items()} if self.reseq else {},
         }
 
     def _write_status(self) -> None:

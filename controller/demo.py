@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +193,7 @@ class Story:
     learn_latency_s: list[float]
     peer_errors: dict[str, int]
     handback_ok: bool | None  # the tunnel still carried traffic after SIGTERM
+    resequencer: dict[str, int] = field(default_factory=dict)  # tc_reseq outcome -> packets
 
 
 def summarize(story: Story) -> bool:
@@ -262,6 +263,8 @@ def summarize(story: Story) -> bool:
     ok &= len(story.flows) >= 2
     offloaded = [s for s in story.sas if s["offloaded"]]
     print(f"SAs offloaded: {', '.join(s['spi'] + ' ' + s['direction'] for s in offloaded)}")
+    moved_tc = {k: v for k, v in story.resequencer.items() if v}
+    print(f"kernel-built ESP renumbered at TC egress (bpf/tc_reseq.c): {moved_tc or 'none'}")
     errs = story.peer_errors
     print(f"gw2 XFRM errors (replay, sequence, ICV, ...): {errs or 'none'}")
     ok &= not errs
@@ -315,6 +318,7 @@ def run_story(bed: Testbed, workdir: Path) -> Story:
             k1 = kernel_counters(bed)
             fastpath = {d: ctl.fastpath_packets(d) - f0[d] for d in ("encap", "decap")}
             flows, ctl_sas = ctl.flows(), ctl.sas()
+            reseq = ctl.published_status().get("resequencer", {})
         finally:
             step("SIGTERM to the controller: hand the sequence back to the kernel, detach")
             rc = ctl.stop()
@@ -331,6 +335,7 @@ def run_story(bed: Testbed, workdir: Path) -> Story:
             sas=ctl_sas,
             learn_latency_s=[f["learn_latency_ms"] / 1e3 for f in flows],
             peer_errors=xfrm_errors(bed, "gw2"),
+            resequencer=reseq,
             handback_ok=handback,
         )
     finally:

@@ -67,6 +67,11 @@ class ControllerProcess:
         except (OSError, ValueError):
             return False
 
+    def published_status(self) -> dict[str, Any]:
+        """The whole status file as the controller last wrote it (more than `status` prints:
+        flows, SAs, the resequencer's counters)."""
+        return json.loads(self._status.read_text())
+
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """Run `xfrm-fastpath ARGS` in the gateway's namespace. Generous timeout: a Python
         start-up under qemu TCG on a busy machine takes tens of seconds."""
