@@ -386,8 +386,9 @@ def test_kill_9_watchdog_then_restart_resumes(rig: Rig) -> None:
     fresh.wait_started(900)
     assert "recovered" in fresh.tail(), f"pinned state handed back: {fresh.tail()}"
     enc0 = fresh.fastpath_packets("encap")
-    assert udp_echo(bed, 50) == 50, f"the tunnel carries on\n{diag(fresh)}"
-    assert fresh.fastpath_packets("encap") - enc0 >= 40, f"offloaded again\n{diag(fresh)}"
+    assert udp_echo(bed, 100) == 100, f"the tunnel carries on\n{diag(fresh)}"
+    # The first echoes cross on the kernel path while the flow is learned (tens of ms here).
+    assert fresh.fastpath_packets("encap") - enc0 >= 50, f"offloaded again\n{diag(fresh)}"
     assert not peer_errors(bed), f"no replay errors after the restart: {peer_errors(bed)}"
 
 
