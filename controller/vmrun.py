@@ -32,7 +32,28 @@ VENV_BIN = ROOT / ".venv" / "bin"
 KERNEL_CACHE = Path("/var/cache/xfrm-fastpath/kernel")
 # Shared read-write with the guest: pytest's temporary directories (controller and charon logs,
 # captures) land here, readable from the host while the VM runs and after it is gone.
-VM_OUT = Path("/var/tmp/xfrm-fastpath-vm")
+VM_OUT_BASE = Path("/var/tmp/xfrm-fastpath-vm")
+# One directory per runner process, so that two runs at once never clear each other's.
+VM_OUT = VM_OUT_BASE / f"run-{os.getpid()}"
+
+
+def _prepare_vm_out() -> None:
+    """Create this run's directory; remove those of runs whose process is gone."""
+    VM_OUT_BASE.mkdir(parents=True, exist_ok=True)
+    for old in VM_OUT_BASE.glob("run-*"):
+        try:
+            pid = int(old.name.removeprefix("run-"))
+            os.kill(pid, 0)
+            alive = True
+        except (ValueError, ProcessLookupError):
+            alive = False
+        except PermissionError:
+            alive = True
+        if not alive or old == VM_OUT:
+            shutil.rmtree(old, ignore_errors=True)
+    VM_OUT.mkdir(parents=True)
+
+
 QEMU = "qemu-system-x86_64"
 # Set in the environment of every run this module starts: tests/conftest.py skips `vm` tests on a
 # kernel without ESP only when it is NOT set (inside the runner a missing ESP is a failure).
@@ -223,8 +244,7 @@ def run_in_vm(command: str, *, cpus: int, memory: str, timeout: float) -> int:
     kernel = find_kernel()
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
-    shutil.rmtree(VM_OUT, ignore_errors=True)
-    VM_OUT.mkdir(parents=True)
+    _prepare_vm_out()
     argv = virtme_argv(kernel, guest_script(command), cpus, memory)
     say(f"booting Debian {kernel.abi} under qemu TCG ({cpus} vCPUs, {memory}), {timeout:.0f} s max")
     t0 = time.monotonic()
