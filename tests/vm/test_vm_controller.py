@@ -352,6 +352,61 @@ def test_firewall_change_flushes_and_dropped_flows_are_not_learned(
         bed.cmd("gw1", ["nft", "delete", "table", "inet", "xfp_test"], check=False)
 
 
+def test_route_neighbour_and_link_changes_take_flows_off(rig: Rig) -> None:
+    """Each change the proof of a flow rested on removes the flows that relied on it: a route
+    change (every flow), the next hop's neighbour entry (the encap flows through it), a link
+    going down (the flows entering or leaving it). Time from the change to the flows leaving
+    the table, read from the status file (written every 0.2 s, which bounds the resolution)."""
+    bed, _ike, gw = rig
+    p = bed.plan
+    gw2_mac = bed.iface("gw2", "wan").mac
+    timings: dict[str, float] = {}
+
+    def flows() -> list[dict[str, Any]]:
+        return gw.published_status()["flows"]
+
+    def gone(what: str, change: Callable[[], None], left: Callable[[dict], bool]) -> None:
+        assert udp_echo(bed, 5) == 5, f"{what}: traffic before"
+        wait_for(lambda: any(left(f) for f in flows()), 10, f"{what}: flows learned")
+        t0 = time.monotonic()
+        change()
+        wait_for(lambda: not any(left(f) for f in flows()), 10, f"{what}: flows removed")
+        timings[what] = (time.monotonic() - t0) * 1e3
+
+    more_specific = (f"{p['REMOTE_HOST']}/32", "via", p["GW2_WAN"], "dev", "wan")
+    try:
+        gone("route added", lambda: bed.ip("gw1", "route", "add", *more_specific), lambda f: True)
+    finally:
+        bed.ip("gw1", "route", "del", *more_specific, check=False)
+
+    def neigh(mac: str) -> None:
+        bed.ip("gw1", "neigh", "replace", p["GW2_WAN"], "lladdr", mac, "dev", "wan",
+               "nud", "permanent")  # fmt: skip
+
+    try:
+        gone("neighbour changed", lambda: neigh("02:00:00:00:00:99"),
+             lambda f: f["direction"] == "encap")  # fmt: skip
+    finally:
+        neigh(gw2_mac)
+    lan_if = bed.ifindex("gw1", "lan")
+
+    def lan_down() -> None:
+        bed.ip("gw1", "link", "set", "lan", "down")
+
+    try:
+        gone("link down", lan_down,
+             lambda f: lan_if in (f["ifindex"], f["egress_ifindex"]))  # fmt: skip
+    finally:
+        bed.ip("gw1", "link", "set", "lan", "up")
+    wait_for(lambda: bed.ping("lan", p["REMOTE_HOST"], count=1), 20, "the path is back")
+    assert udp_echo(bed, 10) == 10, "flows learned again after the changes"
+    assert not peer_errors(bed), f"no peer errors: {peer_errors(bed)}"
+    print(
+        "\ninvalidation (change -> flows out of the table, via the status file): "
+        + ", ".join(f"{k} {v:.0f} ms" for k, v in timings.items())
+    )
+
+
 def test_sas_command_reports_each_sa(rig: Rig) -> None:
     bed, _ike, gw = rig
     # An AES-GCM SA beside the tunnel's: the fastpath must say why it will not serve it.
