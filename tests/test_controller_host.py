@@ -11,7 +11,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from controller.testbed import Testbed
 
@@ -49,7 +52,21 @@ def test_bad_config_and_missing_interface_are_refused(bed: Testbed, tmp_path: Pa
     assert " xdp" not in links, "nothing was attached"
 
 
-def test_run_status_and_sigterm_detach(bed: Testbed, tmp_path: Path) -> None:
+@pytest.fixture
+def own_pins() -> Iterator[None]:
+    """The controller pins its maps at the default path: remove them after the test unless
+    they were there before (another controller's), so no test leaves pins behind."""
+    import shutil
+
+    from controller.datapath import DEFAULT_PIN_DIR
+
+    existed = DEFAULT_PIN_DIR.exists()
+    yield
+    if not existed:
+        shutil.rmtree(DEFAULT_PIN_DIR, ignore_errors=True)
+
+
+def test_run_status_and_sigterm_detach(bed: Testbed, tmp_path: Path, own_pins: None) -> None:
     cfg = tmp_path / "gw1.toml"
     cfg.write_text("[metrics]\naddress = '127.0.0.1:9478'\n[timers]\nwatchdog = 2\n")
     log = tmp_path / "controller.log"
