@@ -16,20 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from controller.config import ConfigError, load_config
+from controller.paths import pid_alive, status_path
 
 EXIT_CONFIG = 2
 EXIT_NOT_RUNNING = 3
 
 
 def _status_path() -> Path:
-    from controller.paths import status_path
-
     return status_path()
 
 
@@ -41,19 +39,9 @@ def _read_status() -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     pid = st.get("pid") if isinstance(st, dict) else None
-    if not isinstance(pid, int) or not _alive(pid):
+    if not isinstance(pid, int) or not pid_alive(pid):
         return None
     return st
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def cmd_run(args: argparse.Namespace) -> int:

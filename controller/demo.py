@@ -155,14 +155,6 @@ def start_controller(bed: Testbed, workdir: Path) -> ControllerProcess:
     return ctl
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def xfrm_errors(bed: Testbed, role: str) -> dict[str, int]:
     """The non-zero counters of a namespace's /proc/net/xfrm_stat (net/xfrm/xfrm_proc.c):
     replay, sequence, ICV (XfrmInStateProtoError), unknown SPI, ..."""

@@ -19,5 +19,16 @@ def netns_run_dir(base: Path = RUN_DIR, netns: str | os.PathLike[str] | None = N
     return base / f"netns-{ino}"
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists (signal 0: nothing is sent)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
 def status_path(netns: str | os.PathLike[str] | None = None) -> Path:
     return netns_run_dir(netns=netns) / STATUS_FILE

@@ -109,12 +109,6 @@ def set_features(netns: str, dev: str, **features: bool) -> None:
             e.close()
 
 
-def tx_checksum_offload_off(netns: str, dev: str) -> None:
-    """Turn off a device's tx checksum offload (and with it TSO) inside a namespace, so it
-    sends complete checksums as a NIC on a wire would deliver them."""
-    set_features(netns, dev, tx_checksum_ip_generic=False)
-
-
 @dataclass
 class Testbed:
     """The four-namespace topology. `prefix` keeps concurrent test beds apart.
@@ -252,9 +246,9 @@ class Testbed:
         # The end hosts stand for machines behind a wire: their frames arrive with complete
         # checksums. A veth would hand the gateway's XDP CHECKSUM_PARTIAL frames instead (L4
         # checksum left for an offload that never comes), which the fastpath would encrypt
-        # as they are.
+        # as they are. (Off with tx checksumming goes TSO.)
         for role in ("lan", "remote"):
-            tx_checksum_offload_off(self.ns(role), "eth0")
+            set_features(self.ns(role), "eth0", tx_checksum_ip_generic=False)
         # A veth accepts frames another device's XDP program redirects to it only in NAPI
         # mode: with an XDP program of its own, or with GRO on. Every test-bed veth has GRO
         # on, so a gateway's fastpath can send to any neighbour, as it could to a NIC.

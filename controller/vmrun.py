@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from controller.paths import pid_alive
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
 KERNEL_CACHE = Path("/var/cache/xfrm-fastpath/kernel")
@@ -41,15 +43,8 @@ def _prepare_vm_out() -> None:
     """Create this run's directory; remove those of runs whose process is gone."""
     VM_OUT_BASE.mkdir(parents=True, exist_ok=True)
     for old in VM_OUT_BASE.glob("run-*"):
-        try:
-            pid = int(old.name.removeprefix("run-"))
-            os.kill(pid, 0)
-            alive = True
-        except (ValueError, ProcessLookupError):
-            alive = False
-        except PermissionError:
-            alive = True
-        if not alive or old == VM_OUT:
+        pid = old.name.removeprefix("run-")
+        if old == VM_OUT or not (pid.isdigit() and pid_alive(int(pid))):
             shutil.rmtree(old, ignore_errors=True)
     VM_OUT.mkdir(parents=True)
 

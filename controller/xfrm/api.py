@@ -363,6 +363,13 @@ def template_to(t: Template) -> dict[str, Any]:
     }
 
 
+def is_socket_policy(direction: int) -> bool:
+    """Socket policies (dir >= XFRM_POLICY_MAX) bind one local socket, never forwarded
+    traffic (strongSwan puts bypass policies on its IKE sockets): not ours to model. Dumps
+    and events carrying them are skipped."""
+    return direction >= m.XFRM_POLICY_MAX
+
+
 def policy_from(info: dict[str, Any], attrs: dict[str, Any]) -> Policy:
     """struct xfrm_userpolicy_info + XFRMA_TMPL/MARK/IF_ID/POLICY_TYPE -> Policy."""
     mark = attrs.get("XFRMA_MARK")
@@ -426,18 +433,18 @@ def event_from(mtype: int, msg: Any, ts_ns: int) -> XfrmEvent | None:
     if mtype == m.XFRM_MSG_EXPIRE:
         return SaExpired(ts_ns, sa_from(msg["state"], attrs), bool(msg["hard"]))
     if mtype in (m.XFRM_MSG_NEWPOLICY, m.XFRM_MSG_UPDPOLICY):
-        if msg["dir"] >= m.XFRM_POLICY_MAX:
-            return None  # a socket policy (see XfrmSocket.policies)
+        if is_socket_policy(msg["dir"]):
+            return None
         p = policy_from(_fields(msg, m.XfrmUserpolicyInfo), attrs)
         return PolicyAdded(ts_ns, p) if mtype == m.XFRM_MSG_NEWPOLICY else PolicyUpdated(ts_ns, p)
     if mtype == m.XFRM_MSG_DELPOLICY:
-        if msg["dir"] >= m.XFRM_POLICY_MAX:
+        if is_socket_policy(msg["dir"]):
             return None
         info = attrs.get("XFRMA_POLICY")
         p = policy_from(info, attrs) if info else None
         return PolicyDeleted(ts_ns, msg["index"], Dir(msg["dir"]), p)
     if mtype == m.XFRM_MSG_POLEXPIRE:
-        if msg["pol"]["dir"] >= m.XFRM_POLICY_MAX:
+        if is_socket_policy(msg["pol"]["dir"]):
             return None
         return PolicyExpired(ts_ns, policy_from(msg["pol"], attrs), bool(msg["hard"]))
     if mtype == m.XFRM_MSG_FLUSHSA:
@@ -626,12 +633,10 @@ class XfrmSocket:
     def policies(self) -> list[Policy]:
         """Every policy, in the kernel's dump order: newest first (see model.policy_lookup)."""
         res = self._do(m.xfrm_empty(), m.XFRM_MSG_GETPOLICY, NLM_F_DUMP)
-        # Socket policies (dir >= XFRM_POLICY_MAX) bind one local socket, never forwarded
-        # traffic: strongSwan puts bypass policies on its IKE sockets. Not ours to model.
         return [
             policy_from(_fields(x, m.XfrmUserpolicyInfo), msg_attrs(x))
             for _t, x in res
-            if x["dir"] < m.XFRM_POLICY_MAX
+            if not is_socket_policy(x["dir"])
         ]
 
     def get_policy(
