@@ -121,6 +121,7 @@ class Testbed:
 
     prefix: str = ""
     plan: dict[str, str] = field(default_factory=load_addresses)
+    queues: int = 1  # RX and TX queues of every veth (bench/e2e.py: one per CPU)
     created: list[str] = field(default_factory=list)
 
     # -- names ------------------------------------------------------------------------------
@@ -201,6 +202,7 @@ class Testbed:
                 "link",
                 "add",
                 link.a_dev,
+                *self._queue_args(),
                 "type",
                 "veth",
                 "peer",
@@ -208,6 +210,7 @@ class Testbed:
                 link.b_dev,
                 "netns",
                 self.ns(link.b_role),
+                *self._queue_args(),
             )
         prefixlen = self.plan["PREFIXLEN"]
         for i in self.ifaces:
@@ -259,6 +262,11 @@ class Testbed:
         self.ip("remote", "route", "add", "default", "via", p["GW2_LAN"])
         self.ip("gw1", "route", "add", p["REMOTE_NET"], "via", p["GW2_WAN"], "dev", "wan")
         self.ip("gw2", "route", "add", p["LAN_NET"], "via", p["GW1_WAN"], "dev", "wan")
+
+    def _queue_args(self) -> list[str]:
+        if self.queues == 1:
+            return []
+        return ["numtxqueues", str(self.queues), "numrxqueues", str(self.queues)]
 
     def destroy(self) -> None:
         """Kill what runs inside our namespaces and delete them. Tolerant: never raises."""

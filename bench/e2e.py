@@ -1,0 +1,862 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""End-to-end performance (`make bench-e2e`): the fastpath gateway pair next to the kernel
+forwarding the same traffic in clear, on the namespace test bed, in one run and one table.
+
+    .venv/bin/python bench/e2e.py [--seconds S] [--max-flows N] [--out DIR] [--quick]
+
+Topology (controller/testbed.py, every veth with one RX/TX queue per CPU):
+
+    lan ──(eth0 | lan)── gw1 ──(wan | wan)── gw2 ──(lan | eth0)── remote
+
+Traffic source: bpf/xdp_bench.c `xdp_bench_gen`, run with BPF_PROG_TEST_RUN in live-frame mode
+(BPF_F_TEST_XDP_LIVE_FRAMES) as if received on the lan host's eth0; its XDP_TX sends every frame
+into gw1. Sink: `xdp_bench_sink` on the remote host's eth0 counts what arrives and drops it.
+Rates are what reached the sink divided by the wall time of the run. Modes:
+
+- source: the sink sits on gw1's `lan` (first hop): the generator's own rate with nothing
+  behind it. It must outrun every path below, and it does by a wide margin (the table shows it).
+- kernel: no XDP on the gateways; both forward in clear through the IPv4 stack (the floor
+  the stack sets without crypto; this host kernel has no ESP).
+- fastpath: bpf/xdp_encap.c on gw1 `lan`, bpf/xdp_decap.c on gw2 `wan`, with one outbound SA on
+  gw1 and its inbound SA on gw2 written directly into the maps, `--flows` UDP flows on it.
+
+CPUs: veth runs the receiving queue's NAPI on the CPU that sends (veth_xdp_xmit picks RX queue
+smp_processor_id() % queues and schedules its NAPI locally), so a generator thread pinned to a
+CPU drives the whole chain on that CPU: generator, gw1, gw2, sink, one after the other, batch by
+batch. "1 CPU" is one generator thread on CPU 0; "2 CPUs" is one thread per CPU, each feeding
+its own RX queue of every veth, all on the same SA (its sequence counter and gw2's replay
+window are shared between the CPUs). Because generator and path share a CPU, the path's own
+per-packet cost is 1/rate(path) - 1/rate(source): the table shows that too.
+
+Scale (BPF_PROG_TEST_RUN, not live): the encap program's cost per packet with N flows in a
+flow table sized for 2M (-DXFP_FLOWS_MAX), probing random present flows (hit) and absent ones
+(miss, XDP_PASS); the learner's latency from a flow's first packet in gw1 to its flow entry
+written (bpf/tp_learn.c -> controller/learner.py -> map write), under a burst of new flows; and
+the time to invalidate an SA carrying 100k flows (controller state + map deletes).
+
+Results go to bench/results/ (Markdown with the machine, JSON, PNG plots when matplotlib is
+installed: `pip install .[bench]`). Nothing is asserted: figures are printed side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import platform
+import random
+import select
+import socket
+import statistics
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from controller import defs  # noqa: E402
+from controller.bpf_testrun import prog_run_live, prog_test_run  # noqa: E402
+from controller.datapath import (  # noqa: E402
+    Datapath,
+    InboundSa,
+    OutboundSa,
+    flow_key,
+    flow_val,
+)
+from controller.defs import Dir, Reason  # noqa: E402
+from controller.netns import in_netns  # noqa: E402
+from controller.testbed import Testbed  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+BENCH_C = ROOT / "bpf" / "xdp_bench.c"
+KEY_A = bytes(range(1, 37))
+SPI_A = 0xA0000001
+SPORT, DPORT = 10000, 9
+IPPROTO_UDP = 17
+XDP_REDIRECT, XDP_PASS = 4, 2
+# Simple IMIX 7:4:1 (IPv4 bytes). 1400 rather than 1500: the ESP packet must fit a 1500 MTU.
+IMIX = (64,) * 7 + (576,) * 4 + (1400,)
+ROWS: tuple[tuple[str, tuple[int, ...]], ...] = (
+    ("64", (64,)),
+    ("512", (512,)),
+    ("1400", (1400,)),
+    ("IMIX", IMIX),
+)
+BIG_TABLE = 1 << 21  # flow table for the scale runs: 1M flows without LRU eviction
+
+
+# -- traffic: bpf/xdp_bench.c ------------------------------------------------------------------
+def udp_header(src_mac: str, dst_mac: str, saddr: str, daddr: str, sport: int, dport: int) -> bytes:
+    """Ethernet + IPv4 + UDP, 42 bytes; lengths and checksum are the generator's to fill."""
+    eth = defs.mac_bytes(dst_mac) + defs.mac_bytes(src_mac) + b"\x08\x00"
+    ip = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45, 0, 0, 0, 0x4000, 64, IPPROTO_UDP, 0,
+        socket.inet_aton(saddr), socket.inet_aton(daddr),
+    )  # fmt: skip
+    return eth + ip + struct.pack("!HHHH", sport, dport, 0, 0)
+
+
+class Traffic:
+    """The generator and the sink (one BCC module)."""
+
+    def __init__(self) -> None:
+        from bcc import BPF
+
+        self.bpf = BPF(src_file=str(BENCH_C).encode(), cflags=[f"-I{ROOT / 'bpf' / 'include'}"])
+        self.gen = self.bpf.load_func(b"xdp_bench_gen", BPF.XDP)
+        self.sink = self.bpf.load_func(b"xdp_bench_sink", BPF.XDP)
+
+    def configure(self, header: bytes, sizes: Sequence[int], nflows: int) -> None:
+        if not 0 < len(sizes) <= 16 or len(header) != 42:
+            raise ValueError("1..16 sizes and a 42-byte header")
+        t = self.bpf[b"bench_cfg"]
+        leaf = t.Leaf()
+        ctypes.memmove(leaf.hdr, header, len(header))
+        for i, s in enumerate(sizes):
+            leaf.sizes[i] = s
+        leaf.nsizes = len(sizes)
+        leaf.nflows = nflows
+        t[t.Key(0)] = leaf
+
+    def counted(self) -> tuple[int, int]:
+        """(frames, IPv4 bytes) the sink has seen, all CPUs."""
+        t = self.bpf[b"bench_count"]
+        per_cpu = t[t.Key(0)]
+        return sum(v.packets for v in per_cpu), sum(v.bytes for v in per_cpu)
+
+
+# -- figures -----------------------------------------------------------------------------------
+@dataclass
+class Rate:
+    """One measured run: what reached the sink over the run's wall time."""
+
+    mode: str
+    cpus: int
+    sizes: str
+    sent: int
+    packets: int
+    bytes: int
+    seconds: float
+    punts: dict[str, int] = field(default_factory=dict)  # datapath reasons other than *_OK
+    busy: list[float] = field(default_factory=list)  # per CPU, share of the run not idle
+
+    @property
+    def pps(self) -> float:
+        return self.packets / self.seconds if self.seconds else 0.0
+
+    @property
+    def bps(self) -> float:
+        return 8 * self.bytes / self.seconds if self.seconds else 0.0
+
+    @property
+    def loss(self) -> float:
+        return 1 - self.packets / self.sent if self.sent else 0.0
+
+
+def cpu_busy() -> list[float]:
+    """Seconds each CPU has not been idle (/proc/stat: all but idle and iowait)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    out = []
+    with open("/proc/stat") as f:
+        for line in f:
+            parts = line.split()
+            if parts[0].startswith("cpu") and parts[0] != "cpu":
+                ticks = [int(x) for x in parts[1:]]
+                out.append((sum(ticks) - ticks[3] - ticks[4]) / hz)
+    return out
+
+
+def _pin_and_run(cpu: int, netns: str, fn: Callable[[], None]) -> Callable[[], None]:
+    def body() -> None:
+        os.sched_setaffinity(0, {cpu})  # this thread only (Linux)
+        with in_netns(netns):
+            fn()
+
+    return body
+
+
+# -- the test bed --------------------------------------------------------------------------------
+class E2EBed:
+    """The test bed, both gateways' datapaths and the traffic programs; switches modes."""
+
+    def __init__(self, cpus: int, flows: int, flows_max: int = 65536) -> None:
+        self.cpus = cpus
+        self.flows = flows
+        pid = os.getpid()
+        self.bed = Testbed(prefix=f"xb{pid % 100000}-", queues=cpus)
+        cflags = (f"-DXFP_FLOWS_MAX={flows_max}",)
+        self.gw1 = Datapath(pin_dir=f"/sys/fs/bpf/xfp-bench-{pid}-gw1", cflags=cflags)
+        self.gw2 = Datapath(pin_dir=f"/sys/fs/bpf/xfp-bench-{pid}-gw2", cflags=cflags)
+        self.traffic: Traffic | None = None
+        self.sinks: list[tuple[str, str]] = []
+        self.mode = ""
+
+    # context management: everything removed, on failure too
+    def __enter__(self) -> E2EBed:
+        try:
+            self.bed.build()
+            self.traffic = Traffic()
+            self.gw1.load()
+            self.gw2.load()
+            self._configure()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._detach()
+        for d in (self.gw1, self.gw2):
+            with contextlib.suppress(Exception):
+                d.close()
+            with contextlib.suppress(Exception):
+                d.unpin()
+        self.bed.destroy()
+
+    def _configure(self) -> None:
+        bed, g1, g2 = self.bed, self.gw1, self.gw2
+        lan_host, remote = bed.iface("lan", "eth0"), bed.iface("remote", "eth0")
+        g1_wan, g2_wan = bed.iface("gw1", "wan"), bed.iface("gw2", "wan")
+        g1_wan_if = bed.ifindex("gw1", "wan")
+        g2_lan_if = bed.ifindex("gw2", "lan")
+        g1.put_tx_port(g1_wan_if, netns=bed.ns("gw1"))
+        g2.put_tx_port(g2_lan_if, netns=bed.ns("gw2"))
+        g1.put_outbound_sa(
+            OutboundSa(sa_id=1, spi=SPI_A, saddr=g1_wan.addr, daddr=g2_wan.addr, key=KEY_A,
+                       egress_ifindex=g1_wan_if, dmac=g2_wan.mac, smac=g1_wan.mac, mtu=1500)
+        )  # fmt: skip
+        # Two CPUs interleave one sequence: a window of 4096 keeps reordering from being replay.
+        g2.put_inbound_sa(
+            InboundSa(sa_id=2, spi=SPI_A, saddr=g1_wan.addr, daddr=g2_wan.addr, key=KEY_A,
+                      replay_window=4096)
+        )  # fmt: skip
+        self.put_flows(self.flows)
+        self.header = udp_header(
+            lan_host.mac, bed.iface("gw1", "lan").mac, lan_host.addr, remote.addr, SPORT, DPORT
+        )
+        self.lan_eth0 = bed.ifindex("lan", "eth0")
+
+    def put_flows(self, n: int) -> None:
+        bed = self.bed
+        lan_host, remote = bed.iface("lan", "eth0"), bed.iface("remote", "eth0")
+        g1_lan_if, g2_wan_if = bed.ifindex("gw1", "lan"), bed.ifindex("gw2", "wan")
+        g2_lan_if = bed.ifindex("gw2", "lan")
+        for i in range(n):
+            self.gw1.put_flow(
+                flow_key(g1_lan_if, Dir.ENCAP, IPPROTO_UDP, lan_host.addr, remote.addr,
+                         SPORT + i, DPORT),
+                flow_val(1),
+            )  # fmt: skip
+            self.gw2.put_flow(
+                flow_key(g2_wan_if, Dir.DECAP, IPPROTO_UDP, lan_host.addr, remote.addr,
+                         SPORT + i, DPORT),
+                flow_val(2, egress_ifindex=g2_lan_if, dmac=remote.mac,
+                         smac=bed.iface("gw2", "lan").mac, mtu=1500),
+            )  # fmt: skip
+
+    # -- modes ---------------------------------------------------------------------------------
+    def _detach(self) -> None:
+        from bcc import BPF
+
+        self.gw1.detach_all()
+        self.gw2.detach_all()
+        for role, dev in self.sinks:
+            with contextlib.suppress(Exception), in_netns(self.bed.ns(role)):
+                BPF.remove_xdp(dev.encode(), 0)
+        self.sinks.clear()
+
+    def _sink_on(self, role: str, dev: str) -> None:
+        from bcc import BPF
+
+        assert self.traffic is not None
+        with in_netns(self.bed.ns(role)):
+            BPF.attach_xdp(dev.encode(), self.traffic.sink, 0)
+        self.sinks.append((role, dev))
+
+    def set_mode(self, mode: str) -> None:
+        if mode == self.mode:
+            return
+        self._detach()
+        if mode == "source":
+            self._sink_on("gw1", "lan")
+        elif mode == "kernel":
+            self._sink_on("remote", "eth0")
+        elif mode == "fastpath":
+            self._sink_on("remote", "eth0")
+            self.gw1.attach(lan=["lan"], netns=self.bed.ns("gw1"))
+            self.gw2.attach(wan=["wan"], netns=self.bed.ns("gw2"))
+        else:
+            raise ValueError(mode)
+        self.mode = mode
+
+    # -- one run -------------------------------------------------------------------------------
+    def _run(self, cpus: int, repeat: int) -> float:
+        assert self.traffic is not None
+        frame = self.header + bytes(1400 - 28)
+        fd = self.traffic.gen.fd
+        errors: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                prog_run_live(fd, frame, self.lan_eth0, repeat, batch_size=64)
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [
+            threading.Thread(target=_pin_and_run(cpu, self.bed.ns("lan"), send))
+            for cpu in range(cpus)
+        ]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        took = time.monotonic() - t0
+        if errors:
+            raise errors[0]
+        return took
+
+    def _punts(self, before: tuple[dict, dict]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for name, d, b in (("gw1", self.gw1, before[0]), ("gw2", self.gw2, before[1])):
+            for (direction, reason), (pkts, _) in d.stats().items():
+                n = pkts - b[(direction, reason)][0]
+                if n and reason not in (Reason.ENCAP_OK, Reason.DECAP_OK):
+                    out[f"{name}:{direction.name.lower()}/{reason.name.lower()}"] = n
+        return out
+
+    def measure(self, mode: str, label: str, sizes: Sequence[int], cpus: int,
+                seconds: float) -> Rate:  # fmt: skip
+        """Calibrate on a short run, then one run of about `seconds`."""
+        assert self.traffic is not None
+        self.set_mode(mode)
+        self.traffic.configure(self.header, sizes, self.flows)
+        repeat = 20000
+        for _ in range(6):  # calibrate: grow until a run takes a measurable time
+            took = self._run(cpus, repeat)
+            if took >= min(0.2, seconds / 2):
+                break
+            repeat *= 4
+        repeat = max(1000, min(int(repeat / took * seconds), 200_000_000))
+        before = (self.gw1.stats(), self.gw2.stats())
+        p0, b0 = self.traffic.counted()
+        busy0 = cpu_busy()
+        took = self._run(cpus, repeat)
+        busy = [(b - a) / took for a, b in zip(busy0, cpu_busy(), strict=True)]
+        p1, b1 = self.traffic.counted()
+        return Rate(mode, cpus, label, repeat * cpus, p1 - p0, b1 - b0, took, self._punts(before),
+                    busy)  # fmt: skip
+
+
+# -- scale: flow-table lookup cost ---------------------------------------------------------------
+@dataclass
+class LookupCost:
+    flows: int
+    hit_ns: float  # median ns of xdp_encap on a present flow (encrypts, 64 B)
+    miss_ns: float  # median ns of xdp_encap on an absent flow (lookup, XDP_PASS)
+    fill_s: float  # time to write the flows
+
+
+def _scale_frame(i: int, hit: bool) -> bytes:
+    # Flow i: 10.1.0.2:(i & 0xffff) -> 10.2.(i >> 16).1:(9 or 10 for a miss)
+    hdr = udp_header("02:00:0a:01:00:02", "02:00:0a:01:00:01", "10.1.0.2",
+                     f"10.2.{i >> 16}.1", i & 0xFFFF, DPORT if hit else DPORT + 1)  # fmt: skip
+    pkt = bytearray(hdr + bytes(64 - 28))
+    struct.pack_into("!H", pkt, 16, 64)
+    struct.pack_into("!H", pkt, 38, 64 - 20)
+    s = sum(struct.unpack("!10H", bytes(pkt[14:34])))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    struct.pack_into("!H", pkt, 24, ~s & 0xFFFF)
+    return bytes(pkt)
+
+
+def lookup_cost(counts: Sequence[int], probes: int = 2000) -> list[LookupCost]:
+    """xdp_encap by BPF_PROG_TEST_RUN (repeat=1, the kernel's own timing) with N flows."""
+    lo = socket.if_nametoindex("lo")
+    dp = Datapath(pin_dir=f"/sys/fs/bpf/xfp-bench-{os.getpid()}-scale",
+                  cflags=(f"-DXFP_FLOWS_MAX={BIG_TABLE}",))  # fmt: skip
+    out: list[LookupCost] = []
+    rng = random.Random(8)
+    try:
+        dp.load()
+        dp.put_tx_port(lo)
+        dp.put_outbound_sa(
+            OutboundSa(sa_id=1, spi=SPI_A, saddr="192.0.2.1", daddr="192.0.2.2", key=KEY_A,
+                       egress_ifindex=lo, dmac="02:00:c0:00:02:02", smac="02:00:c0:00:02:01")
+        )  # fmt: skip
+        val = flow_val(1)
+        flows = dp.maps["flows"]
+        saddr = defs.be32("10.1.0.2")
+        have = 0
+        for n in sorted(counts):
+            t0 = time.monotonic()
+            key = defs.FlowKey(ifindex=lo, dir=int(Dir.ENCAP), proto=IPPROTO_UDP, saddr=saddr,
+                               dport=defs.be16(DPORT))  # fmt: skip
+            for i in range(have, n):
+                key.daddr = defs.be32(f"10.2.{i >> 16}.1")
+                key.sport = defs.be16(i & 0xFFFF)
+                flows.put(key, val)
+            have = n
+            fill = time.monotonic() - t0
+            hit, miss = [], []
+            for _ in range(probes):
+                i = rng.randrange(n)
+                ret, _, ns = prog_test_run(dp.encap_fd, _scale_frame(i, True))
+                if ret == XDP_REDIRECT:
+                    hit.append(ns)
+                ret, _, ns = prog_test_run(dp.encap_fd, _scale_frame(i, False))
+                if ret == XDP_PASS:
+                    miss.append(ns)
+            if len(hit) < probes // 2 or len(miss) < probes // 2:
+                raise RuntimeError(f"{n} flows: {len(hit)} hits, {len(miss)} misses")
+            out.append(LookupCost(n, statistics.median(hit), statistics.median(miss), fill))
+    finally:
+        dp.close()
+        dp.unpin()
+    return out
+
+
+# -- scale: learning and invalidation ------------------------------------------------------------
+@dataclass
+class LearnFigures:
+    flows: int
+    learned: int
+    lost: int
+    p50_ms: float
+    p99_ms: float
+    rate: float  # flows/s from the first packet to the last flow written
+    event_p99_ms: float  # first packet -> candidate in Python (without the map write)
+
+
+def learn_burst(e2e: E2EBed, n: int, timeout: float = 20.0) -> LearnFigures:
+    """A burst of `n` new UDP flows through gw1 (kernel forwarding, the fastpath detached), the
+    learner (bpf/tp_learn.c) watching gw1; each candidate's flow entry is written into gw1's
+    table as it arrives. Latency: first tracepoint in gw1 -> entry written (CLOCK_MONOTONIC).
+    The controller's netlink validation is not in it (no ESP, so no SA to validate here)."""
+    from controller.learner import Learner, netns_inode
+
+    bed = e2e.bed
+    e2e.set_mode("kernel")
+    lrn = Learner.open(0, {}, holddown=5.0)
+    try:
+        lan_if, wan_if = bed.ifindex("gw1", "lan"), bed.ifindex("gw1", "wan")
+        lrn.watch(netns_inode(f"/run/netns/{bed.ns('gw1')}"), {lan_if: "lan", wan_if: "wan"})
+        remote = bed.addr("REMOTE_HOST")
+        done: dict[int, tuple[int, int, int]] = {}  # dport -> (rx, seen, installed)
+        base = 30000
+        sock_box: list[socket.socket] = []
+
+        def mk() -> None:
+            sock_box.append(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+
+        th = threading.Thread(target=_pin_and_run(0, bed.ns("lan"), mk))
+        th.start()
+        th.join(10)
+        s = sock_box[0]
+        with s:
+            for i in range(n):
+                s.sendto(b"x" * 18, (remote, base + i))
+            deadline = time.monotonic() + timeout
+            while len(done) < n and time.monotonic() < deadline:
+                select.select([lrn], [], [], 0.2)
+                for c in lrn.poll(0):
+                    if c.proto != IPPROTO_UDP or c.direction != "clear-out":
+                        continue
+                    if c.dport in done or not base <= c.dport < base + n:
+                        continue
+                    e2e.gw1.put_flow(
+                        flow_key(c.in_ifindex, Dir.ENCAP, IPPROTO_UDP, c.saddr, c.daddr,
+                                 c.sport, c.dport),
+                        flow_val(1),
+                    )  # fmt: skip
+                    done[c.dport] = (c.ktime_rx, c.seen_ns, time.monotonic_ns())
+        stats = lrn.stats()
+    finally:
+        lrn.close()
+    lat = sorted((inst - rx) / 1e6 for rx, _, inst in done.values())
+    ev = sorted((seen - rx) / 1e6 for rx, seen, _ in done.values())
+    if not lat:
+        return LearnFigures(n, 0, stats.get("lost", 0), 0, 0, 0, 0)
+    first = min(rx for rx, _, _ in done.values())
+    last = max(inst for _, _, inst in done.values())
+    return LearnFigures(
+        flows=n,
+        learned=len(lat),
+        lost=stats.get("lost", 0),
+        p50_ms=statistics.median(lat),
+        p99_ms=lat[int(0.99 * (len(lat) - 1))],
+        rate=len(lat) / ((last - first) / 1e9) if last > first else 0.0,
+        event_p99_ms=ev[int(0.99 * (len(ev) - 1))],
+    )
+
+
+@dataclass
+class InvalidationFigures:
+    flows: int
+    state_ms: float  # FlowState: find the SA's flows and unindex them
+    maps_ms: float  # delete every flow entry from the datapath map
+    total_ms: float
+
+
+def invalidation(n: int = 100_000) -> InvalidationFigures:
+    """An SA carrying `n` flows is deleted: what the controller's _remove does for SA_DELETED
+    (controller/daemon.py): flows_of_sa + FlowState.remove, then one map delete per flow."""
+    from controller.state import Cause, FlowKey, FlowRecord, FlowState, SaRef
+    from controller.state import Direction as SDir
+
+    lo = socket.if_nametoindex("lo")
+    dp = Datapath(pin_dir=f"/sys/fs/bpf/xfp-bench-{os.getpid()}-inval",
+                  cflags=(f"-DXFP_FLOWS_MAX={2 * n}",))  # fmt: skip
+    try:
+        dp.load()
+        st = FlowState(capacity=2 * n)
+        sa = SaRef("192.0.2.2", SPI_A, 1)
+        for i in range(n):
+            k = FlowKey(lo, SDir.ENCAP, "10.1.0.2", f"10.2.{i >> 16}.1", IPPROTO_UDP,
+                        i & 0xFFFF, DPORT)  # fmt: skip
+            st.add(FlowRecord(k, sa, 3, "02:00:00:00:00:01", "02:00:00:00:00:02", 1, (3, "x")))
+            dp.put_flow(flow_key(lo, Dir.ENCAP, IPPROTO_UDP, k.saddr, k.daddr, k.sport, k.dport),
+                        flow_val(1))  # fmt: skip
+        t0 = time.monotonic()
+        recs = st.remove(st.flows_of_sa(sa), Cause.SA_DELETED)
+        t1 = time.monotonic()
+        for rec in recs:
+            k = rec.key
+            dp.delete_flow(
+                flow_key(k.ifindex, Dir(int(k.direction)), k.proto, k.saddr, k.daddr, k.sport,
+                         k.dport)
+            )  # fmt: skip
+        t2 = time.monotonic()
+        if len(recs) != n or len(st) != 0:
+            raise RuntimeError(f"removed {len(recs)} of {n}")
+    finally:
+        dp.close()
+        dp.unpin()
+    return InvalidationFigures(n, (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t2 - t0) * 1e3)
+
+
+# -- report --------------------------------------------------------------------------------------
+def machine() -> dict[str, str]:
+    model = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": model,
+        "cpus": str(os.cpu_count()),
+        "kernel": platform.release(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def _m(pps: float) -> str:
+    return f"{pps / 1e6:.3f}"
+
+
+def _g(bps: float) -> str:
+    return f"{bps / 1e9:.2f}"
+
+
+def _ns(pps_path: float, pps_src: float) -> float:
+    """The path's own ns per packet: generator and path share the CPU."""
+    if not pps_path or not pps_src:
+        return 0.0
+    return max(0.0, 1e9 / pps_path - 1e9 / pps_src)
+
+
+def table(rates: dict[tuple[str, int, str], Rate], cpus: int) -> str:
+    """One Markdown table: per size, source / kernel / fastpath side by side, with ratios."""
+    head = [
+        "size (IPv4 B)",
+        "source Mpps",
+        "kernel clear Mpps (Gbit/s)",
+        "fastpath ESP Mpps (Gbit/s)",
+        "fastpath / kernel",
+        "ns/pkt kernel",
+        "ns/pkt fastpath",
+    ]
+    if cpus >= 2:
+        head += ["kernel 2 CPU Mpps", "fastpath 2 CPU Mpps", "fastpath 2/1 CPU", "kernel 2/1 CPU"]
+    head += ["fastpath loss"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, _ in ROWS:
+        src, k1, f1 = (rates.get((m, 1, label)) for m in ("source", "kernel", "fastpath"))
+        if not (src and k1 and f1):
+            continue
+        cells = [
+            label,
+            _m(src.pps),
+            f"{_m(k1.pps)} ({_g(k1.bps)})",
+            f"{_m(f1.pps)} ({_g(f1.bps)})",
+            f"{f1.pps / k1.pps:.2f}x" if k1.pps else "-",
+            f"{_ns(k1.pps, src.pps):.0f}",
+            f"{_ns(f1.pps, src.pps):.0f}",
+        ]
+        if cpus >= 2:
+            k2, f2 = rates.get(("kernel", 2, label)), rates.get(("fastpath", 2, label))
+            cells += [
+                _m(k2.pps) if k2 else "-",
+                _m(f2.pps) if f2 else "-",
+                f"{f2.pps / f1.pps:.2f}x" if f2 and f1.pps else "-",
+                f"{k2.pps / k1.pps:.2f}x" if k2 and k1.pps else "-",
+            ]
+        cells.append(f"{f1.loss:.1%}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def scale_table(
+    lookups: list[LookupCost], learn: LearnFigures | None, inval: InvalidationFigures | None
+) -> str:
+    lines = []
+    if lookups:
+        base = lookups[0]
+        lines += [
+            "| flows in table | encap hit ns/pkt (64 B) | vs smallest | lookup miss ns/pkt | "
+            "vs smallest | fill s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in lookups:
+            lines.append(
+                f"| {c.flows:,} | {c.hit_ns:.0f} | {c.hit_ns / base.hit_ns:.2f}x | "
+                f"{c.miss_ns:.0f} | {c.miss_ns / base.miss_ns:.2f}x | {c.fill_s:.1f} |"
+            )
+        lines.append("")
+    if learn:
+        lines.append(
+            f"Learning, burst of {learn.flows} new flows: {learn.learned} learned, "
+            f"{learn.lost} events lost; first packet -> flow entry written p50 "
+            f"{learn.p50_ms:.2f} ms, p99 {learn.p99_ms:.2f} ms (-> Python only: p99 "
+            f"{learn.event_p99_ms:.2f} ms); {learn.rate:,.0f} flows/s."
+        )
+    if inval:
+        lines.append(
+            f"Invalidation of an SA with {inval.flows:,} flows: {inval.total_ms:.0f} ms "
+            f"(controller state {inval.state_ms:.0f} ms, map deletes {inval.maps_ms:.0f} ms; "
+            f"{inval.total_ms * 1e3 / inval.flows:.1f} us/flow)."
+        )
+    return "\n".join(lines)
+
+
+def goals(
+    rates: dict[tuple[str, int, str], Rate],
+    lookups: list[LookupCost],
+    learn: LearnFigures | None,
+) -> list[str]:
+    """The issue's goals, each with the figure it is held against."""
+    out = []
+    k, f = rates.get(("kernel", 1, "64")), rates.get(("fastpath", 1, "64"))
+    if k and f:
+        ok = f.pps >= k.pps
+        out.append(
+            f"64 B: fastpath ESP {f.pps / k.pps:.2f}x the kernel in clear (goal >= 1.0x): "
+            f"{'met' if ok else 'NOT met'}"
+        )
+    f2 = rates.get(("fastpath", 2, "64"))
+    if f and f2:
+        r = f2.pps / f.pps
+        out.append(f"one SA, 2 CPUs vs 1 at 64 B: {r:.2f}x (goal >= 1.8x): "
+                   f"{'met' if r >= 1.8 else 'NOT met'}")  # fmt: skip
+    if len(lookups) >= 2:
+        r = lookups[-1].hit_ns / lookups[0].hit_ns
+        rm = lookups[-1].miss_ns / lookups[0].miss_ns
+        out.append(
+            f"lookup at {lookups[-1].flows:,} vs {lookups[0].flows:,} flows: {r:.2f}x per "
+            f"encapsulated packet, {rm:.2f}x for the lookup alone (goal <= 1.2x): "
+            f"{'met' if r <= 1.2 else 'NOT met'} / {'met' if rm <= 1.2 else 'NOT met'}"
+        )
+    if learn and learn.learned:
+        out.append(f"learn p99 {learn.p99_ms:.2f} ms (goal <= 10 ms): "
+                   f"{'met' if learn.p99_ms <= 10 else 'NOT met'}")  # fmt: skip
+    out.append(
+        "below 512 B, fastpath <= 1/3 of the kernel's ESP path per packet: not measured on "
+        "this host (no ESP in its kernel; the VM runs under TCG emulation)"
+    )
+    return out
+
+
+def plots(
+    out: Path, rates: dict[tuple[str, int, str], Rate], lookups: list[LookupCost]
+) -> list[str]:
+    """PNG plots, when matplotlib is installed (the `bench` extra); else nothing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    labels = [label for label, _ in ROWS if ("fastpath", 1, label) in rates]
+    series = [
+        ("source alone", "source", 1),
+        ("kernel, clear, 1 CPU", "kernel", 1),
+        ("fastpath ESP, 1 CPU", "fastpath", 1),
+        ("kernel, clear, 2 CPUs", "kernel", 2),
+        ("fastpath ESP, 2 CPUs", "fastpath", 2),
+    ]
+    series = [s for s in series if all((s[1], s[2], lb) in rates for lb in labels)]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / max(1, len(series))
+    for j, (name, mode, cpus) in enumerate(series):
+        xs = [i + j * width for i in range(len(labels))]
+        ax.bar(xs, [rates[(mode, cpus, lb)].pps / 1e6 for lb in labels], width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels)
+    ax.set_xlabel("IPv4 packet size (B)")
+    ax.set_ylabel("Mpps")
+    ax.set_title("Packets/s by size (namespace test bed, veth)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "pps_by_size.png", dpi=100)
+    plt.close(fig)
+    made.append("pps_by_size.png")
+    if lookups:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([c.flows for c in lookups], [c.hit_ns for c in lookups], "o-",
+                label="encap hit (64 B)")  # fmt: skip
+        ax.plot([c.flows for c in lookups], [c.miss_ns for c in lookups], "s-",
+                label="lookup miss (pass)")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("flows in the table")
+        ax.set_ylabel("ns per packet (median)")
+        ax.set_title("xdp_encap cost by flow count (BPF_PROG_TEST_RUN)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "cost_by_flows.png", dpi=100)
+        plt.close(fig)
+        made.append("cost_by_flows.png")
+    return made
+
+
+def report(
+    rates: dict[tuple[str, int, str], Rate],
+    cpus: int,
+    lookups: list[LookupCost],
+    learn: LearnFigures | None,
+    inval: InvalidationFigures | None,
+    seconds: float,
+    flows: int,
+) -> str:
+    m = machine()
+    parts = [
+        f"Machine: {m['cpu']}, {m['cpus']} CPUs, Linux {m['kernel']}, {m['date']}. "
+        f"Namespace test bed on veth; source = XDP live-frame generator; {flows} UDP flows "
+        f"on one SA (ChaCha20-Poly1305); ~{seconds:g} s per figure; Mpps at the sink, "
+        "Gbit/s of inner IPv4 bytes; ns/pkt = the path's own cost (1/rate - 1/source rate).",
+        "",
+        table(rates, cpus),
+        "",
+    ]
+    scale = scale_table(lookups, learn, inval)
+    if scale:
+        parts += [scale, ""]
+    parts += ["Goals:", *[f"- {g}" for g in goals(rates, lookups, learn)]]
+    punts = {f"{k[0]}/{k[1]}cpu/{k[2]}": r.punts for k, r in rates.items() if r.punts}
+    if punts:
+        parts += ["", f"Datapath punts/drops during the runs: {punts}"]
+    return "\n".join(parts)
+
+
+# -- main ----------------------------------------------------------------------------------------
+def run(
+    seconds: float = 1.0,
+    flows: int = 64,
+    lookup_counts: Sequence[int] = (1_000, 10_000, 100_000, 1_000_000),
+    probes: int = 2000,
+    learn_flows: int = 1000,
+    inval_flows: int = 100_000,
+    rows: Sequence[tuple[str, tuple[int, ...]]] = ROWS,
+    out: Path | None = RESULTS,
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+) -> str:
+    """Everything, in order; returns the report (also written under `out` unless None)."""
+    cpus = min(2, os.cpu_count() or 1)
+    rates: dict[tuple[str, int, str], Rate] = {}
+    learn = None
+    with E2EBed(cpus=cpus, flows=flows) as e2e:
+        for label, sizes in rows:
+            plan = [("source", 1), ("kernel", 1), ("fastpath", 1)]
+            if cpus >= 2:
+                plan += [("kernel", 2), ("fastpath", 2)]
+            for mode, n in plan:
+                r = e2e.measure(mode, label, sizes, n, seconds)
+                rates[(mode, n, label)] = r
+                log(f"  {label:>5} {mode:9} {n} CPU: {r.pps / 1e6:7.3f} Mpps "
+                    f"{r.bps / 1e9:6.2f} Gbit/s loss {r.loss:.1%} {r.punts or ''}")  # fmt: skip
+        if learn_flows:
+            log(f"  learning: burst of {learn_flows} flows")
+            learn = learn_burst(e2e, learn_flows)
+    lookups: list[LookupCost] = []
+    if lookup_counts:
+        log(f"  lookup cost at {', '.join(f'{n:,}' for n in lookup_counts)} flows")
+        lookups = lookup_cost(lookup_counts, probes)
+    inval = None
+    if inval_flows:
+        log(f"  invalidation of an SA with {inval_flows:,} flows")
+        inval = invalidation(inval_flows)
+    text = report(rates, cpus, lookups, learn, inval, seconds, flows)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        made = plots(out, rates, lookups)
+        images = "".join(f"\n![{p}]({p})" for p in made)
+        (out / "e2e.md").write_text(
+            "# End-to-end benchmark (`make bench-e2e`)\n\n" + text + "\n" + images + "\n"
+        )
+        (out / "e2e.json").write_text(
+            json.dumps(
+                {
+                    "machine": machine(),
+                    "rates": [asdict(r) | {"pps": r.pps, "bps": r.bps} for r in rates.values()],
+                    "lookups": [asdict(c) for c in lookups],
+                    "learn": asdict(learn) if learn else None,
+                    "invalidation": asdict(inval) if inval else None,
+                },
+                indent=1,
+            )
+        )
+        if not made:
+            log("  (no PNG plots: matplotlib is not installed; `pip install .[bench]`)")
+    return text
+
+
+def _iter_quick() -> Iterator[tuple[str, tuple[int, ...]]]:
+    yield ("64", (64,))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=1.0, help="per figure (default 1)")
+    ap.add_argument("--flows", type=int, default=64, help="UDP flows on the SA (default 64)")
+    ap.add_argument("--max-flows", type=int, default=1_000_000, help="lookup cost up to N")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    ap.add_argument("--quick", action="store_true", help="64 B only, small scale runs")
+    args = ap.parse_args(argv)
+    counts = [n for n in (1_000, 10_000, 100_000, 1_000_000) if n <= args.max_flows]
+    if args.quick:
+        text = run(args.seconds, args.flows, counts[:2], 500, 200, 10_000,
+                   tuple(_iter_quick()), args.out)  # fmt: skip
+    else:
+        text = run(args.seconds, args.flows, counts, out=args.out)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
