@@ -5,7 +5,7 @@ PYTEST  := .venv/bin/pytest
 RUFF    := .venv/bin/ruff
 STAMP   := .venv/.setup-done
 
-.PHONY: setup test test-host test-vm demo lint bench fuzz clean
+.PHONY: setup test test-host test-vm demo lint bench bench-e2e fuzz clean
 
 $(STAMP): scripts/setup.sh scripts/fetch-kernel.sh pyproject.toml vm/kernel.env
 	bash scripts/setup.sh
@@ -37,6 +37,14 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PYTEST) -m bench -s tests
+
+## make bench-e2e: the fastpath gateway pair vs the kernel forwarding in clear, 1 and 2 CPUs,
+## lookup cost by flow count, learning and invalidation (issue 8). One table; results, JSON and
+## PNG plots in bench/results/ (matplotlib, the `bench` extra, installed here when missing).
+BENCH_E2E_ARGS ?=
+bench-e2e: $(STAMP)
+	$(PY) -c 'import matplotlib' 2>/dev/null || .venv/bin/pip install -q --disable-pip-version-check -e '.[bench]'
+	$(PY) bench/e2e.py $(BENCH_E2E_ARGS)
 
 ## make fuzz: the long datapath fuzzing campaign (README "Reliability"): XFP_FUZZ_FRAMES frames
 ## through each XDP program, every one checked; figures printed at the end of each test.
