@@ -8,7 +8,8 @@
  * veth, into gw1. A recycled page holds whatever the path left in it (encrypted, decrypted,
  * TTL decremented, MACs rewritten, resized), so the program rewrites every frame from a
  * template: length (from a size pattern, for IMIX), Ethernet + IPv4 + UDP headers, one of
- * `nflows` source ports, IPv4 checksum; UDP checksum 0 (RFC 768: none computed).
+ * `nflows` source ports (optionally a range per CPU), IPv4 checksum; UDP checksum 0 (RFC 768:
+ * none computed).
  *
  * xdp_bench_sink: the traffic sink on the far host (or on gw1 itself to time the source
  * alone): counts frames and inner IPv4 bytes per CPU, then drops them.
@@ -27,7 +28,9 @@ struct bench_cfg {
 	__u8 hdr[BENCH_HDR_LEN + 6]; /* template; the 6 bytes pad to 48 */
 	__u16 sizes[BENCH_SIZES];    /* IPv4 total length of packet i % nsizes */
 	__u32 nsizes;
-	__u32 nflows; /* source port = template's + i % nflows */
+	__u32 nflows;	 /* source port = template's + i % nflows */
+	__u32 cpu_flows; /* 1: + CPU * nflows, so that each CPU sends flows of its own */
+	__u32 pad;
 };
 
 struct bench_count {
@@ -80,6 +83,8 @@ int xdp_bench_gen(struct xdp_md *ctx)
 	udp->len = xfp_htons(len - XFP_IP_LEN);
 	udp->check = 0;
 	sport = xfp_ntohs(udp->source) + (__u32)(i % cfg->nflows);
+	if (cfg->cpu_flows)
+		sport += bpf_get_smp_processor_id() * cfg->nflows;
 	udp->source = xfp_htons(sport);
 	return XDP_TX;
 }
