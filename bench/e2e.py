@@ -484,31 +484,56 @@ def lookup_cost(dp: Datapath, counts: Sequence[int], probes: int = 2000) -> list
 # -- scale: learning and invalidation ------------------------------------------------------------
 @dataclass
 class LearnFigures:
-    flows: int
+    flows: int  # in the burst
     learned: int
-    lost: int
-    p50_ms: float
+    lost: int  # perf events the learner lost
+    p50_ms: float  # burst: first packet in gw1 -> flow entry written
     p99_ms: float
-    rate: float  # flows/s from the first packet to the last flow written
-    event_p99_ms: float  # first packet -> candidate in Python (without the map write)
+    rate: float  # burst: flows/s from the first packet to the last flow written
+    event_p99_ms: float  # burst: first packet -> candidate in Python (without the map write)
+    single_flows: int = 0  # one new flow at a time (the next sent once the last is written)
+    single_p50_ms: float = 0.0
+    single_p99_ms: float = 0.0
 
 
-def learn_burst(e2e: E2EBed, n: int, timeout: float = 20.0) -> LearnFigures:
-    """A burst of `n` new UDP flows through gw1 (kernel forwarding, the fastpath detached), the
-    learner (bpf/tp_learn.c) watching gw1; each candidate's flow entry is written into gw1's
-    table as it arrives. Latency: first tracepoint in gw1 -> entry written (CLOCK_MONOTONIC).
-    The controller's netlink validation is not in it (no ESP, so no SA to validate here)."""
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[int(q * (len(xs) - 1))] if xs else 0.0
+
+
+def learn_burst(e2e: E2EBed, n: int, single: int = 100, timeout: float = 20.0) -> LearnFigures:
+    """New UDP flows through gw1 (kernel forwarding, the fastpath detached), the learner
+    (bpf/tp_learn.c, controller/learner.py) watching gw1; each candidate's flow entry is written
+    into gw1's table as it arrives, as the controller does after validating it. Latency: the
+    flow's first tracepoint in gw1 -> its entry written (both CLOCK_MONOTONIC). First `single`
+    flows one at a time (each sent once the previous is written), then a burst of `n` sent
+    back to back. The controller's netlink validation is not in it: this host has no ESP, so
+    there is no SA to validate a flow against."""
     from controller.learner import Learner, netns_inode
 
     bed = e2e.bed
     e2e.set_mode("kernel")
     lrn = Learner.open(0, {}, holddown=5.0)
+    burst_base, single_base = 30000, 20000
+    done: dict[int, tuple[int, int, int]] = {}  # dport -> (rx, seen, installed)
+
+    def collect(want: int, deadline: float) -> None:
+        while len(done) < want and time.monotonic() < deadline:
+            select.select([lrn], [], [], 0.2)
+            for c in lrn.poll(0):
+                if c.proto != IPPROTO_UDP or c.direction != "clear-out" or c.dport in done:
+                    continue
+                e2e.gw1.put_flow(
+                    flow_key(c.in_ifindex, Dir.ENCAP, IPPROTO_UDP, c.saddr, c.daddr, c.sport,
+                             c.dport),
+                    flow_val(1),
+                )  # fmt: skip
+                done[c.dport] = (c.ktime_rx, c.seen_ns, time.monotonic_ns())
+
     try:
         lan_if, wan_if = bed.ifindex("gw1", "lan"), bed.ifindex("gw1", "wan")
         lrn.watch(netns_inode(f"/run/netns/{bed.ns('gw1')}"), {lan_if: "lan", wan_if: "wan"})
         remote = bed.addr("REMOTE_HOST")
-        done: dict[int, tuple[int, int, int]] = {}  # dport -> (rx, seen, installed)
-        base = 30000
         sock_box: list[socket.socket] = []
 
         def mk() -> None:
@@ -517,41 +542,39 @@ def learn_burst(e2e: E2EBed, n: int, timeout: float = 20.0) -> LearnFigures:
         th = threading.Thread(target=_pin_and_run(0, bed.ns("lan"), mk))
         th.start()
         th.join(10)
-        s = sock_box[0]
-        with s:
+        with sock_box[0] as s:
+            end = time.monotonic() + timeout
+            for i in range(single):
+                s.sendto(b"x" * 18, (remote, single_base + i))
+                collect(i + 1, min(end, time.monotonic() + 2))
+            ones = {p: v for p, v in done.items() if single_base <= p < single_base + single}
+            done.clear()
             for i in range(n):
-                s.sendto(b"x" * 18, (remote, base + i))
-            deadline = time.monotonic() + timeout
-            while len(done) < n and time.monotonic() < deadline:
-                select.select([lrn], [], [], 0.2)
-                for c in lrn.poll(0):
-                    if c.proto != IPPROTO_UDP or c.direction != "clear-out":
-                        continue
-                    if c.dport in done or not base <= c.dport < base + n:
-                        continue
-                    e2e.gw1.put_flow(
-                        flow_key(c.in_ifindex, Dir.ENCAP, IPPROTO_UDP, c.saddr, c.daddr,
-                                 c.sport, c.dport),
-                        flow_val(1),
-                    )  # fmt: skip
-                    done[c.dport] = (c.ktime_rx, c.seen_ns, time.monotonic_ns())
+                s.sendto(b"x" * 18, (remote, burst_base + i))
+            collect(n, time.monotonic() + timeout)
         stats = lrn.stats()
     finally:
         lrn.close()
-    lat = sorted((inst - rx) / 1e6 for rx, _, inst in done.values())
-    ev = sorted((seen - rx) / 1e6 for rx, seen, _ in done.values())
-    if not lat:
-        return LearnFigures(n, 0, stats.get("lost", 0), 0, 0, 0, 0)
-    first = min(rx for rx, _, _ in done.values())
-    last = max(inst for _, _, inst in done.values())
+    burst = {p: v for p, v in done.items() if burst_base <= p < burst_base + n}
+    lat = [(inst - rx) / 1e6 for rx, _, inst in burst.values()]
+    ev = [(seen - rx) / 1e6 for rx, seen, _ in burst.values()]
+    one = [(inst - rx) / 1e6 for rx, _, inst in ones.values()]
+    rate = 0.0
+    if burst:
+        first = min(rx for rx, _, _ in burst.values())
+        last = max(inst for _, _, inst in burst.values())
+        rate = len(burst) / ((last - first) / 1e9) if last > first else 0.0
     return LearnFigures(
         flows=n,
-        learned=len(lat),
+        learned=len(burst),
         lost=stats.get("lost", 0),
-        p50_ms=statistics.median(lat),
-        p99_ms=lat[int(0.99 * (len(lat) - 1))],
-        rate=len(lat) / ((last - first) / 1e9) if last > first else 0.0,
-        event_p99_ms=ev[int(0.99 * (len(ev) - 1))],
+        p50_ms=_pct(lat, 0.5),
+        p99_ms=_pct(lat, 0.99),
+        rate=rate,
+        event_p99_ms=_pct(ev, 0.99),
+        single_flows=len(ones),
+        single_p50_ms=_pct(one, 0.5),
+        single_p99_ms=_pct(one, 0.99),
     )
 
 
@@ -731,10 +754,12 @@ def scale_table(
         lines.append("")
     if learn:
         lines.append(
-            f"Learning, burst of {learn.flows} new flows: {learn.learned} learned, "
-            f"{learn.lost} events lost; first packet -> flow entry written p50 "
-            f"{learn.p50_ms:.2f} ms, p99 {learn.p99_ms:.2f} ms (-> Python only: p99 "
-            f"{learn.event_p99_ms:.2f} ms); {learn.rate:,.0f} flows/s."
+            f"Learning (first packet in gw1 -> flow entry written): {learn.single_flows} new "
+            f"flows one at a time p50 {learn.single_p50_ms:.2f} ms, p99 "
+            f"{learn.single_p99_ms:.2f} ms; a burst of {learn.flows} new flows: "
+            f"{learn.learned} learned, {learn.lost} events lost, p50 {learn.p50_ms:.2f} ms, "
+            f"p99 {learn.p99_ms:.2f} ms (first packet -> event in Python: p99 "
+            f"{learn.event_p99_ms:.2f} ms), {learn.rate:,.0f} flows/s."
         )
     if inval:
         lines.append(
@@ -776,9 +801,13 @@ def goals(
             f"encapsulated packet, {rm:.2f}x for the lookup alone (goal <= 1.2x): "
             f"{'met' if r <= 1.2 else 'NOT met'} / {'met' if rm <= 1.2 else 'NOT met'}"
         )
-    if learn and learn.learned:
-        out.append(f"learn p99 {learn.p99_ms:.2f} ms (goal <= 10 ms): "
-                   f"{'met' if learn.p99_ms <= 10 else 'NOT met'}")  # fmt: skip
+    if learn and learn.single_flows:
+        out.append(
+            f"learn p99 {learn.single_p99_ms:.2f} ms one flow at a time, {learn.p99_ms:.2f} ms "
+            f"in a burst of {learn.flows} (goal <= 10 ms): "
+            f"{'met' if learn.single_p99_ms <= 10 else 'NOT met'} / "
+            f"{'met' if learn.p99_ms <= 10 else 'NOT met'}"
+        )
     out.append(
         "below 512 B, fastpath <= 1/3 of the kernel's ESP path per packet: not measured on "
         "this host (no ESP in its kernel; the VM runs under TCG emulation)"

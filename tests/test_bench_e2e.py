@@ -55,8 +55,9 @@ def test_live_frames_cross_the_fastpath_pair_and_the_kernel(e2e, tmp_path: Path)
             r = bed.measure("fastpath", "64", (64,), 2, 0.02, variant="cpu-sa")
             assert r.packets > 0 and not r.punts, f"2 generator threads, one SA per CPU {r}"
             rates[(r.mode, 2, "64")] = r
-        learn = e2e.learn_burst(bed, 20)
+        learn = e2e.learn_burst(bed, 20, single=5)
     assert learn.learned == 20, f"every flow of the burst learned {learn}"
+    assert learn.single_flows == 5, f"every flow sent alone learned {learn}"
     with e2e.scale_datapath(4096) as dp:
         lookups = e2e.lookup_cost(dp, (100, 200), probes=20)
         inval = e2e.invalidation(dp, 1000)
