@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import importlib.util
 import json
 import os
 import platform
@@ -57,6 +58,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -620,6 +622,46 @@ def invalidation(dp: Datapath, n: int = 100_000) -> InvalidationFigures:
     return InvalidationFigures(n, (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t2 - t0) * 1e3)
 
 
+# -- where the time goes: the programs alone ------------------------------------------------------
+def breakdown(sizes: Sequence[int] = (64, 512, 1400), runs: int = 200) -> list[Any]:
+    """bench/datapath_bench.py (`make bench`'s per-program table): xdp_encap and xdp_decap alone
+    by BPF_PROG_TEST_RUN, the AEAD alone in BPF, the same C native, OpenSSL. Rows of its Row."""
+    spec = importlib.util.spec_from_file_location(
+        "datapath_bench", ROOT / "bench" / "datapath_bench.py"
+    )
+    if spec is None or spec.loader is None:
+        return []
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["datapath_bench"] = mod
+    spec.loader.exec_module(mod)
+    return mod.measure(tuple(sizes), runs=runs, with_aead=True)
+
+
+def breakdown_table(rows: list[Any], rates: dict[tuple[str, int, str], Rate]) -> str:
+    if not rows:
+        return ""
+
+    def f(v: float | None) -> str:
+        return f"{v:.0f}" if v else "-"
+
+    lines = [
+        "| size (IPv4 B) | fastpath CPU ns/pkt (e2e) | xdp_encap ns | xdp_decap ns | of which "
+        "AEAD seal + open in BPF | same AEAD C native (gcc) | OpenSSL seal | parse + XDP_TX "
+        "floor |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        e2e, src = rates.get(("fastpath", 1, str(r.size))), rates.get(("source", 1, str(r.size)))
+        path = f"{path_ns(e2e, src):.0f}" if e2e and src else "-"
+        aead = (r.bpf_seal or 0) + (r.bpf_open or 0)
+        native = (r.native_seal or 0) + (r.native_open or 0)
+        lines.append(
+            f"| {r.size} | {path} | {f(r.encap)} | {f(r.decap)} | {f(aead)} | {f(native)} | "
+            f"{f(r.openssl)} | {f(r.floor)} |"
+        )
+    return "\n".join(lines)
+
+
 # -- report --------------------------------------------------------------------------------------
 def machine() -> dict[str, str]:
     model = "?"
@@ -878,6 +920,7 @@ def report(
     seconds: float,
     flows: int,
     tries: int = 1,
+    where: list[Any] | None = None,
 ) -> str:
     m = machine()
     parts = [
@@ -896,6 +939,10 @@ def report(
     two = two_cpu_lines(rates)
     if two:
         parts += [two, ""]
+    bd = breakdown_table(where or [], rates)
+    if bd:
+        parts += ["Where the fastpath's time goes (each program alone, BPF_PROG_TEST_RUN, ns):", "",
+                  bd, ""]  # fmt: skip
     scale = scale_table(lookups, learn, inval)
     if scale:
         parts += [scale, ""]
@@ -917,6 +964,7 @@ def run(
     rows: Sequence[tuple[str, tuple[int, ...]]] = ROWS,
     tries: int = 3,
     out: Path | None = RESULTS,
+    breakdown_sizes: Sequence[int] = (64, 512, 1400),
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
 ) -> str:
     """Everything, in order; returns the report (also written under `out` unless None)."""
@@ -952,7 +1000,11 @@ def run(
         if inval_flows:
             log(f"  invalidation of an SA with {inval_flows:,} flows")
             inval = invalidation(dp, inval_flows)
-    text = report(rates, cpus, lookups, learn, inval, seconds, flows, tries)
+    where: list[Any] = []
+    if breakdown_sizes:
+        log("  each program alone (bench/datapath_bench.py)")
+        where = breakdown(breakdown_sizes)
+    text = report(rates, cpus, lookups, learn, inval, seconds, flows, tries, where)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         made = plots(out, rates, lookups)
@@ -994,7 +1046,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = [n for n in (1_000, 10_000, 100_000, 1_000_000) if n <= args.max_flows]
     if args.quick:
         text = run(args.seconds, args.flows, counts[:2], 500, 200, 10_000,
-                   tuple(_iter_quick()), args.tries, args.out)  # fmt: skip
+                   tuple(_iter_quick()), args.tries, args.out, (64,))  # fmt: skip
     else:
         text = run(args.seconds, args.flows, counts, out=args.out, tries=args.tries)
     print(text)
