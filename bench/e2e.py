@@ -218,6 +218,7 @@ class E2EBed:
         self.sinks: list[tuple[str, str]] = []
         self.mode = ""
         self.last_cpu_s = 0.0  # CPU time the generator threads got in the last run
+        self.tun: Any = None  # the static kernel ESP tunnel while in mode "kernel-esp"
 
     # context management: everything removed, on failure too
     def __enter__(self) -> E2EBed:
@@ -295,6 +296,9 @@ class E2EBed:
 
         self.gw1.detach_all()
         self.gw2.detach_all()
+        if self.tun is not None:
+            self.tun.remove()
+            self.tun = None
         for role, dev in self.sinks:
             with contextlib.suppress(Exception), in_netns(self.bed.ns(role)):
                 BPF.remove_xdp(dev.encode(), 0)
@@ -320,6 +324,17 @@ class E2EBed:
             self._sink_on("remote", "eth0")
             self.gw1.attach(lan=["lan"], netns=self.bed.ns("gw1"))
             self.gw2.attach(wan=["wan"], netns=self.bed.ns("gw2"))
+        elif mode == "kernel-esp":  # needs a kernel with ESP (the real-kernel VM)
+            from controller.static_esp import StaticSa, install_static_esp
+
+            self._sink_on("remote", "eth0")
+            g1, g2 = self.bed.addr("GW1_WAN"), self.bed.addr("GW2_WAN")
+            self.tun = install_static_esp(
+                self.bed,
+                out=StaticSa(g1, g2, 0xC0000003, KEY_A),
+                back=StaticSa(g2, g1, 0xC0000004, KEY_B),
+                replay_window=128,
+            )
         else:
             raise ValueError(mode)
         self.mode = mode
@@ -1089,6 +1104,62 @@ def run(
     return text
 
 
+def esp_run(
+    seconds: float = 1.0,
+    flows: int = 64,
+    rows: Sequence[tuple[str, tuple[int, ...]]] = ROWS[:3],
+    tries: int = 1,
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+) -> str:
+    """Where the kernel has ESP (in this project: the real-kernel VM, under emulation): per
+    size, 1 CPU, the source, the kernel in clear, the kernel's own ESP (static SAs, the same
+    key and ChaCha20-Poly1305, controller/static_esp.py) and the fastpath, in one run."""
+    from controller.vmrun import host_has_esp
+
+    ok, why = host_has_esp()
+    if not ok:
+        raise SystemExit(
+            f"no kernel ESP here ({why}); run it in the real-kernel VM: .venv/bin/python -m "
+            "controller.vmrun --cpus 1 shell-cmd '.venv/bin/python bench/e2e.py --esp'"
+        )
+    rates: dict[tuple[str, int, str], Rate] = {}
+    with E2EBed(cpus=1, flows=flows) as e2e:
+        for label, sizes in rows:
+            for mode in ("source", "kernel", "kernel-esp", "fastpath"):
+                r = e2e.measure(mode, label, sizes, 1, seconds, tries=tries)
+                rates[(mode, 1, label)] = r
+                log(f"  {label:>5} {mode:10}: {r.pps / 1e6:7.4f} Mpps loss {r.loss:.1%} "
+                    f"{r.punts or ''}")  # fmt: skip
+    m = machine()
+    head = (
+        "| size (IPv4 B) | source Mpps | kernel clear Mpps | kernel ESP Mpps | fastpath ESP Mpps "
+        "| CPU ns/pkt kernel clear | kernel ESP | fastpath | fastpath / kernel ESP, cost per "
+        "packet | fastpath / kernel ESP, packets/s |"
+    )
+    lines = [
+        f"Kernel ESP next to the fastpath, measured under emulation ({m['cpu']}, "
+        f"{m['cpus']} CPU, Linux {m['kernel']}, {m['date']}): compare ratios within this run "
+        "only, never its absolute figures with the host's.",
+        "",
+        head,
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, _ in rows:
+        src, k, ke, f = (
+            rates.get((mode, 1, label)) for mode in ("source", "kernel", "kernel-esp", "fastpath")
+        )
+        if not (src and k and ke and f):
+            continue
+        kn, ken, fn = path_ns(k, src), path_ns(ke, src), path_ns(f, src)
+        lines.append(
+            f"| {label} | {_m(src.pps)} | {_m(k.pps)} | {_m(ke.pps)} | {_m(f.pps)} | {kn:.0f} | "
+            f"{ken:.0f} | {fn:.0f} | {fn / ken:.2f}x | {f.pps / ke.pps:.2f}x |"
+            if ken and ke.pps
+            else f"| {label} | {_m(src.pps)} | {_m(k.pps)} | {_m(ke.pps)} | {_m(f.pps)} | - |"
+        )
+    return "\n".join(lines)
+
+
 def _iter_quick() -> Iterator[tuple[str, tuple[int, ...]]]:
     yield ("64", (64,))
 
@@ -1102,7 +1173,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="64 B only, small scale runs")
     ap.add_argument("--tries", type=int, default=3, help="runs per figure; the least disturbed "
                     "(most CPU time got) is kept (default 3)")  # fmt: skip
+    ap.add_argument("--esp", action="store_true", help="kernel ESP vs the fastpath, where the "
+                    "kernel has ESP (the real-kernel VM); printed only")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.esp:
+        print(esp_run(args.seconds, args.flows, tries=1))
+        return 0
     counts = [n for n in (1_000, 10_000, 100_000, 1_000_000) if n <= args.max_flows]
     if args.quick:
         text = run(args.seconds, args.flows, counts[:2], 500, 200, 10_000,
