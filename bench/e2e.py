@@ -2,7 +2,8 @@
 """End-to-end performance (`make bench-e2e`): the fastpath gateway pair next to the kernel
 forwarding the same traffic in clear, on the namespace test bed, in one run and one table.
 
-    .venv/bin/python bench/e2e.py [--seconds S] [--max-flows N] [--out DIR] [--quick]
+    .venv/bin/python bench/e2e.py [--seconds S] [--tries N] [--max-flows N] [--out DIR] [--quick]
+    .venv/bin/python -m controller.vmrun --cpus 1 shell-cmd '.venv/bin/python bench/e2e.py --esp'
 
 Topology (controller/testbed.py, every veth with one RX/TX queue per CPU):
 
@@ -19,6 +20,8 @@ Rates are what reached the sink divided by the wall time of the run. Modes:
   the stack sets without crypto; this host kernel has no ESP).
 - fastpath: bpf/xdp_encap.c on gw1 `lan`, bpf/xdp_decap.c on gw2 `wan`, with one outbound SA on
   gw1 and its inbound SA on gw2 written directly into the maps, `--flows` UDP flows on it.
+- kernel-esp (`--esp`, only where the kernel has ESP: the real-kernel VM, under emulation):
+  the kernel's own ESP with static SAs of the same algorithm (controller/static_esp.py).
 
 CPUs: veth runs the receiving queue's NAPI on the CPU that sends (veth_xdp_xmit picks RX queue
 smp_processor_id() % queues and schedules its NAPI locally), so a generator thread pinned to a
@@ -26,13 +29,16 @@ CPU drives the whole chain on that CPU: generator, gw1, gw2, sink, one after the
 batch. "1 CPU" is one generator thread on CPU 0; "2 CPUs" is one thread per CPU, each feeding
 its own RX queue of every veth, all on the same SA (its sequence counter and gw2's replay
 window are shared between the CPUs). Because generator and path share a CPU, the path's own
-per-packet cost is 1/rate(path) - 1/rate(source): the table shows that too.
+per-packet cost is the generator threads' CPU time per delivered packet minus the source's own
+(CPU time, not wall time: this machine is shared, and other work takes CPU from the run; each
+figure is the run, of `--tries`, that got the most CPU).
 
 Scale (BPF_PROG_TEST_RUN, not live): the encap program's cost per packet with N flows in a
 flow table sized for 2M (-DXFP_FLOWS_MAX), probing random present flows (hit) and absent ones
-(miss, XDP_PASS); the learner's latency from a flow's first packet in gw1 to its flow entry
-written (bpf/tp_learn.c -> controller/learner.py -> map write), under a burst of new flows; and
-the time to invalidate an SA carrying 100k flows (controller state + map deletes).
+(miss, XDP_PASS), each probe next to one on a reference table holding the smallest count; the
+learner's latency from a flow's first packet in gw1 to its flow entry written (bpf/tp_learn.c
+-> controller/learner.py -> map write), one flow at a time and in a burst of new flows; and the
+time to invalidate an SA carrying 100k flows (controller state + map deletes).
 
 Results go to bench/results/ (Markdown with the machine, JSON, PNG plots when matplotlib is
 installed: `pip install .[bench]`). Nothing is asserted: figures are printed side by side.
