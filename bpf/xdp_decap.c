@@ -78,7 +78,7 @@ int xdp_decap(struct xdp_md *ctx)
 	struct xfp_sa_in_key sk = {};
 	struct xfp_flow_val *fv;
 	struct xfp_sa_in *sa;
-	__u64 *wd;
+	__u64 *wd, *lv __attribute__((unused));
 	__u32 sa_id;
 	struct iphdr *iph;
 	struct ethhdr *eth;
@@ -231,6 +231,21 @@ int xdp_decap(struct xdp_md *ctx)
 		r = XFP_R_PASS_MTU;
 		goto pass;
 	}
+#if XFP_LIVENESS_NS
+	/* One packet of the SA every XFP_LIVENESS_NS goes through the kernel, whose policy
+	 * lookup then updates the use_time the IKE daemon watches (inactivity, DPD). Already marked
+	 * in the replay window above, it reaches the kernel as untouched ciphertext, like an inner
+	 * miss. */
+	lv = xfp_liveness.lookup(&sa_id);
+	if (!lv) {
+		__u64 first = now + XFP_LIVENESS_NS;
+
+		xfp_liveness.update(&sa_id, &first);
+	} else if (xfp_liveness_due(lv, now)) {
+		r = XFP_R_PASS_LIVENESS;
+		goto pass;
+	}
+#endif
 
 	if (xfp_aead_decrypt(ctx, XFP_DEC_OFF, clen, (const struct xfp_aead_key *)sa->key, iv)) {
 		r = XFP_R_DROP_ERROR;

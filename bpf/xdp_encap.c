@@ -104,7 +104,7 @@ int xdp_encap(struct xdp_md *ctx)
 	struct xfp_flow_key fk = {};
 	struct xfp_flow_val *fv;
 	struct xfp_sa_out *sa;
-	__u64 *wd;
+	__u64 *wd, *lv __attribute__((unused));
 	struct iphdr *iph, *outer;
 	struct ethhdr *eth;
 	struct xfp_esp_hdr *esp;
@@ -171,6 +171,20 @@ int xdp_encap(struct xdp_md *ctx)
 		r = XFP_R_PASS_MTU;
 		goto pass;
 	}
+#if XFP_LIVENESS_NS
+	/* One packet of the SA every XFP_LIVENESS_NS goes through the kernel, whose policy
+	 * lookup then updates the use_time the IKE daemon watches (inactivity, DPD). It takes
+	 * no sequence number here: the kernel builds it and bpf/tc_reseq.c numbers it. */
+	lv = xfp_liveness.lookup(&sa_id);
+	if (!lv) {
+		__u64 first = now + XFP_LIVENESS_NS;
+
+		xfp_liveness.update(&sa_id, &first);
+	} else if (xfp_liveness_due(lv, now)) {
+		r = XFP_R_PASS_LIVENESS;
+		goto pass;
+	}
+#endif
 
 	/* One sequence number per packet, never shared between CPUs and never past seq_limit;
 	 * the kernel's xfrm_replay_overflow() refuses to wrap 32 bits without ESN as well. */

@@ -13,6 +13,9 @@
     idle_timeout = 60.0      # seconds without a packet before a flow is removed
     watchdog = 5.0           # seconds: the datapath stops using an SA this long after the
                              # controller last refreshed it (kill -9 safety), or at hard expiry
+    liveness = 10.0          # seconds: one packet per SA and direction this often takes the
+                             # kernel path, so the IKE daemon's inactivity timeout and DPD see
+                             # the traffic (the kernel's policy use_time); 0 = never
 
     [metrics]
     address = "127.0.0.1:9478"
@@ -52,6 +55,7 @@ class Config:
     sa_table_size: int = 1024
     idle_timeout: float = 60.0
     watchdog: float = 5.0
+    liveness: float = 10.0
     metrics_host: str = "127.0.0.1"
     metrics_port: int = DEFAULT_METRICS_PORT
     log_level: str = "info"
@@ -76,6 +80,10 @@ def _positive_float(lo: float, hi: float):
         return None if lo <= v <= hi else f"must be between {lo} and {hi} seconds"
 
     return check
+
+
+def _liveness(v: Any) -> str | None:
+    return None if v == 0 or 1 <= v <= 3600 else "must be 0 (never) or between 1 and 3600 seconds"
 
 
 def _iface_list(v: Any) -> str | None:
@@ -110,6 +118,7 @@ SCHEMA: dict[tuple[str, str], tuple[str, type | tuple[type, ...], Any]] = {
     ("tables", "sas"): ("sa_table_size", int, _positive_int(2, 1 << 20)),
     ("timers", "idle_timeout"): ("idle_timeout", (int, float), _positive_float(0.1, 86400)),
     ("timers", "watchdog"): ("watchdog", (int, float), _positive_float(0.5, 3600)),
+    ("timers", "liveness"): ("liveness", (int, float), _liveness),
     ("metrics", "address"): ("metrics_address", str, _address),
     ("log", "level"): ("log_level", str, _one_of(LOG_LEVELS)),
     ("datapath", "xdp_mode"): ("xdp_mode", str, _one_of(XDP_MODES)),
@@ -151,6 +160,8 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         values["idle_timeout"] = float(values["idle_timeout"])
     if "watchdog" in values:
         values["watchdog"] = float(values["watchdog"])
+    if "liveness" in values:
+        values["liveness"] = float(values["liveness"])
     cfg = Config(**values)
     overlap = set(cfg.lan) & set(cfg.wan)
     if overlap:

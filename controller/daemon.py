@@ -30,6 +30,7 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,7 @@ TICK_S = 0.2  # housekeeping period: idle sweep, watchdog refresh, status
 # How often what XDP carried is added to the kernel's SA lifetime counters: bounds how far
 # fastpath traffic may run past a byte/packet limit before the kernel and the IKE daemon see it.
 LIFETIME_SYNC_S = 1.0
+RECENT_INVALIDATIONS = 64  # removals kept in the status file, newest last
 NEVER = (1 << 64) - 1
 
 
@@ -163,6 +165,10 @@ class Controller:
         self._snapshot: Any = None
         self.started = time.time()
         self._next_lifetime_sync = 0
+        # When the kernel event being handled was read (CLOCK_MONOTONIC ns), and the last
+        # removals with their timings: how fast the fastpath let go (status "invalidations").
+        self._event_ns: int | None = None
+        self.recent_invalidations: deque[dict[str, Any]] = deque(maxlen=RECENT_INVALIDATIONS)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def stop(self, *_: object) -> None:
@@ -190,7 +196,10 @@ class Controller:
             self.view = KernelView(self.xfrm)
             self.ipr = IPRoute()
             self.watch = KernelWatch()
-            kw: dict[str, Any] = {"xdp_mode": cfg.xdp_mode}
+            kw: dict[str, Any] = {
+                "xdp_mode": cfg.xdp_mode,
+                "cflags": (f"-DXFP_LIVENESS_NS={int(cfg.liveness * 1e9)}ULL",),
+            }
             if self.pin_dir:
                 kw["pin_dir"] = self.pin_dir
             self.dp = Datapath(**kw).load()
@@ -323,6 +332,18 @@ class Controller:
             mangled=cand.mangled,
         )
         encap = s.direction == "encap"
+        key = FlowKey(
+            s.in_ifindex,
+            Direction.ENCAP if encap else Direction.DECAP,
+            s.saddr,
+            s.daddr,
+            s.proto,
+            s.sport,
+            s.dport,
+        )
+        known = self.flows.flows.get(key)
+        if known is not None and known.sa.spi == s.spi:
+            return  # already on the fastpath: its liveness packet (XFP_LIVENESS_NS), or in flight
         want_in, want_out = ("lan", "wan") if encap else ("wan", "lan")
         if self.role.get(s.in_ifindex) != want_in or self.role.get(s.out_ifindex) != want_out:
             return self._refuse(cand, Rejected("wrong_interfaces", "not between our lan/wan"))
@@ -634,10 +655,21 @@ class Controller:
         elif handed:
             log.info("SA 0x%08x: sequence handed back to the kernel at %d", spi, handed)
 
-    def _release_sa(self, off: OffloadedSa) -> None:
+    def _release_sa(self, off: OffloadedSa, *, gone: bool = False) -> None:
         """Take an SA out of the datapath: its flows first, then the entry (key wiped), and
-        for an outbound SA the last sequence number used goes back to the kernel."""
+        for an outbound SA the last sequence number used goes back to the kernel. `gone`: the
+        kernel has already deleted the SA (DELSA, flush, hard expiry), so there is nothing to
+        hand back or count to: the entries go, keys wiped."""
         self._remove(self.flows.flows_of_sa(off.ref), Cause.SA_DELETED)
+        if gone:
+            if off.direction is Direction.ENCAP:
+                self.reseq.unindex_sa(off.sa.spi, str(off.sa.dst))
+                self.dp.delete_outbound_sa(off.sa_id)
+                self.sa_out.pop(off.ref, None)
+            else:
+                self.dp.delete_inbound_sa(off.sa.spi, str(off.sa.dst))
+                self.sa_in.pop(off.ref, None)
+            return
         self._sync_lifetime(off, final=True)  # the last of XDP's counts, before the entry goes
         if off.direction is Direction.ENCAP:
             self._hand_back_outbound(off.sa, off.sa_id, off.sa.spi, str(off.sa.dst))
@@ -676,7 +708,21 @@ class Controller:
                         (k.direction.name.lower(), k.saddr, k.daddr, k.proto, k.sport, k.dport)
                     )
         if recs:
-            log.info("removed %d flow(s): %s", len(recs), cause.value)
+            done_ns = time.monotonic_ns()
+            took = (
+                f" {(done_ns - self._event_ns) / 1e6:.1f} ms after the event"
+                if self._event_ns
+                else ""
+            )
+            log.info("removed %d flow(s): %s%s", len(recs), cause.value, took)
+            self.recent_invalidations.append(
+                {
+                    "cause": cause.value,
+                    "flows": len(recs),
+                    "event_ns": self._event_ns,
+                    "removed_ns": done_ns,
+                }
+            )
         return len(recs)
 
     def _sas_matching(self, spi: int, dst: str | None) -> list[OffloadedSa]:
@@ -686,10 +732,10 @@ class Controller:
             if o.sa.spi == spi and (dst is None or str(o.sa.dst) == dst)
         ]
 
-    def _drop_sa(self, spi: int, dst: str | None, cause: Cause) -> None:
+    def _drop_sa(self, spi: int, dst: str | None, cause: Cause, *, gone: bool = False) -> None:
         for off in self._sas_matching(spi, dst):
             self._remove(self.flows.flows_of_sa(off.ref), cause)
-            self._release_sa(off)
+            self._release_sa(off, gone=gone)
 
     def _drop_all(self, cause: Cause) -> None:
         self._remove(list(self.flows.flows), cause)
@@ -699,6 +745,13 @@ class Controller:
         from controller import kernel_watch as kw
 
         self.metrics.netlink_event()
+        self._event_ns = getattr(ev, "ts_ns", None)
+        try:
+            self._dispatch_kernel_event(ev, kw)
+        finally:
+            self._event_ns = None
+
+    def _dispatch_kernel_event(self, ev: Any, kw: Any) -> None:
         if isinstance(ev, XfrmEvent):
             if self.view is not None:
                 self.view.dirty = True
@@ -718,12 +771,12 @@ class Controller:
 
     def _on_xfrm(self, ev: XfrmEvent) -> None:
         if isinstance(ev, SaDeleted):
-            self._drop_sa(ev.sa_id.spi, str(ev.sa_id.dst), Cause.SA_DELETED)
+            self._drop_sa(ev.sa_id.spi, str(ev.sa_id.dst), Cause.SA_DELETED, gone=True)
         elif isinstance(ev, SaUpdated):
             self._drop_sa(ev.sa.spi, str(ev.sa.dst), Cause.SA_UPDATED)
         elif isinstance(ev, SaExpired):
-            if ev.hard:
-                self._drop_sa(ev.sa.spi, str(ev.sa.dst), Cause.SA_EXPIRED)
+            if ev.hard:  # the kernel deletes a hard-expired SA: nothing to hand back
+                self._drop_sa(ev.sa.spi, str(ev.sa.dst), Cause.SA_EXPIRED, gone=True)
             # soft: the IKE daemon rekeys; flows move when the new SA's first packets are seen
         elif isinstance(ev, SaAdded):
             # A rekey installs a new SA with the same reqid: the kernel switches to it for new
@@ -737,7 +790,7 @@ class Controller:
             if ev.what == "sa":
                 for off in list(self.sa_out.values()) + list(self.sa_in.values()):
                     self._remove(self.flows.flows_of_sa(off.ref), Cause.SA_DELETED)
-                    self._release_sa(off)
+                    self._release_sa(off, gone=True)
             else:
                 self._drop_all(Cause.POLICY_CHANGED)
         elif isinstance(ev, Overrun):
@@ -847,6 +900,9 @@ class Controller:
             "sas": sas,
             # Kernel-built ESP on offloaded SAs, as the TC program handled it (bpf/tc_reseq.c).
             "resequencer": {k: v[0] for k, v in self.reseq.stats().items()} if self.reseq else {},
+            # Each removal: cause, flows, when the kernel event was read and when the flows
+            # were out of the maps (CLOCK_MONOTONIC ns; event_ns null for timer removals).
+            "invalidations": list(self.recent_invalidations),
         }
 
     def _write_status(self) -> None:

@@ -52,7 +52,14 @@ BPF_DIR = ROOT / "bpf"
 INCLUDE_DIR = BPF_DIR / "include"
 BPFFS = Path("/sys/fs/bpf")
 DEFAULT_PIN_DIR = BPFFS / "xfrm-fastpath"
-PINNED_MAPS = ("xfp_flows", "xfp_sa_out", "xfp_sa_in", "xfp_watchdog", "xfp_stats")
+PINNED_MAPS = (
+    "xfp_flows",
+    "xfp_sa_out",
+    "xfp_sa_in",
+    "xfp_watchdog",
+    "xfp_liveness",
+    "xfp_stats",
+)
 
 # include/uapi/linux/bpf.h: map update flags; include/uapi/linux/if_link.h: XDP attach flags
 BPF_ANY = 0
@@ -347,6 +354,9 @@ class Datapath:
             "watchdog": MapHandle(
                 t[b"xfp_watchdog"].map_fd, ctypes.c_uint32, ctypes.c_uint64, "xfp_watchdog"
             ),
+            "liveness": MapHandle(
+                t[b"xfp_liveness"].map_fd, ctypes.c_uint32, ctypes.c_uint64, "xfp_liveness"
+            ),
             "stats": MapHandle(
                 t[b"xfp_stats"].map_fd, ctypes.c_uint32, Stat, "xfp_stats", percpu=True
             ),
@@ -489,6 +499,7 @@ class Datapath:
 
     def delete_outbound_sa(self, sa_id: int) -> bool:
         self.maps["watchdog"].delete(ctypes.c_uint32(sa_id))
+        self.maps["liveness"].delete(ctypes.c_uint32(sa_id))
         return self._wipe_and_delete(self.maps["sa_out"], ctypes.c_uint32(sa_id), SaOut)
 
     def delete_inbound_sa(self, spi: int, daddr: str) -> bool:
@@ -496,6 +507,7 @@ class Datapath:
         old = self.maps["sa_in"].get(key)
         if old is not None:
             self.maps["watchdog"].delete(ctypes.c_uint32(old.sa_id))
+            self.maps["liveness"].delete(ctypes.c_uint32(old.sa_id))
         return self._wipe_and_delete(self.maps["sa_in"], key, SaIn)
 
     def refresh_watchdog(self, sa_id: int, deadline_ns: int) -> None:

@@ -76,7 +76,8 @@ class Reason(enum.IntEnum):
     DROP_BAD_INNER = 23
     DROP_ECN = 24
     DROP_ERROR = 25
-    MAX = 26
+    PASS_LIVENESS = 26
+    MAX = 27
 
 
 def stat_index(direction: Dir | int, reason: Reason | int) -> int:

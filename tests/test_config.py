@@ -16,6 +16,7 @@ flows = 1024
 [timers]
 idle_timeout = 30
 watchdog = 2.5
+liveness = 0
 [metrics]
 address = "0.0.0.0:9100"
 [log]
@@ -34,6 +35,7 @@ def test_good_config_parses() -> None:
     assert cfg.idle_timeout == 30.0 and isinstance(cfg.idle_timeout, float), "ints become floats"
     assert (cfg.metrics_host, cfg.metrics_port) == ("0.0.0.0", 9100), "metrics address split"
     assert cfg.log_level == "debug" and cfg.xdp_mode == "generic", "enums read"
+    assert cfg.liveness == 0.0 and Config().liveness == 10.0, "liveness 0 = never; default 10 s"
 
 
 def test_defaults() -> None:
@@ -52,6 +54,7 @@ def test_defaults() -> None:
         ("[tables]\nflows = 'many'", "tables.flows has the wrong type"),
         ("[tables]\nflows = true", "tables.flows has the wrong type"),
         ("[timers]\nidle_timeout = -1", "timers.idle_timeout must be between"),
+        ("[timers]\nliveness = 0.5", "timers.liveness must be 0 (never) or between 1"),
         ("[metrics]\naddress = 'nohost'", "metrics.address must be HOST:PORT"),
         ("[metrics]\naddress = 'h:70000'", "metrics.address must be HOST:PORT"),
         ("[log]\nlevel = 'loud'", "log.level must be one of"),

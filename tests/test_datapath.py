@@ -761,3 +761,60 @@ def test_pinned_maps_survive_a_reload(env: Datapath) -> None:
         check_encap_output(clear_frame(), out, 2)
     finally:
         again.close()
+
+
+# ---- liveness ----------------------------------------------------------------------------------
+LIVENESS_MS = 300
+
+
+@pytest.fixture(scope="module")
+def live_dp() -> Iterator[Datapath]:
+    """The datapath built as the controller builds it: one packet per SA every LIVENESS_MS
+    goes to the kernel (-DXFP_LIVENESS_NS)."""
+    d = Datapath(
+        pin_dir=f"/sys/fs/bpf/xfp-test-live-{os.getpid()}",
+        cflags=(f"-DXFP_LIVENESS_NS={LIVENESS_MS * 1_000_000}ULL",),
+    )
+    try:
+        d.load()
+        d.put_tx_port(LO)
+        d.put_outbound_sa(out_sa())
+        d.put_inbound_sa(in_sa())
+        d.put_flow(flow_key(LO, Dir.ENCAP, **ENCAP_KEY), flow_val(SA_OUT_ID))
+        d.put_flow(
+            flow_key(LO, Dir.DECAP, **DECAP_KEY),
+            flow_val(SA_IN_ID, egress_ifindex=LO, dmac=LAN_HOST_MAC, smac=GW1_LAN_MAC),
+        )
+        yield d
+    finally:
+        d.close()
+        d.unpin()
+
+
+def test_liveness_packet_takes_the_kernel_path(live_dp: Datapath) -> None:
+    """The first packets of an SA start its clock; once LIVENESS_MS has passed, the next one
+    goes to the kernel untouched and counted (encap: without taking a sequence number; decap:
+    marked in the replay window first, so a replay of it is dropped), then XDP resumes."""
+    d = live_dp
+    c = Counters(d)
+    frame = clear_frame(b"live")
+    verdicts = [run(d.encap_fd, frame)[0] for _ in range(2)]
+    decaps = [run(d.decap_fd, esp_frame(inner_packet(b"r"), seq))[0] for seq in (1, 2)]
+    assert verdicts == decaps == [XDP_REDIRECT] * 2, "before the interval: XDP forwards"
+    time.sleep(LIVENESS_MS / 1e3 + 0.05)
+    assert run(d.encap_fd, frame) == (XDP_PASS, frame), "the liveness packet: untouched"
+    assert d.outbound_sa(SA_OUT_ID).seq == 3, "it took no sequence number (the kernel's TC does)"
+    ret, out = run(d.encap_fd, frame)
+    assert ret == XDP_REDIRECT, "then XDP again"
+    check_encap_output(frame, out, 3)
+    live = esp_frame(inner_packet(b"r"), 3)
+    assert run(d.decap_fd, live) == (XDP_PASS, live), "inbound liveness packet: ciphertext"
+    assert run(d.decap_fd, live)[0] == XDP_DROP, "already in XDP's window: its replay dropped"
+    assert run(d.decap_fd, esp_frame(inner_packet(b"r"), 4))[0] == XDP_REDIRECT, "XDP again"
+    delta = c.delta()
+    assert delta[(Dir.ENCAP, Reason.PASS_LIVENESS)][0] == 1, f"counted: {delta}"
+    assert delta[(Dir.DECAP, Reason.PASS_LIVENESS)][0] == 1, f"counted: {delta}"
+    assert delta[(Dir.ENCAP, Reason.ENCAP_OK)][0] == 3, f"the rest by XDP: {delta}"
+    assert delta[(Dir.DECAP, Reason.DECAP_OK)][0] == 3, f"the rest by XDP: {delta}"
+    mode = os.stat(f"{d.pin_dir}/xfp_liveness").st_mode & 0o777
+    assert mode == 0o600, f"xfp_liveness pinned root-only, not {oct(mode)}"

@@ -36,6 +36,11 @@ BPF_TABLE_PINNED("hash", struct xfp_sa_in_key, struct xfp_sa_in, xfp_sa_in, XFP_
  * fields (sequence numbers, replay window) in the SA entries. Read by the datapath. */
 BPF_TABLE_PINNED("hash", __u32, __u64, xfp_watchdog, 2 * XFP_SA_MAX, XFP_PIN_DIR "/xfp_watchdog");
 
+/* Liveness: when each SA (by sa_id) next sends one packet through the kernel (bpf_ktime ns).
+ * Written by the datapath alone; LRU, so ids of SAs long gone age out by themselves. */
+BPF_TABLE_PINNED("lru_hash", __u32, __u64, xfp_liveness, 2 * XFP_SA_MAX,
+		 XFP_PIN_DIR "/xfp_liveness");
+
 /* Per-CPU counters, index dir * XFP_R_MAX + reason: packets and bytes. Written by the
  * datapath only; the controller sums the CPUs. */
 BPF_TABLE_PINNED("percpu_array", __u32, struct xfp_stat, xfp_stats, XFP_DIR_MAX *XFP_R_MAX,
@@ -46,5 +51,16 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct xfp_stat, xfp_stats, XFP_DIR_MAX 
  * .redirect_map() only for its BPF_DEVMAP macro, which cannot pin; the entries are derived from
  * the SA and flow maps, so a restarted controller rebuilds them. */
 BPF_DEVMAP(xfp_tx_ports, XFP_DEVMAP_SIZE);
+
+/* Whether this packet of an SA is its liveness packet for the kernel; `next` is the SA's
+ * xfp_liveness entry. The first packet XDP sees of an SA only starts the clock. Two CPUs may
+ * both see the time come: then two packets go to the kernel, which is harmless. */
+static __always_inline int xfp_liveness_due(__u64 *next, __u64 now)
+{
+	if (now < *next)
+		return 0;
+	*next = now + XFP_LIVENESS_NS;
+	return 1;
+}
 
 #endif /* XFP_MAPS_H */

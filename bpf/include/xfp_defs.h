@@ -24,6 +24,14 @@
 #define XFP_SA_MAX 1024	     /* outbound and inbound SA entries, each */
 #define XFP_DEVMAP_SIZE 4096 /* devmap keyed by egress ifindex: ifindex must be below this */
 
+/* Liveness (issue 5): one packet per SA and direction every XFP_LIVENESS_NS takes the kernel
+ * path (reason XFP_R_PASS_LIVENESS), so that the kernel's policy use_time, which the IKE
+ * daemon reads for its inactivity timeout and dead-peer detection, sees the traffic XDP
+ * carries. 0 = never (the default here; the controller passes `[timers] liveness`). */
+#ifndef XFP_LIVENESS_NS
+#define XFP_LIVENESS_NS 0ULL
+#endif
+
 /* Anti-replay ring (RFC 4303 section 3.4.3, kept as in RFC 6479: a ring of 64-bit words that
  * is never shifted, only whole words cleared as the window advances). 128 words = 8192 bits,
  * so a window of up to (128 - 1) * 64 >= 4096 bits is exact. */
@@ -74,7 +82,8 @@ enum xfp_reason {
 	XFP_R_DROP_BAD_INNER = 23,     /* decrypted inner IPv4 header inconsistent */
 	XFP_R_DROP_ECN = 24,	       /* RFC 6040 section 4.2: outer CE over inner Not-ECT */
 	XFP_R_DROP_ERROR = 25,	       /* an adjust or helper failed after the frame was changed */
-	XFP_R_MAX = 26,
+	XFP_R_PASS_LIVENESS = 26, /* this SA's periodic packet for the kernel (XFP_LIVENESS_NS) */
+	XFP_R_MAX = 27,
 };
 
 /* One per-CPU counter slot (map xfp_stats, index dir * XFP_R_MAX + reason). */
