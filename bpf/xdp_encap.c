@@ -110,7 +110,8 @@ int xdp_encap(struct xdp_md *ctx)
 	struct xfp_esp_hdr *esp;
 	__u8 aad[12] __attribute__((aligned(4)));
 	__u8 iv[8] __attribute__((aligned(8)));
-	__u32 sa_id, ilen, plen, clen, olen, aad_len, extra, mtu;
+	__u32 sa_id, ilen, plen, clen, olen, aad_len, extra, mtu, egress;
+	__u8 dmac[ETH_ALEN], smac[ETH_ALEN];
 	__u64 seq, now, trailer;
 	__u16 df, old_ttl_word;
 	__u8 tos, ttl;
@@ -166,7 +167,20 @@ int xdp_encap(struct xdp_md *ctx)
 	plen = xfp_esp_padlen(ilen);
 	clen = ilen + plen + 2;
 	olen = XFP_ENCAP_HEAD + clen + XFP_ESP_ICV_LEN;
-	mtu = sa->mtu;
+	/* The outer next hop as validated for this flow: a neighbour or route change takes the
+	 * flows off and they are learned again with the new one, while the SA entry (its
+	 * sequence counter) stays. A flow without one (egress 0) uses the SA's. */
+	if (fv->egress_ifindex) {
+		egress = fv->egress_ifindex;
+		__builtin_memcpy(dmac, fv->dmac, ETH_ALEN);
+		__builtin_memcpy(smac, fv->smac, ETH_ALEN);
+		mtu = fv->mtu ? fv->mtu : sa->mtu;
+	} else {
+		egress = sa->egress_ifindex;
+		__builtin_memcpy(dmac, sa->dmac, ETH_ALEN);
+		__builtin_memcpy(smac, sa->smac, ETH_ALEN);
+		mtu = sa->mtu;
+	}
 	if (olen > mtu) {
 		r = XFP_R_PASS_MTU;
 		goto pass;
@@ -257,8 +271,8 @@ int xdp_encap(struct xdp_md *ctx)
 	iph->ttl -= 1;
 	iph->check = xfp_csum_replace2(iph->check, old_ttl_word, *(__u16 *)&iph->ttl);
 
-	__builtin_memcpy(eth->h_dest, sa->dmac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, sa->smac, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, smac, ETH_ALEN);
 	eth->h_proto = xfp_htons(ETH_P_IP);
 
 	outer->version = 4;
@@ -301,7 +315,7 @@ int xdp_encap(struct xdp_md *ctx)
 	__sync_fetch_and_add(&fv->bytes, ilen);
 	xfp_count(XFP_DIR_ENCAP, XFP_R_ENCAP_OK, frame_len);
 	/* No devmap entry for the egress device: drop rather than hand ESP to our own stack. */
-	return xfp_tx_ports.redirect_map(sa->egress_ifindex, XDP_DROP);
+	return xfp_tx_ports.redirect_map(egress, XDP_DROP);
 
 pass:
 	xfp_count(XFP_DIR_ENCAP, r, frame_len);

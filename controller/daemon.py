@@ -443,7 +443,11 @@ class Controller:
             key = flow_key(
                 s.in_ifindex, defs.Dir.ENCAP, s.proto, s.saddr, s.daddr, s.sport, s.dport
             )
-            val = flow_val(off.sa_id)
+            # The outer next hop as validated now: after a neighbour or route change the
+            # flows are learned again with the new one (the SA entry keeps the first).
+            val = flow_val(
+                off.sa_id, s.out_ifindex, s.eth_dst, s.eth_src, mtu=self._link_mtu(s.out_ifindex)
+            )
             direction = Direction.ENCAP
         else:
             off = self.sa_in.get(ref) or self._offload_inbound(sa, now)
@@ -695,6 +699,7 @@ class Controller:
         from controller.datapath import flow_key
 
         recs = self.flows.remove(keys, cause)
+        # The datapath first: once the entries are gone no packet of these flows takes XDP.
         for rec in recs:
             k = rec.key
             dk = flow_key(
@@ -702,13 +707,17 @@ class Controller:
             )
             with contextlib.suppress(Exception):
                 self.dp.delete_flow(dk)
-            if self.learner is not None:
+        done_ns = time.monotonic_ns()
+        # Then let the learner report them again (one map operation each: the SPI is known).
+        if self.learner is not None:
+            for rec in recs:
+                k = rec.key
                 with contextlib.suppress(Exception):
                     self.learner.forget(
-                        (k.direction.name.lower(), k.saddr, k.daddr, k.proto, k.sport, k.dport)
+                        (k.direction.name.lower(), k.saddr, k.daddr, k.proto, k.sport, k.dport),
+                        rec.sa.spi,
                     )
         if recs:
-            done_ns = time.monotonic_ns()
             took = (
                 f" {(done_ns - self._event_ns) / 1e6:.1f} ms after the event"
                 if self._event_ns

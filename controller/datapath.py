@@ -233,8 +233,10 @@ def flow_val(
     mtu: int = 0,
     active: bool = True,
 ) -> FlowVal:
-    """struct xfp_flow_val. Encap flows need only sa_id (L2 and egress come from the SA);
-    decap flows name the inbound SA's sa_id and carry the LAN egress and L2 rewrite."""
+    """struct xfp_flow_val. Encap flows name the outbound SA and, as the controller installs
+    them, the outer next hop validated for the flow (WAN egress, L2, MTU; without an egress
+    the SA's are used); decap flows name the inbound SA's sa_id and carry the LAN egress and
+    L2 rewrite."""
     v = FlowVal(sa_id=sa_id, egress_ifindex=egress_ifindex, mtu=mtu)
     v.flags = defs.FLOW_F_ACTIVE if active else 0
     v.dmac[:] = defs.mac_bytes(dmac)

@@ -328,8 +328,11 @@ class Learner:
         # Addresses as Candidate spells them, whatever the caller holds (str, int, IPv4Address).
         saddr, daddr = str(ipaddress.IPv4Address(saddr)), str(ipaddress.IPv4Address(daddr))
         flow = (direction, saddr, daddr, proto, sport, dport)
-        for key in [k for k in self._recent if k[:6] == flow and (spi is None or k[6] == spi)]:
-            del self._recent[key]
+        if spi is not None:
+            self._recent.pop((*flow, spi), None)
+        else:
+            for key in [k for k in self._recent if k[:6] == flow]:
+                del self._recent[key]
         fk_map = self.bpf[b"learn_emitted"]  # type: ignore[index]
         want = fk_map.Key()
         want.saddr = socket.htonl(int(ipaddress.IPv4Address(saddr)))

@@ -192,6 +192,22 @@ def test_encap_udp_then_sequence_advances(env: Datapath) -> None:
     assert c.delta() == {(Dir.ENCAP, Reason.ENCAP_OK): (3, 3 * len(frame))}, "3 encap hits only"
 
 
+def test_encap_flow_carries_its_outer_next_hop(env: Datapath) -> None:
+    """A flow installed with its own outer next hop (as the controller installs them, so a
+    neighbour or route change followed by a re-learn takes effect while the SA entry and its
+    sequence counter stay) leaves with that L2 header and MTU, not the SA's."""
+    other_mac = "02:00:00:00:00:99"
+    key = flow_key(LO, Dir.ENCAP, **ENCAP_KEY)
+    env.put_flow(key, flow_val(SA_OUT_ID, LO, other_mac, GW1_WAN_MAC, mtu=1500))
+    frame = clear_frame(b"next hop")
+    ret, out = run(env.encap_fd, frame)
+    assert ret == XDP_REDIRECT, "redirected"
+    want = P.eth(other_mac, GW1_WAN_MAC)[:12]
+    assert out[:12] == want, "the flow's outer next hop, not the SA's"
+    env.put_flow(key, flow_val(SA_OUT_ID, LO, other_mac, GW1_WAN_MAC, mtu=60))
+    assert run(env.encap_fd, frame) == (XDP_PASS, frame), "the flow's outer MTU applies"
+
+
 def test_encap_ce_iv_mask_and_ethernet_padding(env: Datapath) -> None:
     env.put_outbound_sa(out_sa(iv_mask=0x0123456789ABCDEF, seq=77))
     frame = clear_frame(b"", tos=3, frag=0)  # CE, no DF; 46-byte frame...

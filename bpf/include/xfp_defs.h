@@ -110,11 +110,11 @@ struct xfp_flow_key {
 
 struct xfp_flow_val {
 	__u32 sa_id;	      /* encap: outbound SA id; decap: the inbound SA's sa_id it must use */
-	__u32 egress_ifindex; /* decap: LAN device to redirect to (encap uses the SA's) */
-	__u8 dmac[6];	      /* decap: L2 rewrite towards the inner next hop */
+	__u32 egress_ifindex; /* device to redirect to (encap: 0 = the SA's egress, L2, MTU) */
+	__u8 dmac[6];	      /* L2 rewrite towards the next hop (encap: the outer one) */
 	__u8 smac[6];
 	__u32 flags;	    /* XFP_FLOW_F_* */
-	__u16 mtu;	    /* decap: egress MTU (inner IPv4 total length limit); 0 = no check */
+	__u16 mtu;	    /* egress MTU: decap inner, encap outer IPv4 total length; 0 = none */
 	__u16 pad;	    /* always 0 */
 	__u32 pad1;	    /* always 0 */
 	__u64 last_seen_ns; /* written by the datapath on every forwarded packet */
