@@ -934,8 +934,9 @@ def goals(
             f"{'met' if learn.p99_ms <= 10 else 'NOT met'}"
         )
     out.append(
-        "below 512 B, fastpath <= 1/3 of the kernel's ESP path per packet: not measured on "
-        "this host (no ESP in its kernel; the VM runs under TCG emulation)"
+        "below 512 B, fastpath <= 1/3 of the kernel's ESP path per packet: not measurable on "
+        "this host (no ESP in its kernel); `--esp` in the real-kernel VM measures it under "
+        "emulation (bench/results/vm-esp.md)"
     )
     return out
 
