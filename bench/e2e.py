@@ -912,7 +912,10 @@ def goals(
     if f and f2 and f2.ns_per_packet:
         r = f2.pps / f.pps
         norm = 2 * f.ns_per_packet / f2.ns_per_packet
-        verdict = "met" if r >= 1.8 else ("met per CPU time" if norm >= 1.8 else "NOT met")
+        if f2.cpu_share >= 1.8:
+            verdict = "met" if r >= 1.8 else "NOT met"
+        else:  # the normalised ratio hides contention when the threads seldom run at once
+            verdict = f"not shown: the two threads got {f2.cpu_share:.2f} CPUs, not 2"
         out.append(
             f"one SA, 2 CPUs vs 1 at 64 B: {r:.2f}x raw with {f2.cpu_share:.2f} CPUs' worth "
             f"of time got, {norm:.2f}x normalised (goal >= 1.8x): {verdict}"
