@@ -784,13 +784,13 @@ class Fuzzer:
         return set()
 
     OPS: dict[str, float] = {
-        "traffic": 8,
+        "traffic": 10,
         "rekey": 1,
         "break_old": 1,
         "sa_delete": 0.7,
         "sa_update": 1,
         "sa_flush": 0.3,
-        "reinstall": 1,
+        "reinstall": 2,
         "policy_update": 1,
         "policy_block": 0.7,
         "policy_unblock": 0.7,
@@ -978,11 +978,13 @@ def test_sa_storm_controller_survives_consistent(rig: Rig) -> None:
         )
         with (rig.work / "storm.txt").open("a") as f:
             f.write(f"{figures[-1]}; RSS {rss}\n")
+    # Holding the 10k SAs takes ~70 MiB at the peak: a controller that kept them (or a copy
+    # per round) would grow by about that much each round. Python keeps some of its arenas.
     grew = (rss[-1] - rss[1]) // 1024
-    assert grew < 32, (
+    assert grew < 64, (
         f"no leak: RSS after round 1 {rss[1] // 1024} MiB, after the last {rss[-1] // 1024} MiB"
     )
-    # The tunnel from the fuzz still works and is offloaded again.
+    # The tunnel still works and is offloaded again.
     assert bed.ping("lan", bed.addr("REMOTE_HOST"), count=10), "the tunnel works after the storm"
     offloaded_again(rig)
     checker.settle("after the storm")
