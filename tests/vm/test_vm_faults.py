@@ -27,8 +27,10 @@
    its SA's key, no replay or ICV error at the peer, and the tunnel works afterwards.
 
 One controller serves the whole module (BCC compiles four programs: minutes under TCG).
-Reproduce: `.venv/bin/python -m controller.vmrun vm-only tests/vm/test_vm_faults.py -s`
-(XFP_CP_FUZZ_SEED, XFP_CP_FUZZ_STEPS, XFP_CP_STORM change the seed, steps and storm size).
+Reproduce: `.venv/bin/python -m controller.vmrun vm-only -- tests/vm/test_vm_faults.py -s`.
+XFP_CP_FUZZ_SEED, XFP_CP_FUZZ_STEPS (default 60) and XFP_CP_STORM change the seed, the steps
+and the storm's size; pass them inside the VM, e.g. `controller.vmrun shell-cmd
+'XFP_CP_FUZZ_STEPS=300 .venv/bin/pytest -m vm -s tests/vm/test_vm_faults.py'`.
 """
 
 from __future__ import annotations
