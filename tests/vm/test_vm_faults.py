@@ -82,7 +82,7 @@ SEQ_ICV_ERRORS = ("XfrmInStateSeqError", "XfrmInStateProtoError")
 # afterwards reuse the entry, so the fastpath sends to the old MAC while the kernel sends to the
 # new one. While True, the oracle counts this (printed) instead of failing on it, and
 # test_known_bug_next_hop_mac_change (strict xfail) shows it; set False once fixed.
-KNOWN_STALE_SA_MAC = True
+KNOWN_STALE_SA_MAC = False
 KNOWN = "known bug: "
 
 
@@ -855,12 +855,7 @@ def test_control_plane_fuzz_keeps_invariants(rig: Rig) -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: an outbound SA entry keeps the next-hop MAC it was offloaded with "
-    "(controller/daemon.py reuses it for flows learned after a neighbour change)",
-)
-def test_known_bug_next_hop_mac_change(rig: Rig) -> None:
+def test_next_hop_mac_change(rig: Rig) -> None:
     """The peer's MAC changes (new NIC; the neighbour entry follows) while its SA stays
     offloaded: traffic must go on, to the new MAC, on the fastpath as on the kernel path."""
     bed, p = rig.bed, rig.bed.plan
