@@ -136,8 +136,8 @@ class DpFlow:
     sport: int
     dport: int
     sa_id: int
-    egress_ifindex: int  # decap only (encap flows leave by their SA's egress)
-    dmac: str  # decap only
+    egress_ifindex: int  # encap: 0 = the SA's egress and L2
+    dmac: str
 
 
 @dataclass(frozen=True)
@@ -333,10 +333,14 @@ def oracle(bed: Testbed, dp: DpView, k: KView) -> list[str]:
                 bad.append(f"{what}: kernel FWD policy {fwd} refuses it")
             if fwd is None and k.default.forward == DefaultAction.BLOCK:
                 bad.append(f"{what}: default FWD policy blocks it")
-            if e.dmac != gw2_mac:
+            # The flow's own outer next hop when it has one (as the controller installs them).
+            dmac, egress = (
+                (f.dmac, f.egress_ifindex) if f.egress_ifindex else (e.dmac, e.egress_ifindex)
+            )
+            if dmac != gw2_mac:
                 tag = KNOWN if KNOWN_STALE_SA_MAC else ""
-                bad.append(f"{tag}{what}: sent to {e.dmac}, the neighbour is {gw2_mac}")
-            if not k.up.get(e.egress_ifindex) or not k.up.get(f.ifindex):
+                bad.append(f"{tag}{what}: sent to {dmac}, the neighbour is {gw2_mac}")
+            if not k.up.get(egress) or not k.up.get(f.ifindex):
                 bad.append(f"{what}: a link it uses is down")
         else:
             e = dp.sa_in.get(f.sa_id)
