@@ -132,6 +132,19 @@ def _nr_bpf() -> int:
     return nr
 
 
+def _bpf(cmd: int, attr: ctypes.Structure, what: str) -> None:
+    """bpf(2) with `attr`; BpfTestRunError naming `what` on failure."""
+    ret = _libc.syscall(
+        ctypes.c_long(_nr_bpf()),
+        ctypes.c_long(cmd),
+        ctypes.byref(attr),
+        ctypes.c_uint(ctypes.sizeof(attr)),
+    )
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise BpfTestRunError(err, f"{what}: {os.strerror(err)}")
+
+
 def prog_info(fd: int | object) -> dict[str, int | str]:
     """BPF_OBJ_GET_INFO_BY_FD for a program: id, name, xlated/jited sizes in bytes, and
     verified_insns (what the verifier walked; 0 on kernels before 5.16)."""
@@ -140,15 +153,7 @@ def prog_info(fd: int | object) -> dict[str, int | str]:
     attr.bpf_fd = int(getattr(fd, "fd", fd))
     attr.info_len = ctypes.sizeof(info)
     attr.info = ctypes.addressof(info)
-    ret = _libc.syscall(
-        ctypes.c_long(_nr_bpf()),
-        ctypes.c_long(BPF_OBJ_GET_INFO_BY_FD),
-        ctypes.byref(attr),
-        ctypes.c_uint(ctypes.sizeof(attr)),
-    )
-    if ret != 0:
-        err = ctypes.get_errno()
-        raise BpfTestRunError(err, f"BPF_OBJ_GET_INFO_BY_FD: {os.strerror(err)}")
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "BPF_OBJ_GET_INFO_BY_FD")
     return {
         "id": info.id,
         "name": info.name.decode(errors="replace"),
@@ -169,7 +174,6 @@ def prog_test_run(
     once), so the duration is the program's cost without syscall overhead. `out_size`
     defaults to len(data) + OUT_SLACK.
     """
-    nr = _nr_bpf()
     if out_size is None:
         out_size = len(data) + OUT_SLACK
     inbuf = ctypes.create_string_buffer(bytes(data), len(data))
@@ -181,15 +185,7 @@ def prog_test_run(
     attr.data_in = ctypes.addressof(inbuf)
     attr.data_out = ctypes.addressof(outbuf)
     attr.repeat = max(1, int(repeat))
-    ret = _libc.syscall(
-        ctypes.c_long(nr),
-        ctypes.c_long(BPF_PROG_TEST_RUN),
-        ctypes.byref(attr),
-        ctypes.c_uint(ctypes.sizeof(attr)),
-    )
-    if ret != 0:
-        err = ctypes.get_errno()
-        raise BpfTestRunError(err, f"BPF_PROG_TEST_RUN: {os.strerror(err)}")
+    _bpf(BPF_PROG_TEST_RUN, attr, "BPF_PROG_TEST_RUN")
     return attr.retval, outbuf.raw[: attr.data_size_out], attr.duration
 
 
@@ -225,7 +221,6 @@ def prog_run_live(
     XDP_REDIRECT redirects, XDP_PASS builds an skb. Frames come from a page pool the kernel
     recycles, initialised with `data` only when a page is first used. Processing happens on the
     calling CPU, `batch_size` frames at a time (max 256). Returns the mean ns per frame."""
-    nr = _nr_bpf()
     inbuf = ctypes.create_string_buffer(bytes(data), len(data))
     ctx = _XdpMd(data=0, data_end=len(data), ingress_ifindex=ingress_ifindex,
                  rx_queue_index=rx_queue)  # fmt: skip
@@ -238,13 +233,5 @@ def prog_run_live(
     attr.ctx_in = ctypes.addressof(ctx)
     attr.flags = BPF_F_TEST_XDP_LIVE_FRAMES
     attr.batch_size = batch_size
-    ret = _libc.syscall(
-        ctypes.c_long(nr),
-        ctypes.c_long(BPF_PROG_TEST_RUN),
-        ctypes.byref(attr),
-        ctypes.c_uint(ctypes.sizeof(attr)),
-    )
-    if ret != 0:
-        err = ctypes.get_errno()
-        raise BpfTestRunError(err, f"BPF_PROG_TEST_RUN (live frames): {os.strerror(err)}")
+    _bpf(BPF_PROG_TEST_RUN, attr, "BPF_PROG_TEST_RUN (live frames)")
     return attr.duration
