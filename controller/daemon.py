@@ -22,6 +22,7 @@ distinct nonces whoever sends.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -196,14 +197,17 @@ class Controller:
             self.view = KernelView(self.xfrm)
             self.ipr = IPRoute()
             self.watch = KernelWatch()
+            # [tables] sas sizes the SA maps (and the resequencer's SPI index, which must
+            # agree): a full one refuses further SAs (sa_table_full), which stay in the kernel.
+            sa_max = f"-DXFP_SA_MAX={cfg.sa_table_size}"
             kw: dict[str, Any] = {
                 "xdp_mode": cfg.xdp_mode,
-                "cflags": (f"-DXFP_LIVENESS_NS={int(cfg.liveness * 1e9)}ULL",),
+                "cflags": (f"-DXFP_LIVENESS_NS={int(cfg.liveness * 1e9)}ULL", sa_max),
             }
             if self.pin_dir:
                 kw["pin_dir"] = self.pin_dir
             self.dp = Datapath(**kw).load()
-            self.reseq = Resequencer(pin_dir=self.dp.pin_dir).load()
+            self.reseq = Resequencer(pin_dir=self.dp.pin_dir, cflags=(sa_max,)).load()
             self._recover_pinned_state()
             # Renumbering is in place before any SA is offloaded (bpf/tc_reseq.c).
             self.reseq.attach(list(cfg.wan))
@@ -359,8 +363,21 @@ class Controller:
         try:
             self._install(cand, s, result)
         except Exception as e:
-            log.error("installing flow %s->%s failed: %s", s.saddr, s.daddr, e)
-            self._refuse(cand, Rejected("install_failed", str(e)))
+            if getattr(e, "errno", 0) == errno.E2BIG:  # an SA map is full ([tables] sas)
+                why = Rejected(
+                    "sa_table_full",
+                    f"SA table full ({e}; [tables] sas = {self.cfg.sa_table_size}): "
+                    f"SA 0x{result.sa.spi:08x} stays on the kernel path",
+                )
+            else:
+                why = Rejected("install_failed", str(e))
+            # Once per SA at error level: the flow's next sightings try again (and fail again
+            # while the table stays full); the count goes on in the rejections counter.
+            ref = SaRef(str(result.sa.dst), result.sa.spi, result.sa.reqid)
+            level = logging.DEBUG if self.refused_sas.get(ref) == why.detail else logging.ERROR
+            log.log(level, "installing flow %s->%s failed: %s", s.saddr, s.daddr, why.detail)
+            self.refused_sas[ref] = why.detail  # the SA's reason in `xfrm-fastpath sas`
+            self._refuse(cand, why)
 
     def _refuse(self, cand: Any, why: Rejected) -> None:
         self.metrics.reject(why.reason)
@@ -523,6 +540,7 @@ class Controller:
             self.metrics.reject("kernel_raced")
             return None
         self.sa_out[off.ref] = off
+        self.refused_sas.pop(off.ref, None)
         log.info(
             "SA 0x%08x (reqid %d) outbound offloaded as sa_id %d, seq from %d",
             sa.spi,
@@ -555,6 +573,7 @@ class Controller:
         )
         self._refresh_watchdog(off, now)
         self.sa_in[off.ref] = off
+        self.refused_sas.pop(off.ref, None)
         log.info("SA 0x%08x (reqid %d) inbound offloaded as sa_id %d", sa.spi, sa.reqid, off.sa_id)
         return off
 

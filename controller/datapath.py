@@ -76,7 +76,12 @@ NEVER = (1 << 64) - 1
 
 
 class DatapathError(RuntimeError):
-    """Compiling, loading, attaching or a map operation failed; the message says which."""
+    """Compiling, loading, attaching or a map operation failed; the message says which, and
+    `errno` the system error of a failed map operation (E2BIG: the map is full)."""
+
+    def __init__(self, msg: str, errno: int = 0) -> None:
+        super().__init__(msg)
+        self.errno = errno
 
 
 def ensure_bpffs() -> None:
@@ -102,7 +107,7 @@ def _possible_cpus() -> int:
 def _check(ret: int, what: str) -> None:
     if ret < 0:
         err = ctypes.get_errno() or -ret
-        raise DatapathError(f"{what}: {os.strerror(err)}")
+        raise DatapathError(f"{what}: {os.strerror(err)}", err)
 
 
 def ifindex_of(dev: str) -> int:
