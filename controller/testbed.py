@@ -91,6 +91,15 @@ def _ifaces(plan: dict[str, str]) -> tuple[Iface, ...]:
     )
 
 
+# ethtool names of NETIF_F_ALL_TSO (drivers/net/veth.c: veth_skb_is_eligible_for_gro());
+# accecn exists on newer kernels only (set where the device has it).
+NO_TSO = {
+    f"tx_{name}_segmentation": False
+    for name in ("tcp", "tcp_ecn", "tcp_mangleid", "tcp6", "tcp_accecn")
+}
+OPTIONAL_FEATURES = frozenset({"tx_tcp_accecn_segmentation"})
+
+
 def set_features(netns: str, dev: str, **features: bool) -> None:
     """Set ethtool features of a device inside a namespace, by their ethtool names with "_"
     for "-" (e.g. rx_gro=True, tx_checksum_ip_generic=False)."""
@@ -103,7 +112,10 @@ def set_features(netns: str, dev: str, **features: bool) -> None:
         try:
             f = e.get_features(dev)
             for name, on in features.items():
-                f.features[name.replace("_", "-")].enable = on
+                ethtool_name = name.replace("_", "-")
+                if ethtool_name not in f.features and name in OPTIONAL_FEATURES:
+                    continue
+                f.features[ethtool_name].enable = on
             e.set_features(dev, f)
         finally:
             e.close()
@@ -255,8 +267,12 @@ class Testbed:
         # A veth accepts frames another device's XDP program redirects to it only in NAPI
         # mode: with an XDP program of its own, or with GRO on. Every test-bed veth has GRO
         # on, so a gateway's fastpath can send to any neighbour, as it could to a NIC.
+        # And each link is one FIFO, like a wire: with TSO on at the sender, a veth hands
+        # forwarded skbs to its peer's per-CPU backlog and XDP frames to its NAPI ring, two
+        # queues served in turns of 64, so a kernel-built ESP packet could arrive hundreds of
+        # frames late and fall out of the peer's replay window for reasons of the test bed.
         for i in self.ifaces:
-            set_features(self.ns(i.role), i.dev, rx_gro=True)
+            set_features(self.ns(i.role), i.dev, rx_gro=True, **NO_TSO)
         p = self.plan
         self.ip("lan", "route", "add", "default", "via", p["GW1_LAN"])
         self.ip("remote", "route", "add", "default", "via", p["GW2_LAN"])
