@@ -154,6 +154,9 @@ class Controller:
         os.set_blocking(self._wake_w, False)
         self.ifindex: dict[str, int] = {}
         self.role: dict[int, str] = {}
+        # (MTU, MAC) of each egress link as flow entries were written with them: a change of
+        # either makes those entries wrong (frames too big, or a stale source MAC).
+        self.link_seen: dict[int, tuple[int, str | None]] = {}
         self.dp: Any = None
         self.reseq: Any = None
         self.learner: Any = None
@@ -444,7 +447,9 @@ class Controller:
 
     def _link_mtu(self, ifindex: int) -> int:
         for link in self.ipr.get_links(ifindex):
-            return int(link.get_attr("IFLA_MTU") or 1500)
+            mtu = int(link.get_attr("IFLA_MTU") or 1500)
+            self.link_seen[ifindex] = (mtu, link.get_attr("IFLA_ADDRESS"))
+            return mtu
         return 1500
 
     def _install(self, cand: Any, s: Sighting, ok: Accepted) -> None:
@@ -792,7 +797,10 @@ class Controller:
             if ev.dst:
                 self._remove(self.flows.flows_of_neigh(ev.ifindex, ev.dst), Cause.NEIGH_CHANGED)
         elif isinstance(ev, kw.LinkChanged):
-            if ev.action == "del" or not ev.up or not ev.lower_up:
+            seen = self.link_seen.get(ev.ifindex)
+            down = ev.action == "del" or not ev.up or not ev.lower_up
+            if down or (seen is not None and seen != (ev.mtu, ev.mac)):
+                self.link_seen.pop(ev.ifindex, None)
                 self._remove(self.flows.flows_of_link(ev.ifindex), Cause.LINK_CHANGED)
         elif isinstance(ev, kw.AddrChanged):
             self._drop_all(Cause.ROUTE_CHANGED)
