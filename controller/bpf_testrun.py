@@ -107,6 +107,20 @@ class _ProgInfo(ctypes.Structure):
     ]
 
 
+class _MapInfo(ctypes.Structure):
+    """struct bpf_map_info (include/uapi/linux/bpf.h), its stable head."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
 class _InfoAttr(ctypes.Structure):
     """The `info` member of union bpf_attr: { __u32 bpf_fd; __u32 info_len; __u64 info; }."""
 
@@ -162,6 +176,19 @@ def prog_info(fd: int | object) -> dict[str, int | str]:
         "insns": info.xlated_prog_len // 8,
         "verified_insns": info.verified_insns,
     }
+
+
+def map_info(fd: int) -> dict[str, int | str]:
+    """BPF_OBJ_GET_INFO_BY_FD for a map: type, id, key/value sizes, max_entries, flags, name."""
+    info = _MapInfo()
+    attr = _InfoAttr()
+    attr.bpf_fd = int(fd)
+    attr.info_len = ctypes.sizeof(info)
+    attr.info = ctypes.addressof(info)
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "BPF_OBJ_GET_INFO_BY_FD (map)")
+    out: dict[str, int | str] = {k: getattr(info, k) for k, _ in _MapInfo._fields_ if k != "name"}
+    out["name"] = info.name.decode(errors="replace")
+    return out
 
 
 def prog_test_run(

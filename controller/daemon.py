@@ -77,6 +77,7 @@ SEQ_JUMP = 4096
 # resequencer may still number in between (checked after removal).
 HANDBACK_MARGIN = 1024
 SEQ_SPACE_32 = 1 << 32
+MIN_FLOW_MAP = 1024  # the flow map's least size, whatever [tables] flows says
 TICK_S = 0.2  # housekeeping period: idle sweep, watchdog refresh, status
 # How often what XDP carried is added to the kernel's SA lifetime counters: bounds how far
 # fastpath traffic may run past a byte/packet limit before the kernel and the IKE daemon see it.
@@ -202,16 +203,39 @@ class Controller:
             self.watch = KernelWatch()
             # [tables] sas sizes the SA maps (and the resequencer's SPI index, which must
             # agree): a full one refuses further SAs (sa_table_full), which stay in the kernel.
+            # [tables] flows sizes the flow map (the controller refuses flows past it:
+            # table_full), with room to spare for small tables, whose LRU would otherwise
+            # evict early.
+            sizes = {
+                "xfp_flows": max(cfg.flow_table_size, MIN_FLOW_MAP),
+                "xfp_sa_out": cfg.sa_table_size,
+                "xfp_sa_in": cfg.sa_table_size,
+            }
             sa_max = f"-DXFP_SA_MAX={cfg.sa_table_size}"
             kw: dict[str, Any] = {
                 "xdp_mode": cfg.xdp_mode,
-                "cflags": (f"-DXFP_LIVENESS_NS={int(cfg.liveness * 1e9)}ULL", sa_max),
+                "cflags": (
+                    f"-DXFP_LIVENESS_NS={int(cfg.liveness * 1e9)}ULL",
+                    sa_max,
+                    f"-DXFP_FLOWS_MAX={sizes['xfp_flows']}",
+                ),
             }
             if self.pin_dir:
                 kw["pin_dir"] = self.pin_dir
             self.dp = Datapath(**kw).load()
             self.reseq = Resequencer(pin_dir=self.dp.pin_dir, cflags=(sa_max,)).load()
             self._recover_pinned_state()
+            pinned = self.dp.map_sizes()
+            if any(pinned.get(name) != want for name, want in sizes.items()):
+                # BCC takes a pinned map as it finds it: maps pinned by an earlier run with
+                # other sizes would stay. Their SAs are handed back by now: pin anew.
+                log.warning("pinned maps sized %s, config wants %s: recreating them", pinned, sizes)
+                self.reseq.close()
+                self.dp.close()
+                self.reseq.unpin()
+                self.dp.unpin()
+                self.dp = Datapath(**kw).load()
+                self.reseq = Resequencer(pin_dir=self.dp.pin_dir, cflags=(sa_max,)).load()
             # Renumbering is in place before any SA is offloaded (bpf/tc_reseq.c).
             self.reseq.attach(list(cfg.wan))
             for ifindex in self.role:
@@ -516,26 +540,32 @@ class Controller:
             self.metrics.reject("seq_exhausted")
             return None
         off = OffloadedSa(sa, self._alloc_sa_id(), Direction.ENCAP, _hard_deadline(sa, now))
-        self.dp.put_outbound_sa(
-            OutboundSa(
-                sa_id=off.sa_id,
-                spi=sa.spi,
-                saddr=str(sa.src),
-                daddr=str(sa.dst),
-                key=sa.key.reveal(),
-                egress_ifindex=s.out_ifindex,
-                dmac=s.eth_dst,
-                smac=s.eth_src,
-                mtu=self._link_mtu(s.out_ifindex),
-                seq=start,
-                seq_limit=limit,
-                iv_mask=int.from_bytes(mask, "big"),
-                esn=sa.esn,
-                deadline_ns=off.hard_deadline_ns,
-            )
+        entry = OutboundSa(
+            sa_id=off.sa_id,
+            spi=sa.spi,
+            saddr=str(sa.src),
+            daddr=str(sa.dst),
+            key=sa.key.reveal(),
+            egress_ifindex=s.out_ifindex,
+            dmac=s.eth_dst,
+            smac=s.eth_src,
+            mtu=self._link_mtu(s.out_ifindex),
+            seq=start,
+            seq_limit=limit,
+            iv_mask=int.from_bytes(mask, "big"),
+            esn=sa.esn,
+            deadline_ns=off.hard_deadline_ns,
         )
-        self._refresh_watchdog(off, now)
-        self.reseq.index_sa(sa.spi, str(sa.dst), off.sa_id)
+        try:
+            self.dp.put_outbound_sa(entry)
+            self._refresh_watchdog(off, now)
+            self.reseq.index_sa(sa.spi, str(sa.dst), off.sa_id)
+        except Exception:  # e.g. a full map: leave nothing half-installed (the caller counts)
+            with contextlib.suppress(Exception):
+                self.reseq.unindex_sa(sa.spi, str(sa.dst))
+            with contextlib.suppress(Exception):
+                self.dp.delete_outbound_sa(off.sa_id)
+            raise
         # The kernel may have sent on the SA while the entry was written: its numbers must
         # still be below the datapath's, or the entry is withdrawn (fail closed).
         after = self.xfrm.get_ae(sa)
@@ -561,22 +591,26 @@ class Controller:
         ae = self.xfrm.get_ae(sa)
         top = ae.replay.seq64 if ae.replay else 0
         off = OffloadedSa(sa, self._alloc_sa_id(), Direction.DECAP, _hard_deadline(sa, now))
-        self.dp.put_inbound_sa(
-            InboundSa(
-                sa_id=off.sa_id,
-                spi=sa.spi,
-                saddr=str(sa.src),
-                daddr=str(sa.dst),
-                key=sa.key.reveal(),
-                replay_window=min(max(sa.replay_window, 32), defs.REPLAY_MAX_WINDOW)
-                if sa.replay_window
-                else 0,
-                esn=sa.esn,
-                deadline_ns=off.hard_deadline_ns,
-                seq_top=top,
-            )
+        entry = InboundSa(
+            sa_id=off.sa_id,
+            spi=sa.spi,
+            saddr=str(sa.src),
+            daddr=str(sa.dst),
+            key=sa.key.reveal(),
+            replay_window=min(max(sa.replay_window, 32), defs.REPLAY_MAX_WINDOW)
+            if sa.replay_window
+            else 0,
+            esn=sa.esn,
+            deadline_ns=off.hard_deadline_ns,
+            seq_top=top,
         )
-        self._refresh_watchdog(off, now)
+        try:
+            self.dp.put_inbound_sa(entry)
+            self._refresh_watchdog(off, now)
+        except Exception:  # e.g. a full map: leave nothing half-installed (the caller counts)
+            with contextlib.suppress(Exception):
+                self.dp.delete_inbound_sa(sa.spi, str(sa.dst))
+            raise
         self.sa_in[off.ref] = off
         self.refused_sas.pop(off.ref, None)
         log.info("SA 0x%08x (reqid %d) inbound offloaded as sa_id %d", sa.spi, sa.reqid, off.sa_id)

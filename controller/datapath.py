@@ -445,6 +445,15 @@ class Datapath:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def map_sizes(self) -> dict[str, int]:
+        """max_entries of the loaded flow and SA maps (those pinned, if they were found)."""
+        from controller.bpf_testrun import map_info
+
+        return {
+            h.name: int(map_info(h.fd)["max_entries"])
+            for h in (self.maps["flows"], self.maps["sa_out"], self.maps["sa_in"])
+        }
+
     def unpin(self) -> None:
         """Remove the pinned maps and the pin directory (uninstall, or a test's own pins)."""
         pin = Path(self.pin_dir)

@@ -127,6 +127,12 @@ class Resequencer:
     def close(self) -> None:
         self.detach_all()
 
+    def unpin(self) -> None:
+        """Remove this program's pinned maps (Datapath.unpin() removes the rest)."""
+        for name in ("xfp_sa_out_spi", "xfp_reseq_stats"):
+            with contextlib.suppress(FileNotFoundError):
+                (Path(self.pin_dir) / name).unlink()
+
     # -- the SPI index -------------------------------------------------------------------------
     def index_sa(self, spi: int, daddr: str, sa_id: int) -> None:
         assert self.spi_map is not None, "load() first"

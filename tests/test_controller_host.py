@@ -136,3 +136,70 @@ def test_status_left_by_a_killed_controller_is_stale(bed: Testbed) -> None:
         assert "no controller is running" in r.stderr, r.stderr
     finally:
         path.unlink()
+
+
+def _run_until_up(bed: Testbed, cfg: Path, log: Path) -> subprocess.Popen[str]:
+    with log.open("w") as logf:
+        proc = subprocess.Popen(
+            [*bed.nsenter_argv("gw1"), *CLI, "run", "--config", str(cfg)],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    _wait(
+        lambda: _cli(bed, "status", "--json").returncode == 0 or proc.poll() is not None,
+        300,
+        lambda: f"controller status ({log.read_text()[-2000:]})",
+    )
+    assert proc.poll() is None, f"controller up: {log.read_text()[-2000:]}"
+    return proc
+
+
+def _stop(proc: subprocess.Popen[str]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+def test_restart_with_other_table_sizes_pins_anew(
+    bed: Testbed, tmp_path: Path, own_pins: None
+) -> None:
+    """`[tables]` sizes changed between two runs take effect: BCC would reuse the maps pinned
+    by the first run at their old sizes, so the controller pins anew (after handing back what
+    the old maps held)."""
+    import os
+
+    from bcc import libbcc
+
+    from controller.bpf_testrun import map_info
+    from controller.datapath import DEFAULT_PIN_DIR
+
+    def pinned_sizes() -> dict[str, int]:
+        out = {}
+        for name in ("xfp_flows", "xfp_sa_out", "xfp_sa_in", "xfp_sa_out_spi"):
+            fd = libbcc.lib.bpf_obj_get(str(DEFAULT_PIN_DIR / name).encode())
+            assert fd >= 0, f"pinned {name}"
+            try:
+                out[name] = int(map_info(fd)["max_entries"])
+            finally:
+                os.close(fd)
+        return out
+
+    for sas, flows, port in ((4, 2048, 9481), (8, 4096, 9482)):
+        cfg = tmp_path / f"gw1-{sas}.toml"
+        cfg.write_text(
+            f"[metrics]\naddress = '127.0.0.1:{port}'\n[tables]\nsas = {sas}\nflows = {flows}\n"
+        )
+        log = tmp_path / f"controller-{sas}.log"
+        proc = _run_until_up(bed, cfg, log)
+        try:
+            sizes = pinned_sizes()
+        finally:
+            rc = _stop(proc)
+        assert rc == 0, f"SIGTERM exits 0: {log.read_text()[-3000:]}"
+        want = {"xfp_flows": flows, "xfp_sa_out": sas, "xfp_sa_in": sas, "xfp_sa_out_spi": sas}
+        assert sizes == want, f"maps sized by the config: {sizes}\n{log.read_text()[-2000:]}"
+    assert "recreating them" in log.read_text(), "the second run says it pinned anew"

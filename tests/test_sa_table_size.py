@@ -60,3 +60,30 @@ def test_full_sa_tables_refuse_with_e2big_and_leave_nothing(small: Datapath) -> 
     d.put_outbound_sa(_out(SAS + 1))
     assert d.outbound_sa(SAS + 1) is not None
     assert wd.get(ctypes.c_uint32(1)) is None, "the deleted SA's watchdog went with it"
+
+
+def test_pinned_maps_keep_their_size_until_pinned_anew() -> None:
+    """BCC takes pinned maps as it finds them: loading with other sizes over old pins gives the
+    old sizes (which the controller detects with map_sizes() and then pins anew)."""
+    pin_dir = f"/sys/fs/bpf/xfp-resize-{os.getpid()}"
+
+    def load(sas: int, flows: int) -> Datapath:
+        return Datapath(
+            pin_dir=pin_dir, cflags=(f"-DXFP_SA_MAX={sas}", f"-DXFP_FLOWS_MAX={flows}")
+        ).load()
+
+    first = load(2, 1024)
+    try:
+        assert first.map_sizes() == {"xfp_flows": 1024, "xfp_sa_out": 2, "xfp_sa_in": 2}
+        first.close()
+        again = load(4, 2048)
+        assert again.map_sizes() == {"xfp_flows": 1024, "xfp_sa_out": 2, "xfp_sa_in": 2}, (
+            "pinned maps are reused at their old sizes"
+        )
+        again.close()
+        again.unpin()
+        fresh = load(4, 2048)
+        fresh.close()
+        assert fresh.map_sizes() == {"xfp_flows": 2048, "xfp_sa_out": 4, "xfp_sa_in": 4}
+    finally:
+        first.unpin()
