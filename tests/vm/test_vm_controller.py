@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -104,7 +105,10 @@ def rig(esp_kernel: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     ok, why = have_strongswan()
     if not ok:
         pytest.fail(why)
+    from controller.datapath import DEFAULT_PIN_DIR
+
     work = tmp_path_factory.mktemp("rig")
+    pins_existed = DEFAULT_PIN_DIR.exists()
     bed = Testbed(prefix=f"ctl{os.getpid()}-").build()
     ike = echo = None
     state: Rig = [bed, None, None]  # a list: the restart test swaps in its new controller
@@ -137,6 +141,8 @@ def rig(esp_kernel: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         if ike is not None:
             ike.stop()
         bed.destroy()
+        if not pins_existed:  # the controller leaves its pins (for a restart): remove ours
+            shutil.rmtree(DEFAULT_PIN_DIR, ignore_errors=True)
 
 
 # Inbound errors a wrong sequence, IV or key would cause at the peer (net/xfrm/xfrm_input.c):
