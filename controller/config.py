@@ -6,8 +6,10 @@
     wan = ["wan"]            # ESP side: XDP decap runs here
 
     [tables]
-    flows = 65536            # flow table entries (LRU)
-    sas = 1024               # SA table entries per direction
+    flows = 65536            # flow table entries (the BPF map has at least 1024)
+    sas = 1024               # SA table entries per direction; a full table leaves further
+                             # SAs on the kernel path (sa_table_full). Maps pinned with
+                             # other sizes by an earlier run are pinned anew at start.
 
     [timers]
     idle_timeout = 60.0      # seconds without a packet before a flow is removed
