@@ -21,8 +21,8 @@
 #ifndef XFP_FLOWS_MAX	    /* -DXFP_FLOWS_MAX=N: another table size (bench/e2e.py up to 1M) */
 #define XFP_FLOWS_MAX 65536 /* LRU: the least recently used flow goes first when full */
 #endif
-#ifndef XFP_SA_MAX	     /* -DXFP_SA_MAX=N: the controller's [tables] sas */
-#define XFP_SA_MAX 1024	     /* outbound and inbound SA entries, each */
+#ifndef XFP_SA_MAX	/* -DXFP_SA_MAX=N: the controller's [tables] sas */
+#define XFP_SA_MAX 1024 /* outbound and inbound SA entries, each */
 #endif
 #define XFP_DEVMAP_SIZE 4096 /* devmap keyed by egress ifindex: ifindex must be below this */
 
