@@ -66,10 +66,7 @@ def own_pins() -> Iterator[None]:
         shutil.rmtree(DEFAULT_PIN_DIR, ignore_errors=True)
 
 
-def test_run_status_and_sigterm_detach(bed: Testbed, tmp_path: Path, own_pins: None) -> None:
-    cfg = tmp_path / "gw1.toml"
-    cfg.write_text("[metrics]\naddress = '127.0.0.1:9478'\n[timers]\nwatchdog = 2\n")
-    log = tmp_path / "controller.log"
+def _run_until_up(bed: Testbed, cfg: Path, log: Path) -> subprocess.Popen[str]:
     with log.open("w") as logf:
         proc = subprocess.Popen(
             [*bed.nsenter_argv("gw1"), *CLI, "run", "--config", str(cfg)],
@@ -77,12 +74,30 @@ def test_run_status_and_sigterm_detach(bed: Testbed, tmp_path: Path, own_pins: N
             stderr=subprocess.STDOUT,
             text=True,
         )
+    _wait(
+        lambda: _cli(bed, "status", "--json").returncode == 0 or proc.poll() is not None,
+        300,  # three BCC compiles; slow on a loaded 2-core machine
+        lambda: f"controller status ({log.read_text()[-2000:]})",
+    )
+    assert proc.poll() is None, f"controller up: {log.read_text()[-2000:]}"
+    return proc
+
+
+def _stop(proc: subprocess.Popen[str]) -> int:
+    proc.send_signal(signal.SIGTERM)
     try:
-        _wait(
-            lambda: _cli(bed, "status", "--json").returncode == 0,
-            300,  # three BCC compiles; slow on a loaded 2-core machine
-            lambda: f"controller status ({log.read_text()[-2000:]})",
-        )
+        return proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+def test_run_status_and_sigterm_detach(bed: Testbed, tmp_path: Path, own_pins: None) -> None:
+    cfg = tmp_path / "gw1.toml"
+    cfg.write_text("[metrics]\naddress = '127.0.0.1:9478'\n[timers]\nwatchdog = 2\n")
+    log = tmp_path / "controller.log"
+    proc = _run_until_up(bed, cfg, log)
+    try:
         links = bed.ip("gw1", "-d", "link", "show").stdout
         assert links.count("prog/xdp") >= 2, f"XDP on lan and wan: {links}"
         tc = bed.cmd("gw1", ["tc", "filter", "show", "dev", "wan", "egress"]).stdout
@@ -106,12 +121,7 @@ def test_run_status_and_sigterm_detach(bed: Testbed, tmp_path: Path, own_pins: N
         # Traffic still flows with the controller attached (no SA: every packet is punted).
         assert bed.ping("lan", bed.addr("REMOTE_HOST"), count=3), "clear forwarding unharmed"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+        rc = _stop(proc)
     assert rc == 0, f"SIGTERM exits 0: {rc}\n{log.read_text()[-3000:]}"
     links = bed.ip("gw1", "-d", "link", "show").stdout
     assert "prog/xdp" not in links, f"XDP detached: {links}"
@@ -136,32 +146,6 @@ def test_status_left_by_a_killed_controller_is_stale(bed: Testbed) -> None:
         assert "no controller is running" in r.stderr, r.stderr
     finally:
         path.unlink()
-
-
-def _run_until_up(bed: Testbed, cfg: Path, log: Path) -> subprocess.Popen[str]:
-    with log.open("w") as logf:
-        proc = subprocess.Popen(
-            [*bed.nsenter_argv("gw1"), *CLI, "run", "--config", str(cfg)],
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-    _wait(
-        lambda: _cli(bed, "status", "--json").returncode == 0 or proc.poll() is not None,
-        300,
-        lambda: f"controller status ({log.read_text()[-2000:]})",
-    )
-    assert proc.poll() is None, f"controller up: {log.read_text()[-2000:]}"
-    return proc
-
-
-def _stop(proc: subprocess.Popen[str]) -> int:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
 
 
 def test_restart_with_other_table_sizes_pins_anew(

@@ -318,28 +318,12 @@ def collect(flows: list[UFlow], tag: str, within: float, want: int = 0) -> dict[
 
 
 # -- the datapath's maps, read from bpffs --------------------------------------------------------
-class BpfMapInfo(ctypes.Structure):
-    """The head of struct bpf_map_info (include/uapi/linux/bpf.h), zero-padded."""
-
-    _fields_ = [
-        ("type", ctypes.c_uint32),
-        ("id", ctypes.c_uint32),
-        ("key_size", ctypes.c_uint32),
-        ("value_size", ctypes.c_uint32),
-        ("max_entries", ctypes.c_uint32),
-        ("map_flags", ctypes.c_uint32),
-        ("name", ctypes.c_char * 16),
-        ("rest", ctypes.c_uint8 * 256),
-    ]
-
-
 class Maps:
     """The pinned maps this module reads (never writes)."""
 
     def __init__(self, pin_dir: Path = DEFAULT_PIN_DIR) -> None:
         from bcc.libbcc import lib
 
-        self._lib = lib
         lib.bpf_obj_get.restype, lib.bpf_obj_get.argtypes = ctypes.c_int, [ctypes.c_char_p]
         self._fds: dict[str, int] = {}
         u32, u64 = ctypes.c_uint32, ctypes.c_uint64
@@ -358,11 +342,9 @@ class Maps:
         self.liveness = open_map("xfp_liveness", u32, u64)
 
     def max_entries(self, name: str) -> int:
-        info = BpfMapInfo()
-        n = ctypes.c_uint32(ctypes.sizeof(info))
-        rc = self._lib.bpf_obj_get_info(self._fds[name], ctypes.byref(info), ctypes.byref(n))
-        assert rc == 0, f"bpf_obj_get_info({name}) failed"
-        return info.max_entries
+        from controller.bpf_testrun import map_info
+
+        return int(map_info(self._fds[name])["max_entries"])
 
     def close(self) -> None:
         for fd in self._fds.values():
