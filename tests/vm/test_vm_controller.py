@@ -779,7 +779,7 @@ def test_default_fwd_block_flow_without_policy_is_never_learned(rig: Rig) -> Non
             assert not enc, f"nothing learned LAN->remote under fwd block: {enc}"
             st = gw.published_status()["metrics"]
             print(f"\nunder fwd block: flows {gw.flows()}; metrics refusals "
-                  f"{st.get('refusals') if st else None}")  # fmt: skip
+                  f"{st.get('validation_rejections') if st else None}")  # fmt: skip
         finally:
             x.set_default_policy(forward=DefaultAction.ACCEPT)
     wait_for(lambda: udp_echo(bed, 3) == 3, 30, "the tunnel works again under accept")
