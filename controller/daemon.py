@@ -222,8 +222,12 @@ class Controller:
             }
             if self.pin_dir:
                 kw["pin_dir"] = self.pin_dir
-            self.dp = Datapath(**kw).load()
-            self.reseq = Resequencer(pin_dir=self.dp.pin_dir, cflags=(sa_max,)).load()
+
+            def load_programs() -> None:
+                self.dp = Datapath(**kw).load()
+                self.reseq = Resequencer(pin_dir=self.dp.pin_dir, cflags=(sa_max,)).load()
+
+            load_programs()
             self._recover_pinned_state()
             pinned = self.dp.map_sizes()
             if any(pinned.get(name) != want for name, want in sizes.items()):
@@ -234,8 +238,7 @@ class Controller:
                 self.dp.close()
                 self.reseq.unpin()
                 self.dp.unpin()
-                self.dp = Datapath(**kw).load()
-                self.reseq = Resequencer(pin_dir=self.dp.pin_dir, cflags=(sa_max,)).load()
+                load_programs()
             # Renumbering is in place before any SA is offloaded (bpf/tc_reseq.c).
             self.reseq.attach(list(cfg.wan))
             for ifindex in self.role:
@@ -470,6 +473,8 @@ class Controller:
         return sa_id
 
     def _link_mtu(self, ifindex: int) -> int:
+        """The link's MTU, remembered with its MAC in link_seen (flow entries are written with
+        both; a LinkChanged with other values takes those flows off)."""
         for link in self.ipr.get_links(ifindex):
             mtu = int(link.get_attr("IFLA_MTU") or 1500)
             self.link_seen[ifindex] = (mtu, link.get_attr("IFLA_ADDRESS"))

@@ -249,6 +249,18 @@ def flow_val(
     return v
 
 
+def open_pinned_map(
+    path: Path | str, key_type: type, value_type: type, percpu: bool = False
+) -> MapHandle:
+    """A MapHandle on the map pinned at `path` (another process's, e.g. a running
+    controller's). The caller owns its fd: os.close(handle.fd) when done."""
+    lib = _lib()
+    lib.bpf_obj_get.restype, lib.bpf_obj_get.argtypes = ctypes.c_int, [ctypes.c_char_p]
+    fd = lib.bpf_obj_get(str(path).encode())
+    _check(fd, f"open pinned map {path}")
+    return MapHandle(fd, key_type, value_type, Path(path).name, percpu=percpu)
+
+
 class MapHandle:
     """One BPF map by fd, read and written with ctypes structs (raw bpf(2) via libbcc)."""
 

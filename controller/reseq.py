@@ -28,6 +28,7 @@ from controller.defs import SaInKey, Stat
 RESEQ_STATS = ("ok", "exhausted", "error", "expired", "gso", "too_big")
 TC_HANDLE = 0xF1F0  # our filter's handle on the clsact egress hook
 TC_PRIO = 1
+PINNED_MAPS = ("xfp_sa_out_spi", "xfp_reseq_stats")  # beside the datapath's (same pin dir)
 
 
 class ResequencerError(RuntimeError):
@@ -129,7 +130,7 @@ class Resequencer:
 
     def unpin(self) -> None:
         """Remove this program's pinned maps (Datapath.unpin() removes the rest)."""
-        for name in ("xfp_sa_out_spi", "xfp_reseq_stats"):
+        for name in PINNED_MAPS:
             with contextlib.suppress(FileNotFoundError):
                 (Path(self.pin_dir) / name).unlink()
 

@@ -154,22 +154,20 @@ def test_restart_with_other_table_sizes_pins_anew(
     """`[tables]` sizes changed between two runs take effect: BCC would reuse the maps pinned
     by the first run at their old sizes, so the controller pins anew (after handing back what
     the old maps held)."""
+    import ctypes
     import os
 
-    from bcc import libbcc
-
     from controller.bpf_testrun import map_info
-    from controller.datapath import DEFAULT_PIN_DIR
+    from controller.datapath import DEFAULT_PIN_DIR, open_pinned_map
 
     def pinned_sizes() -> dict[str, int]:
         out = {}
         for name in ("xfp_flows", "xfp_sa_out", "xfp_sa_in", "xfp_sa_out_spi"):
-            fd = libbcc.lib.bpf_obj_get(str(DEFAULT_PIN_DIR / name).encode())
-            assert fd >= 0, f"pinned {name}"
+            h = open_pinned_map(DEFAULT_PIN_DIR / name, ctypes.c_uint8, ctypes.c_uint8)
             try:
-                out[name] = int(map_info(fd)["max_entries"])
+                out[name] = int(map_info(h.fd)["max_entries"])
             finally:
-                os.close(fd)
+                os.close(h.fd)
         return out
 
     for sas, flows, port in ((4, 2048, 9481), (8, 4096, 9482)):

@@ -332,19 +332,15 @@ def encap_hits_per_cpu() -> list[int]:
     """XDP encap hits on each CPU, from the controller's pinned per-CPU counters."""
     import ctypes
 
-    from bcc import libbcc
-
     from controller import defs
-    from controller.datapath import DEFAULT_PIN_DIR, MapHandle
+    from controller.datapath import DEFAULT_PIN_DIR, open_pinned_map
 
-    fd = libbcc.lib.bpf_obj_get(f"{DEFAULT_PIN_DIR}/xfp_stats".encode())
-    assert fd >= 0, "the controller's pinned counters"
+    h = open_pinned_map(DEFAULT_PIN_DIR / "xfp_stats", ctypes.c_uint32, defs.Stat, percpu=True)
     try:
-        h = MapHandle(fd, ctypes.c_uint32, defs.Stat, "xfp_stats", percpu=True)
         per_cpu = h.get(ctypes.c_uint32(defs.stat_index(defs.Dir.ENCAP, defs.Reason.ENCAP_OK)))
         return [s.packets for s in per_cpu or []]
     finally:
-        os.close(fd)
+        os.close(h.fd)
 
 
 SOAK_S = 60

@@ -56,7 +56,7 @@ from typing import Any
 import pytest
 
 from controller import defs
-from controller.datapath import DEFAULT_PIN_DIR, MapHandle
+from controller.datapath import DEFAULT_PIN_DIR, MapHandle, open_pinned_map
 from controller.static_esp import AEAD, KEY_LEN
 from controller.supervisor import ControllerProcess
 from controller.testbed import Testbed
@@ -165,17 +165,12 @@ class PinnedMaps:
     """The controller's pinned flow and SA maps, opened read-only in spirit (never written)."""
 
     def __init__(self, pin_dir: Path = DEFAULT_PIN_DIR) -> None:
-        from bcc.libbcc import lib
-
-        obj_get = lib.bpf_obj_get
-        obj_get.restype, obj_get.argtypes = ctypes.c_int, [ctypes.c_char_p]
         self._fds: list[int] = []
 
         def open_map(name: str, key: type, value: type) -> MapHandle:
-            fd = obj_get(str(pin_dir / name).encode())
-            assert fd >= 0, f"open pinned map {pin_dir / name}: {os.strerror(-fd)}"
-            self._fds.append(fd)
-            return MapHandle(fd, key, value, name)
+            h = open_pinned_map(pin_dir / name, key, value)
+            self._fds.append(h.fd)
+            return h
 
         self.flows = open_map("xfp_flows", defs.FlowKey, defs.FlowVal)
         self.sa_out = open_map("xfp_sa_out", ctypes.c_uint32, defs.SaOut)

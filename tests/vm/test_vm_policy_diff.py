@@ -60,7 +60,7 @@ from typing import Any
 import pytest
 
 from controller import defs
-from controller.datapath import DEFAULT_PIN_DIR, MapHandle, flow_key
+from controller.datapath import DEFAULT_PIN_DIR, MapHandle, flow_key, open_pinned_map
 from controller.netns import in_netns
 from controller.static_esp import AEAD, ICV_BITS, StaticSa, random_sa
 from controller.supervisor import ControllerProcess
@@ -322,17 +322,13 @@ class Maps:
     """The pinned maps this module reads (never writes)."""
 
     def __init__(self, pin_dir: Path = DEFAULT_PIN_DIR) -> None:
-        from bcc.libbcc import lib
-
-        lib.bpf_obj_get.restype, lib.bpf_obj_get.argtypes = ctypes.c_int, [ctypes.c_char_p]
         self._fds: dict[str, int] = {}
         u32, u64 = ctypes.c_uint32, ctypes.c_uint64
 
         def open_map(name: str, key: type, value: type) -> MapHandle:
-            fd = lib.bpf_obj_get(str(pin_dir / name).encode())
-            assert fd >= 0, f"open pinned map {pin_dir / name}: {os.strerror(-fd)}"
-            self._fds[name] = fd
-            return MapHandle(fd, key, value, name)
+            h = open_pinned_map(pin_dir / name, key, value)
+            self._fds[name] = h.fd
+            return h
 
         self.flows = open_map("xfp_flows", defs.FlowKey, defs.FlowVal)
         self.sa_out = open_map("xfp_sa_out", u32, defs.SaOut)
