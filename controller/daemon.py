@@ -86,6 +86,14 @@ RECENT_INVALIDATIONS = 64  # removals kept in the status file, newest last
 NEVER = (1 << 64) - 1
 
 
+def _dp_flow_key(k: FlowKey) -> bytes:
+    """The datapath's struct xfp_flow_key for a flow, as bytes."""
+    from controller.datapath import flow_key
+
+    d = defs.Dir(int(k.direction))
+    return bytes(flow_key(k.ifindex, d, k.proto, k.saddr, k.daddr, k.sport, k.dport))
+
+
 @dataclass
 class OffloadedSa:
     """An SA written into the datapath, and what the controller keeps to look after it."""
@@ -520,6 +528,7 @@ class Controller:
             neighbour=(ok.route.oif, ok.next_hop),
             seen_ns=cand.ktime_rx,
             installed_ns=time.monotonic_ns(),
+            dp_key=bytes(key),
         )
         self.flows.add(rec)
         self.metrics.observe_learn_latency(rec.learn_latency_s)
@@ -759,17 +768,16 @@ class Controller:
             log.error("SA 0x%08x: handing the replay window back failed: %s", off.sa.spi, e)
 
     def _remove(self, keys: Iterable[FlowKey], cause: Cause) -> int:
-        from controller.datapath import flow_key
-
         recs = self.flows.remove(keys, cause)
         # The datapath first: once the entries are gone no packet of these flows takes XDP.
-        for rec in recs:
-            k = rec.key
-            dk = flow_key(
-                k.ifindex, defs.Dir(int(k.direction)), k.proto, k.saddr, k.daddr, k.sport, k.dport
-            )
-            with contextlib.suppress(Exception):
-                self.dp.delete_flow(dk)
+        dks = [rec.dp_key or _dp_flow_key(rec.key) for rec in recs]
+        try:
+            self.dp.delete_flows(dks)  # one bpf(2) call for the lot
+        except Exception as e:
+            log.warning("batch delete of %d flow(s) failed (%s): one at a time", len(dks), e)
+            for dk in dks:
+                with contextlib.suppress(Exception):
+                    self.dp.delete_flow(defs.FlowKey.from_buffer_copy(dk))
         done_ns = time.monotonic_ns()
         # Then let the learner report them again (one map operation each: the SPI is known).
         if self.learner is not None:
@@ -804,13 +812,48 @@ class Controller:
             if o.sa.spi == spi and (dst is None or str(o.sa.dst) == dst)
         ]
 
+    def _fence(self, off: OffloadedSa) -> None:
+        """XDP stops encrypting with an outbound SA now (one map write), before its flows are
+        removed one by one: a packet of a flow not yet removed goes to the kernel, which
+        decides (and whose ESP packets the TC program still numbers from XDP's counter).
+        Inbound SAs are not fenced: the kernel's replay window lags XDP's until the hand-back,
+        whereas XDP checks and marks the window before its flow lookup, so an inbound packet
+        of a removed flow reaches the kernel already marked."""
+        if off.direction is not Direction.ENCAP:
+            return
+        try:
+            self.dp.fence_sa(off.sa_id)
+        except Exception as e:
+            log.error("SA 0x%08x: fencing it off failed: %s", off.sa.spi, e)
+
     def _drop_sa(self, spi: int, dst: str | None, cause: Cause, *, gone: bool = False) -> None:
         for off in self._sas_matching(spi, dst):
+            self._fence(off)
             self._remove(self.flows.flows_of_sa(off.ref), cause)
             self._release_sa(off, gone=gone)
 
     def _drop_all(self, cause: Cause) -> None:
-        self._remove(list(self.flows.flows), cause)
+        """Every flow goes (a firewall, route or policy change). The SAs stay, but the
+        outbound ones are fenced while the flows are removed, so that no packet is encrypted
+        by XDP on a proof that no longer holds, however many flows there are; then each
+        fenced SA's watchdog is put back as it was."""
+        if not self.flows.flows:
+            return
+        armed: list[tuple[OffloadedSa, int]] = []
+        for off in list(self.sa_out.values()):
+            with contextlib.suppress(Exception):
+                wd = self.dp.watchdog(off.sa_id)
+                if wd:
+                    armed.append((off, wd))
+            self._fence(off)
+        try:
+            self._remove(list(self.flows.flows), cause)
+        finally:
+            for off, wd in armed:
+                try:
+                    self.dp.refresh_watchdog(off.sa_id, wd)
+                except Exception as e:
+                    log.error("SA 0x%08x: re-arming its watchdog failed: %s", off.sa.spi, e)
 
     # -- kernel events -----------------------------------------------------------------------------
     def on_kernel_event(self, ev: Any) -> None:

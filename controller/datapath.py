@@ -261,6 +261,11 @@ def open_pinned_map(
     return MapHandle(fd, key_type, value_type, Path(path).name, percpu=percpu)
 
 
+# The kernel's own "operation not supported" (include/linux/errno.h), which bpf(2) returns for a
+# map type without batch operations; not in errno.
+ENOTSUPP = 524
+
+
 class MapHandle:
     """One BPF map by fd, read and written with ctypes structs (raw bpf(2) via libbcc)."""
 
@@ -305,6 +310,39 @@ class MapHandle:
                 return False
             _check(-1, f"delete from {self.name}")
         return True
+
+    def delete_batch(self, keys: Sequence) -> int:
+        """Delete many keys (key structs, or their bytes) with BPF_MAP_DELETE_BATCH: one
+        bpf(2) call where nothing is amiss. How many were deleted. The kernel deletes in order
+        and stops at the first error, telling how far it got: the call resumes past a key
+        already absent, and falls back to one delete per key if the kernel lacks batch ops."""
+        n = len(keys)
+        if n == 0:
+            return 0
+        size = ctypes.sizeof(self.key_type)
+        raw = b"".join(k if isinstance(k, bytes) else bytes(k) for k in keys)
+        if len(raw) != n * size:
+            raise ValueError(f"{self.name}: keys of {size} bytes expected")
+        arr = (self.key_type * n).from_buffer_copy(raw)
+        base = ctypes.addressof(arr)
+        lib = _lib()
+        deleted = i = 0
+        while i < n:
+            count = ctypes.c_uint32(n - i)
+            ret = lib.bpf_delete_batch(self.fd, base + i * size, ctypes.byref(count))
+            done = min(count.value, n - i) if ret < 0 else n - i
+            deleted += done
+            i += done
+            if ret >= 0:
+                break
+            err = ctypes.get_errno()
+            if err == errno.ENOENT:
+                i += 1  # the kernel stopped at key i: already gone
+            elif err in (errno.EINVAL, errno.EOPNOTSUPP, ENOTSUPP) and done == 0:
+                return deleted + sum(self.delete(k) for k in arr[i:])
+            else:
+                _check(-1, f"batch delete from {self.name}")
+        return deleted
 
     def keys(self, limit: int = 1 << 20) -> Iterator:
         """Every key (a snapshot walk; bounded by `limit`)."""
@@ -543,6 +581,17 @@ class Datapath:
         own: refreshing it never races with the sequence or replay state in the SA entry."""
         self.maps["watchdog"].put(ctypes.c_uint32(sa_id), ctypes.c_uint64(deadline_ns))
 
+    def watchdog(self, sa_id: int) -> int | None:
+        """SA `sa_id`'s watchdog deadline (CLOCK_MONOTONIC ns), None when it has none."""
+        got = self.maps["watchdog"].get(ctypes.c_uint32(sa_id))
+        return None if got is None else int(got.value)
+
+    def fence_sa(self, sa_id: int) -> None:
+        """Stop XDP using SA `sa_id` now, whatever the number of its flows: its watchdog is set
+        in the past, so each of its packets goes to the kernel (counted as sa_expired) while
+        the flows are being removed. refresh_watchdog lifts the fence."""
+        self.refresh_watchdog(sa_id, 0)
+
     # -- flows ------------------------------------------------------------------------------------
     def put_flow(self, key: FlowKey, val: FlowVal) -> None:
         self.maps["flows"].put(key, val)
@@ -552,6 +601,11 @@ class Datapath:
 
     def delete_flow(self, key: FlowKey) -> bool:
         return self.maps["flows"].delete(key)
+
+    def delete_flows(self, keys: Sequence[FlowKey | bytes]) -> int:
+        """Delete many flows at once (keys as structs or their bytes; absent ones skipped):
+        how many were deleted."""
+        return self.maps["flows"].delete_batch(keys)
 
     def flows(self) -> Iterator[tuple[FlowKey, FlowVal]]:
         """(key, value) of every flow (entries deleted during the walk are skipped)."""

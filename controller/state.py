@@ -89,6 +89,7 @@ class FlowRecord:
     seen_ns: int = 0  # CLOCK_MONOTONIC ns when the first packet was seen (tracepoint)
     installed_ns: int = 0  # CLOCK_MONOTONIC ns when the flow entry was written
     last_active_ns: int = 0  # last time the datapath reported traffic for it
+    dp_key: bytes = b""  # the datapath's struct xfp_flow_key as written (for batch deletes)
 
     @property
     def learn_latency_s(self) -> float | None:

@@ -725,6 +725,46 @@ def test_replay_window_holds_across_cpus(env: Datapath) -> None:
     assert d[(Dir.DECAP, Reason.DROP_REPLAY)][0] == 600 * (len(per_cpu) - 1), "the rest: replays"
 
 
+# ---- invalidation at scale ----------------------------------------------------------------------
+def test_fenced_sa_sends_its_flows_to_the_kernel_until_rearmed(env: Datapath) -> None:
+    """fence_sa: one map write takes every flow of an outbound SA off XDP (the controller
+    fences before it removes the flows one by one); refresh_watchdog lifts it."""
+    frame = clear_frame()
+    assert run(env.encap_fd, frame)[0] == XDP_REDIRECT, "offloaded before the fence"
+    armed = env.watchdog(SA_OUT_ID)
+    assert armed and armed > time.monotonic_ns(), "a live watchdog"
+    c = Counters(env)
+    env.fence_sa(SA_OUT_ID)
+    assert run(env.encap_fd, frame) == (XDP_PASS, frame), "fenced: untouched, to the kernel"
+    assert c.delta() == {(Dir.ENCAP, Reason.PASS_SA_EXPIRED): (1, len(frame))}, "counted"
+    seq = env.outbound_sa(SA_OUT_ID).seq
+    env.refresh_watchdog(SA_OUT_ID, armed)
+    ret, out = run(env.encap_fd, frame)
+    assert ret == XDP_REDIRECT, "re-armed: offloaded again"
+    check_encap_output(frame, out, seq)  # the fence used no sequence number
+
+
+def test_batch_delete_skips_absent_flows(env: Datapath) -> None:
+    """Datapath.delete_flows: one BPF_MAP_DELETE_BATCH for the lot; keys already gone (here
+    one in front, some in the middle, one at the end) are skipped, no other entry is touched."""
+    keys = [
+        flow_key(LO, Dir.ENCAP, P.IPPROTO_UDP, "10.1.0.2", f"10.3.{i >> 8}.{i & 255}", 1000, i)
+        for i in range(3000)
+    ]
+    for k in keys:
+        env.put_flow(k, flow_val(SA_OUT_ID))
+    absent = [
+        flow_key(LO, Dir.ENCAP, P.IPPROTO_UDP, "10.1.0.9", "10.3.0.1", 7, j) for j in range(4)
+    ]
+    doomed = [absent[0], *keys[:1000], absent[1], absent[2], *keys[1000:2000], absent[3]]
+    assert env.delete_flows(doomed) == 2000, "every present key deleted, the absent skipped"
+    assert env.delete_flows([]) == 0
+    left = {bytes(k) for k, _ in env.flows()}
+    assert {bytes(k) for k in keys[2000:]} <= left, "the others stay"
+    assert not {bytes(k) for k in keys[:2000]} & left, "the deleted are gone"
+    assert env.get_flow(flow_key(LO, Dir.ENCAP, **ENCAP_KEY)) is not None, "the fixture's flow"
+
+
 # ---- key hygiene ---------------------------------------------------------------------------------
 def test_delete_wipes_and_removes_sa(env: Datapath) -> None:
     from controller.datapath import BPF_F_LOCK
