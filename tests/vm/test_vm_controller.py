@@ -59,18 +59,29 @@ while True:
 """
 
 UDP_CLIENT = r"""
-import hashlib, os, socket, sys
+import os, socket, struct, sys, time
 dst, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1); s.connect((dst, port))
-ok = 0
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect((dst, port))
+ok, late, lost = 0, 0, []
 for i in range(n):
-    payload = os.urandom(16 + (i * 37) % 1200)
+    payload = struct.pack("!I", i) + os.urandom(12 + (i * 37) % 1200)
     s.send(payload)
-    try:
-        ok += s.recv(65535) == payload
-    except socket.timeout:
-        pass
-print(ok)
+    deadline = time.monotonic() + 2
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            lost.append(f"{i}@{time.time():.3f}")
+            break
+        s.settimeout(left)
+        try:
+            got = s.recv(65535)
+        except socket.timeout:
+            continue
+        if got == payload:
+            ok += 1
+            break
+        late += 1  # the echo of an earlier datagram that timed out (or a damaged one)
+print(ok, late, *lost)
 """
 
 TCP_CLIENT = r"""
@@ -170,14 +181,23 @@ def xfrm_stat(bed: Testbed, role: str) -> dict[str, int]:
     return {k: int(v) for k, v in (ln.split() for ln in text.splitlines() if ln.strip()) if int(v)}
 
 
-def echoed_across_rekey(bed: Testbed, n: int) -> tuple[int, int]:
+def echoed_across_rekey(bed: Testbed, n: int) -> tuple[int, int, str]:
     """udp_echo(n) across a CHILD_SA rekey: (echoed, lost that gw1's kernel dropped for want
-    of an inbound SA). The IKE responder (gw2) may send on its new outbound SA before the
-    initiator's answer is processed and its inbound SA installed: such a loss is the IKE
-    daemon's, on the kernel path (XDP passes an SPI it does not know), never the fastpath's."""
-    before = xfrm_stat(bed, "gw1").get("XfrmInNoStates", 0)
-    got = udp_echo(bed, n)
-    return got, xfrm_stat(bed, "gw1").get("XfrmInNoStates", 0) - before
+    of an inbound SA, what else was seen). The IKE responder (gw2) may send on its new
+    outbound SA before the initiator's answer is processed and its inbound SA installed: such
+    a loss is the IKE daemon's, on the kernel path (XDP passes an SPI it does not know), never
+    the fastpath's. The third item names late echoes, lost datagrams and the change in both
+    gateways' XFRM error counters, for the failure message."""
+    before = {gw: xfrm_stat(bed, gw) for gw in ("gw1", "gw2")}
+    got, late, lost = udp_echo_detail(bed, n)
+    after = {gw: xfrm_stat(bed, gw) for gw in ("gw1", "gw2")}
+    delta = {
+        gw: {k: v - before[gw].get(k, 0) for k, v in after[gw].items() if v != before[gw].get(k, 0)}
+        for gw in after
+    }
+    no_state = delta["gw1"].get("XfrmInNoStates", 0)
+    seen = f"late echoes {late}, lost {lost or 'none'}, XFRM counters moved {delta}"
+    return got, no_state, seen
 
 
 def diag(gw: ControllerProcess) -> str:
@@ -187,12 +207,22 @@ def diag(gw: ControllerProcess) -> str:
 
 
 def udp_echo(bed: Testbed, n: int, port: int = ECHO_PORT) -> int:
+    """Send n datagrams (16..1215 B, each tagged with its index) one at a time from lan to
+    remote's echo server: how many came back byte for byte within 2 s each."""
+    return udp_echo_detail(bed, n, port)[0]
+
+
+def udp_echo_detail(bed: Testbed, n: int, port: int = ECHO_PORT) -> tuple[int, int, list[str]]:
+    """udp_echo, with the number of echoes that came late (after their 2 s) and the lost
+    datagrams as `index@wall-clock time` (to set beside the controller's and charon's logs)."""
     out = bed.cmd(
         "lan",
         [sys.executable, "-c", UDP_CLIENT, bed.addr("REMOTE_HOST"), str(port), str(n)],
-        timeout=n * 2 + 30,
-    ).stdout
-    return int(out.strip() or 0)
+        timeout=n * 3 + 30,
+    ).stdout.split()
+    if not out:
+        return 0, 0, [f"client printed nothing for {n} datagrams"]
+    return int(out[0]), int(out[1]), out[2:]
 
 
 def test_flows_take_the_fastpath_both_ways_intact(
@@ -845,10 +875,10 @@ def test_rekey_moves_flows_to_the_new_sa(rig: Rig) -> None:
     assert len(old) == 2, f"both directions offloaded before the rekey: {gw.sas()}"
     t0 = time.monotonic()
     ike.gw1.swanctl("--rekey", "--child", CHILD["gw1"])
-    got, no_state = echoed_across_rekey(bed, 100)
+    got, no_state, seen = echoed_across_rekey(bed, 100)
     assert got + no_state >= 100, (
         f"no datagram lost to the rekey but for the IKE race ({got}/100, {no_state} "
-        f"dropped by gw1 for want of its new inbound SA)\n{diag(gw)}"
+        f"dropped by gw1 for want of its new inbound SA); {seen}\n{diag(gw)}"
     )
 
     on_new: list[float] = []  # when both offloaded SAs were new ones, first seen
@@ -872,9 +902,85 @@ def test_rekey_moves_flows_to_the_new_sa(rig: Rig) -> None:
     assert not peer_errors(bed), f"no replay or ICV errors across the rekey: {peer_errors(bed)}"
     print(
         f"\nrekey: {sorted(old)} -> {sorted(new)}, {got}/100 echoed ({no_state} lost to the "
-        "IKE race): both directions offloaded on the new SAs "
+        f"IKE race; {seen}): both directions offloaded on the new SAs "
         f"within {on_new[0]:.1f} s, old SAs deleted and let go within {took:.1f} s"
     )
+
+
+# Rekeys per run of the next test, alternating ends (`XFP_REKEY_ROUNDS=20` for a longer soak).
+REKEY_ROUNDS = int(os.environ.get("XFP_REKEY_ROUNDS", "4"))
+REKEY_LOAD = 400  # datagrams echoed while each rekey runs
+
+
+def test_rekeys_from_either_end_under_load(rig: Rig) -> None:
+    """REKEY_ROUNDS CHILD_SA rekeys in a row, initiated in turn by gw1 (the controller's side:
+    its new outbound SA is installed at once) and by gw2 (gw1 responds: strongSwan installs
+    gw1's new outbound SA only when gw2's DELETE for the old one arrives), each under a stream
+    of REKEY_LOAD UDP echoes started before the rekey. Every datagram comes back but for the
+    IKE race, the flows end up offloaded on the new SAs, the old ones are let go, and the peer
+    never sees a replay, sequence or ICV error."""
+    from controller.strongswan import CHILD
+
+    bed, ike, gw = rig
+    remote = bed.addr("REMOTE_HOST")
+
+    def offloaded() -> set[str]:
+        return {s["spi"] for s in gw.sas() if s["offloaded"]}
+
+    def both_offloaded() -> set[str] | None:
+        udp_echo(bed, 3)
+        now = offloaded()
+        return now if len(now) == 2 else None
+
+    rounds: list[str] = []
+    for r in range(REKEY_ROUNDS):
+        by = ("gw1", "gw2")[r % 2]
+        old = wait_for(both_offloaded, 30, lambda: f"both directions offloaded: {diag(gw)}")
+        before = {g: xfrm_stat(bed, g) for g in ("gw1", "gw2")}
+        enc0 = gw.fastpath_packets("encap")
+        client = subprocess.Popen(
+            [*bed.nsenter_argv("lan"), sys.executable, "-c", UDP_CLIENT, remote,
+             str(ECHO_PORT), str(REKEY_LOAD)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            time.sleep(0.5)  # the stream is running on the fastpath before the rekey starts
+            t0 = time.monotonic()
+            getattr(ike, by).swanctl("--rekey", "--child", CHILD[by])
+            out, _ = client.communicate(timeout=REKEY_LOAD * 3 + 30)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+        fields = out.split()
+        got, late, lost = int(fields[0]), int(fields[1]), fields[2:]
+        after = {g: xfrm_stat(bed, g) for g in ("gw1", "gw2")}
+        delta = {
+            g: {k: v - before[g].get(k, 0) for k, v in after[g].items() if v != before[g].get(k, 0)}
+            for g in after
+        }
+        no_state = delta["gw1"].get("XfrmInNoStates", 0)
+        assert got + no_state >= REKEY_LOAD, (
+            f"round {r} (rekeyed by {by}): {got}/{REKEY_LOAD} echoed, {no_state} dropped by "
+            f"gw1 for want of an SA; late echoes {late}, lost {lost}, XFRM counters moved "
+            f"{delta}\n{diag(gw)}"
+        )
+
+        def moved(old: set[str] = old) -> set[str] | None:
+            udp_echo(bed, 3)
+            sas = gw.sas()
+            now = {s["spi"] for s in sas if s["offloaded"]}
+            left = {s["spi"] for s in sas} & old
+            return now if len(now) == 2 and not now & old and not left else None
+
+        new = wait_for(moved, 60, lambda r=r: f"round {r}: flows on the new SAs: {diag(gw)}")
+        rounds.append(
+            f"{by}: {sorted(old)} -> {sorted(new)} in {time.monotonic() - t0:.1f} s, "
+            f"{got}/{REKEY_LOAD} echoed ({no_state} IKE race), "
+            f"{gw.fastpath_packets('encap') - enc0} encap on XDP"
+        )
+    assert not peer_errors(bed), f"no peer errors across the rekeys: {peer_errors(bed)}"
+    print("\nrekeys under load:\n  " + "\n  ".join(rounds))
 
 
 def _reconfigure_gw1(ike: Any, extra: str) -> None:
@@ -924,11 +1030,10 @@ def test_fastpath_bytes_trigger_rekey_and_liveness_keeps_child_up(rig: Rig) -> N
         )
         old = {child["spi-out"], child["spi-in"]}
         enc0 = gw.fastpath_packets("encap")
-        got, no_state = echoed_across_rekey(bed, 2500)  # ~1.5 MB each way, 16..1215 B
+        got, no_state, seen = echoed_across_rekey(bed, 2500)  # ~1.5 MB each way, 16..1215 B
         assert got + no_state >= 2500, (
             f"every datagram echoed intact across the rekey but for the IKE race: {got}/2500, "
-            f"{no_state} dropped by gw1 for want of its new inbound SA; XFRM errors gw1 "
-            f"{xfrm_stat(bed, 'gw1')} gw2 {xfrm_stat(bed, 'gw2')}\n{diag(gw)}"
+            f"{no_state} dropped by gw1 for want of its new inbound SA; {seen}\n{diag(gw)}"
         )
         assert gw.fastpath_packets("encap") - enc0 > 2000, "the fastpath carried the bulk"
 
@@ -953,7 +1058,7 @@ def test_fastpath_bytes_trigger_rekey_and_liveness_keeps_child_up(rig: Rig) -> N
         )
         print(
             f"\nrekey by fastpath bytes: {sorted(old)} -> {new['spi-out']}/{new['spi-in']}, "
-            f"{got}/2500 echoed ({no_state} lost to the IKE race); "
+            f"{got}/2500 echoed ({no_state} lost to the IKE race; {seen}); "
             f"after 65 s of fastpath pings the CHILD_SA is still {after['uniqueid']}, "
             f"strongSwan last use in {after.get('use-in')} s, out {after.get('use-out')} s"
         )
