@@ -120,6 +120,19 @@ int xdp_decap(struct xdp_md *ctx)
 	sa_id = sa->sa_id;
 	wd = xfp_watchdog.lookup(&sa_id);
 	if (!wd || now > *wd || now > sa->deadline_ns) {
+		/* The SA is the kernel's alone now (controller gone, or the SA being handed
+		 * back), but the kernel's replay window has not seen what XDP accepted: a replay
+		 * of such a packet is still dropped here. The check only reads the window:
+		 * nothing unauthenticated may move it, and the kernel judges the rest. */
+		bpf_spin_lock(&sa->lock);
+		r = xfp_replay_check(sa, xfp_esp_seq64(sa, xfp_ntohl(esp->seq)));
+		if (r)
+			sa->replay_drops += 1;
+		bpf_spin_unlock(&sa->lock);
+		if (r) {
+			r = XFP_R_DROP_REPLAY;
+			goto drop;
+		}
 		r = XFP_R_PASS_SA_EXPIRED;
 		goto pass;
 	}

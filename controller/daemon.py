@@ -691,6 +691,26 @@ class Controller:
                 log.warning("SA 0x%08x: soft expire: %s", off.sa.spi, e)
         return True
 
+    def _watchdog_lapsed(self, off: OffloadedSa, now: int) -> bool:
+        """An inbound SA whose watchdog lapsed (the controller stalled longer than `[timers]
+        watchdog`) is handed back rather than refreshed: meanwhile XDP passed its packets to
+        the kernel, whose window took them while XDP's did not, so XDP resuming would accept
+        a replay of them. Handed back, it is offloaded again from the kernel's window."""
+        try:
+            wd = self.dp.watchdog(off.sa_id)
+        except Exception:
+            return False
+        if wd is None or wd >= now:
+            return False
+        log.warning(
+            "SA 0x%08x: the datapath's watchdog lapsed %.1f s ago (controller stalled): "
+            "handing the SA back, its flows are learned again",
+            off.sa.spi,
+            (now - wd) / 1e9,
+        )
+        self._drop_sa(off.sa.spi, str(off.sa.dst), Cause.WATCHDOG_LAPSED)
+        return True
+
     def _refresh_watchdog(self, off: OffloadedSa, now: int) -> None:
         deadline = min(off.hard_deadline_ns, now + int(self.cfg.watchdog * 1e9))
         self.dp.refresh_watchdog(off.sa_id, deadline)
@@ -927,6 +947,8 @@ class Controller:
         for off in (*self.sa_out.values(), *self.sa_in.values()):
             if now >= off.hard_deadline_ns:
                 self._drop_sa(off.sa.spi, str(off.sa.dst), Cause.SA_EXPIRED)
+                continue
+            if off.direction is Direction.DECAP and self._watchdog_lapsed(off, now):
                 continue
             if sync and not self._sync_lifetime(off):
                 continue

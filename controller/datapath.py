@@ -178,7 +178,10 @@ class InboundSa:
     replay_window: int = 64
     esn: bool = False
     deadline_ns: int = NEVER
-    seq_top: int = 0  # highest sequence number already seen (0: none)
+    # Highest sequence number already seen (0: none). Every number in the window below it
+    # counts as seen too: the kernel's path may have accepted any of them before the offload
+    # (conservative, like the hand-back: a delayed packet inside the window is dropped).
+    seq_top: int = 0
     offload: bool = True
     extra_flags: int = 0  # defs.SA_F_NOECN
 
@@ -205,6 +208,10 @@ class InboundSa:
         c.replay_window = self.replay_window
         c.deadline_ns = self.deadline_ns
         c.seq_top = self.seq_top
+        if self.seq_top and self.replay_window:
+            # bpf/include/esp.h's ring (RFC 6479): bit (s & 63) of word (s >> 6) % WORDS
+            for seq in range(max(1, self.seq_top - self.replay_window + 1), self.seq_top + 1):
+                c.bitmap[(seq >> 6) % defs.REPLAY_WORDS] |= 1 << (seq & 63)
         return self.c_key(), c
 
 

@@ -34,6 +34,7 @@ class Cause(enum.StrEnum):
     SA_UPDATED = "sa_updated"
     SA_EXPIRED = "sa_expired"
     SA_REKEYED = "sa_rekeyed"
+    WATCHDOG_LAPSED = "watchdog_lapsed"  # the controller stalled: XDP gave the SA up meanwhile
     POLICY_CHANGED = "policy_changed"
     ROUTE_CHANGED = "route_changed"
     NEIGH_CHANGED = "neigh_changed"

@@ -638,6 +638,41 @@ def test_inner_miss_still_moves_window(env: Datapath) -> None:
     assert run(env.decap_fd, frame)[0] == XDP_DROP, "its replay: dropped"
 
 
+def test_offload_counts_the_kernels_window_as_seen(env: Datapath) -> None:
+    """An inbound SA offloaded after the kernel accepted packets up to seq_top starts with
+    every number of the window up to it marked seen: a replay of a packet the kernel path
+    accepted before the offload (a flow's first packets) is dropped by XDP too."""
+    env.put_inbound_sa(in_sa(replay_window=64, seq_top=1000))
+    for seq in (1000, 990, 937):
+        assert _decap_seq(env, seq) == XDP_DROP, f"seq {seq}, inside the window: seen"
+    assert _decap_seq(env, 936) == XDP_DROP, "left of the window"
+    assert _decap_seq(env, 1001) == XDP_REDIRECT, "the next one: accepted"
+    sa = env.inbound_sa(SPI_IN, GW1_WAN)
+    assert (sa.seq_top, sa.replay_drops) == (1001, 4)
+
+
+def test_lapsed_sa_still_drops_replays_of_what_xdp_accepted(env: Datapath) -> None:
+    """Once XDP stops using an inbound SA (watchdog lapsed: a controller killed, or the SA
+    being handed back), its packets go to the kernel untouched; but the kernel's window has
+    not seen what XDP accepted, so a replay of such a packet is still dropped here. The check
+    only reads the window: a packet passed to the kernel is not marked."""
+    for seq in (5, 6):
+        assert _decap_seq(env, seq) == XDP_REDIRECT, f"seq {seq} decapsulated by XDP"
+    env.refresh_watchdog(SA_IN_ID, 0)
+    c = Counters(env)
+    replay = esp_frame(inner_packet(), 5)
+    assert run(env.decap_fd, replay)[0] == XDP_DROP, "a replay of seq 5: dropped"
+    fresh = esp_frame(inner_packet(), 7)
+    assert run(env.decap_fd, fresh) == (XDP_PASS, fresh), "seq 7: to the kernel, untouched"
+    assert run(env.decap_fd, fresh) == (XDP_PASS, fresh), "seq 7 again: the kernel's to judge"
+    sa = env.inbound_sa(SPI_IN, GW1_WAN)
+    assert sa.seq_top == 6 and sa.replay_drops == 1, "window read, not moved"
+    assert c.delta() == {
+        (Dir.DECAP, Reason.DROP_REPLAY): (1, len(replay)),
+        (Dir.DECAP, Reason.PASS_SA_EXPIRED): (2, 2 * len(fresh)),
+    }, "counted under their reasons"
+
+
 # ---- encap and decap together -----------------------------------------------------------------
 def test_encap_output_decapsulates_on_the_mirror_sa(env: Datapath) -> None:
     """gw1's encap output, fed to a decap configured with the mirror SA (what gw2 runs in the

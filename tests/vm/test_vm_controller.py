@@ -1070,6 +1070,80 @@ def test_fastpath_bytes_trigger_rekey_and_liveness_keeps_child_up(rig: Rig) -> N
         wait_for(lambda: udp_echo(bed, 3) == 3, 60, "the tunnel is back on the base config")
 
 
+# The first ESP frame `src` sends to `dst` on device argv[1] (ETH_P_ALL sees outgoing frames),
+# as hex; nothing when none within argv[4] seconds.
+CAPTURE_ESP = r"""
+import socket, sys, time
+dev, src, dst, within = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3)); s.bind((dev, 3))
+want = socket.inet_aton(src) + socket.inet_aton(dst)
+end = time.monotonic() + within
+while time.monotonic() < end:
+    s.settimeout(max(end - time.monotonic(), 0.01))
+    try:
+        f = s.recv(65535)
+    except socket.timeout:
+        break
+    if len(f) > 34 and f[23] == 50 and f[26:34] == want:
+        print(f.hex())
+        break
+"""
+
+SEND_FRAME = r"""
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); s.bind((sys.argv[1], 0))
+s.send(bytes.fromhex(sys.argv[2]))
+"""
+
+
+def _xdp_drops(gw: ControllerProcess, direction: str, reason: str) -> int:
+    rows = gw.status()["drops"]
+    return sum(r["packets"] for r in rows if (r["direction"], r["reason"]) == (direction, reason))
+
+
+def test_stalled_controller_hands_inbound_back_and_replays_stay_dropped(rig: Rig) -> None:
+    """SIGSTOP for longer than the watchdog: XDP gives the SAs up and the kernel carries the
+    traffic, its replay window taking packets XDP's never saw. On SIGCONT the controller sees
+    the lapse and hands the inbound SA back instead of refreshing it; offloaded again, XDP
+    starts from the kernel's window. A packet the kernel accepted during the stall, sent again
+    by an attacker on the WAN afterwards, is dropped by XDP as a replay."""
+    bed, _ike, gw = rig
+    assert udp_echo(bed, 20) == 20, "on the fastpath"
+    assert gw.fastpath_packets("decap") > 0, "decap on the fastpath"
+    gw.proc.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(6)  # past the 5 s watchdog: the kernel alone
+        cap = subprocess.Popen(
+            ["ip", "netns", "exec", bed.ns("gw2"), sys.executable, "-c", CAPTURE_ESP, "wan",
+             bed.addr("GW2_WAN"), bed.addr("GW1_WAN"), "20"],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(0.5)
+        during = udp_echo(bed, 10)
+        frame = cap.communicate(timeout=40)[0].strip()
+    finally:
+        gw.proc.send_signal(signal.SIGCONT)
+    assert during == 10, f"the kernel carried the traffic during the stall: {during}"
+    assert frame, "an ESP frame gw2 -> gw1 captured during the stall"
+    wait_for(lambda: "watchdog lapsed" in gw.tail(50000), 30, lambda: gw.tail())
+
+    def decap_offloaded_again() -> bool:
+        d0 = gw.fastpath_packets("decap")
+        udp_echo(bed, 5)
+        return gw.fastpath_packets("decap") > d0
+
+    wait_for(decap_offloaded_again, 60, lambda: f"inbound offloaded again\n{diag(gw)}")
+    replays0 = _xdp_drops(gw, "decap", "replay")
+    bed.cmd("gw2", [sys.executable, "-c", SEND_FRAME, "wan", frame])
+    wait_for(
+        lambda: _xdp_drops(gw, "decap", "replay") > replays0,
+        10,
+        lambda: f"XDP dropped the replayed frame\n{diag(gw)}",
+    )
+    assert udp_echo(bed, 20) == 20, "the tunnel carries on"
+    assert not peer_errors(bed), f"no replay or ICV errors at gw2: {peer_errors(bed)}"
+
+
 def test_kill_9_watchdog_then_restart_resumes(rig: Rig) -> None:
     """kill -9: XDP stops using the SAs at the watchdog, the kernel carries on (its packets
     renumbered from XDP's counter), the peer sees no replay; a restarted controller hands the
