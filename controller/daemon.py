@@ -32,7 +32,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,7 @@ HANDBACK_MARGIN = 1024
 SEQ_SPACE_32 = 1 << 32
 MIN_FLOW_MAP = 1024  # the flow map's least size, whatever [tables] flows says
 TICK_S = 0.2  # housekeeping period: idle sweep, watchdog refresh, status
+STALL_S = 1.0  # a main-loop step this long is logged
 # How often what XDP carried is added to the kernel's SA lifetime counters: bounds how far
 # fastpath traffic may run past a byte/packet limit before the kernel and the IKE daemon see it.
 LIFETIME_SYNC_S = 1.0
@@ -157,6 +158,7 @@ class Controller:
         self.sa_out: dict[SaRef, OffloadedSa] = {}
         self.sa_in: dict[SaRef, OffloadedSa] = {}
         self.refused_sas: dict[SaRef, str] = {}
+        self.loop_stalls = 0  # main-loop steps that took STALL_S or longer (see _timed)
         self._next_sa_id = 1
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
@@ -341,17 +343,33 @@ class Controller:
             while not self._stop.is_set():
                 poller.poll(TICK_S)
                 for ev in self.watch.read_events():
-                    self.on_kernel_event(ev)
+                    with self._timed(lambda ev=ev: f"kernel event {type(ev).__name__}"):
+                        self.on_kernel_event(ev)
                 for cand in self.learner.poll(0):
-                    self.on_candidate(cand)
+                    with self._timed(lambda cand=cand: f"learning {cand.direction} flow"):
+                        self.on_candidate(cand)
                 now = time.monotonic()
                 if now >= next_tick:
-                    self.tick()
+                    with self._timed(lambda: "housekeeping tick"):
+                        self.tick()
                     next_tick = now + TICK_S
         finally:
             poller.close()
             self.shutdown()
         return 0
+
+    @contextlib.contextmanager
+    def _timed(self, what: Callable[[], str]) -> Iterator[None]:
+        """One step of the main loop; a step that holds the loop STALL_S or longer is logged
+        (nothing else runs meanwhile: no event, no learning, no watchdog refresh)."""
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            took = time.monotonic() - t0
+            if took >= STALL_S:
+                self.loop_stalls += 1
+                log.warning("main loop held %.1f s by %s", took, what())
 
     # -- learning ----------------------------------------------------------------------------------
     def on_candidate(self, cand: Any) -> None:
@@ -959,7 +977,7 @@ class Controller:
             try:
                 self.view.refresh()
             except Exception as e:
-                log.debug("kernel view refresh: %s", e)
+                log.warning("kernel view refresh: %s", e)
         self._snapshot = self.metrics.snapshot()
         self._write_status()
 
@@ -1043,6 +1061,9 @@ class Controller:
             # Each removal: cause, flows, when the kernel event was read and when the flows
             # were out of the maps (CLOCK_MONOTONIC ns; event_ns null for timer removals).
             "invalidations": list(self.recent_invalidations),
+            # Main-loop steps that held it STALL_S or longer (each logged, naming the step).
+            "loop_stalls": self.loop_stalls,
+            "written_ns": time.monotonic_ns(),
         }
 
     def _write_status(self) -> None:

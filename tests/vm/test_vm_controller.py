@@ -795,7 +795,13 @@ def test_default_fwd_block_flow_without_policy_is_never_learned(rig: Rig) -> Non
     with XfrmSocket(bed.ns("gw1")) as x:
         x.set_default_policy(forward=DefaultAction.BLOCK)
         try:
-            wait_for(lambda: not gw.flows(), 5, "the default change flushed the flows")
+            # The status file is written by the controller's main loop; a stall of it shows
+            # as "main loop held" in the log (it failed a 5 s wait here once, cause unseen).
+            wait_for(
+                lambda: not gw.flows(),
+                15,
+                lambda: f"the default change flushed the flows\n{diag(gw)}",
+            )
             assert udp_echo(bed, 10) == 0, "the kernel drops LAN->remote: no FWD policy"
             assert bed.ping("lan", bed.addr("GW2_WAN"), count=2) is False, (
                 "a clear flow with no policy at all is dropped too"
