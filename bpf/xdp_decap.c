@@ -69,6 +69,21 @@ static __always_inline int decap_check_pad(struct xdp_md *ctx, __u32 off, __u32 
 	return 0;
 }
 
+/* The packet's 64-bit sequence number into *seq, and 1 when the window says it is a replay
+ * (counted). Reads the window only: it moves after authentication, under the lock again. */
+static __always_inline int decap_replay_peek(struct xfp_sa_in *sa, __u32 wire_seq, __u64 *seq)
+{
+	int r;
+
+	bpf_spin_lock(&sa->lock);
+	*seq = xfp_esp_seq64(sa, xfp_ntohl(wire_seq));
+	r = xfp_replay_check(sa, *seq);
+	if (r)
+		sa->replay_drops += 1;
+	bpf_spin_unlock(&sa->lock);
+	return r;
+}
+
 int xdp_decap(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
@@ -124,12 +139,7 @@ int xdp_decap(struct xdp_md *ctx)
 		 * back), but the kernel's replay window has not seen what XDP accepted: a replay
 		 * of such a packet is still dropped here. The check only reads the window:
 		 * nothing unauthenticated may move it, and the kernel judges the rest. */
-		bpf_spin_lock(&sa->lock);
-		r = xfp_replay_check(sa, xfp_esp_seq64(sa, xfp_ntohl(esp->seq)));
-		if (r)
-			sa->replay_drops += 1;
-		bpf_spin_unlock(&sa->lock);
-		if (r) {
+		if (decap_replay_peek(sa, esp->seq, &seq)) {
 			r = XFP_R_DROP_REPLAY;
 			goto drop;
 		}
@@ -147,13 +157,7 @@ int xdp_decap(struct xdp_md *ctx)
 
 	/* Anti-replay before the (costly) ICV check, as RFC 4303 section 3.4.3 suggests; again
 	 * after it, under the lock, before the window moves. */
-	bpf_spin_lock(&sa->lock);
-	seq = xfp_esp_seq64(sa, xfp_ntohl(esp->seq));
-	r = xfp_replay_check(sa, seq);
-	if (r)
-		sa->replay_drops += 1;
-	bpf_spin_unlock(&sa->lock);
-	if (r) {
+	if (decap_replay_peek(sa, esp->seq, &seq)) {
 		r = XFP_R_DROP_REPLAY;
 		goto drop;
 	}
