@@ -284,10 +284,8 @@ def test_kernel_path_packets_share_the_sequence(
     remote = bed.addr("REMOTE_HOST")
     for i in range(15):
         # A new UDP flow each round (new source port: its first packet is the kernel's) ...
-        got = bed.cmd(
-            "lan", [sys.executable, "-c", UDP_CLIENT, remote, str(ECHO_PORT), "3"], timeout=30
-        ).stdout.strip()
-        assert got == "3", f"round {i}: new flow's datagrams all echoed ({got})"
+        got = udp_echo_detail(bed, 3)
+        assert got[0] == 3, f"round {i}: new flow's datagrams all echoed {got}"
         # ... and the established ICMP flow on the fastpath in between.
         assert bed.ping("lan", remote, count=3), f"round {i}: fastpath ICMP answered"
     assert not peer_errors(bed), f"one forward-moving sequence at gw2: {peer_errors(bed)}"
