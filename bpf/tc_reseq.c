@@ -43,7 +43,8 @@ enum xfp_reseq_stat {
 	XFP_RESEQ_EXPIRED = 3,	 /* SA past its hard deadline: left as the kernel built it */
 	XFP_RESEQ_GSO = 4,	 /* a GSO super-frame: dropped (cannot renumber segments here) */
 	XFP_RESEQ_TOO_BIG = 5,	 /* longer than XFP_MAX_FRAME: dropped */
-	XFP_RESEQ_MAX = 6,
+	XFP_RESEQ_FRAGMENT = 6,	 /* the first fragment of a fragmented ESP packet: dropped */
+	XFP_RESEQ_MAX = 7,
 };
 
 /* Per-CPU counters of this program by enum xfp_reseq_stat; the controller sums them. */
@@ -81,15 +82,24 @@ int tc_reseq(struct __sk_buff *skb)
 	__u32 *sa_id, len = skb->len, ilen, clen, aad_len;
 	__u64 seq;
 	void *data, *data_end;
+	int r;
 
 	if (skb->protocol != xfp_htons(ETH_P_IP))
 		return TC_ACT_OK;
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
-	if (xfp_parse_eth_ipv4(data, data_end, &iph))
+	r = xfp_parse_eth_ipv4(data, data_end, &iph);
+	if (r == XFP_R_PASS_FRAGMENT) {
+		iph = data + XFP_ETH_LEN; /* a valid header, but a fragment: judged below */
+		if ((void *)(iph + 1) > data_end)
+			return TC_ACT_OK;
+	} else if (r) {
 		return TC_ACT_OK;
+	}
+	/* A later fragment has no ESP header to say its SA: left alone (without its first
+	 * fragment, which is judged below, the peer cannot reassemble it). */
 	if (iph->protocol != IPPROTO_ESP || iph->ihl != 5 ||
-	    (iph->frag_off & xfp_htons(XFP_IP_MF | XFP_IP_OFFSET)))
+	    (iph->frag_off & xfp_htons(XFP_IP_OFFSET)))
 		return TC_ACT_OK;
 	esp = (void *)(iph + 1);
 	if ((void *)(esp + 1) > data_end)
@@ -109,6 +119,13 @@ int tc_reseq(struct __sk_buff *skb)
 	if (bpf_ktime_get_ns() > sa->deadline_ns) {
 		reseq_count(XFP_RESEQ_EXPIRED, len);
 		return TC_ACT_OK;
+	}
+	/* The kernel fragmented the ESP packet after numbering it (outer DF clear, longer than
+	 * the MTU). It cannot be renumbered piecewise, and with the kernel's number, far behind
+	 * the shared counter, the peer would drop it as a replay: drop it here, counted. */
+	if (iph->frag_off & xfp_htons(XFP_IP_MF)) {
+		reseq_count(XFP_RESEQ_FRAGMENT, len);
+		return TC_ACT_SHOT;
 	}
 	if (skb->gso_segs > 1) {
 		reseq_count(XFP_RESEQ_GSO, len);

@@ -25,7 +25,7 @@ from controller.datapath import BPF_DIR, DEFAULT_PIN_DIR, INCLUDE_DIR, MapHandle
 from controller.defs import SaInKey, Stat
 
 # enum xfp_reseq_stat in bpf/tc_reseq.c
-RESEQ_STATS = ("ok", "exhausted", "error", "expired", "gso", "too_big")
+RESEQ_STATS = ("ok", "exhausted", "error", "expired", "gso", "too_big", "fragment")
 TC_HANDLE = 0xF1F0  # our filter's handle on the clsact egress hook
 TC_PRIO = 1
 PINNED_MAPS = ("xfp_sa_out_spi", "xfp_reseq_stats")  # beside the datapath's (same pin dir)

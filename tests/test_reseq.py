@@ -136,6 +136,29 @@ def test_expired_sa_is_left_to_the_kernel(rs: Resequencer) -> None:
     assert _sa_map(rs).get(ctypes.c_uint32(SA_ID)).seq == 42, "no number taken"
 
 
+def test_fragmented_esp_of_an_offloaded_sa_is_dropped_not_sent_with_the_kernels_number(
+    rs: Resequencer,
+) -> None:
+    """The kernel numbered and then fragmented an ESP packet (outer DF clear, longer than
+    the MTU): it cannot be renumbered piecewise, and the peer would drop its kernel number,
+    far behind the shared counter, as a replay. The first fragment (it carries the SPI) is
+    dropped and counted; a later one, which has no ESP header, is left alone."""
+    _install(rs, seq=7000)
+    body = P.EspSa(SPI, KEY).seal(12, INNER)
+    first = P.eth(GW2_WAN_MAC, GW1_WAN_MAC) + P.ipv4(
+        GW1_WAN, GW2_WAN, P.IPPROTO_ESP, body[:48], frag=0x2000
+    )  # MF
+    later = P.eth(GW2_WAN_MAC, GW1_WAN_MAC) + P.ipv4(
+        GW1_WAN, GW2_WAN, P.IPPROTO_ESP, body[48:], frag=6
+    )  # offset 6 x 8 B
+    before = rs.stats()["fragment"][0]
+    assert prog_test_run(rs.fd, first)[0] == TC_ACT_SHOT, "first fragment: dropped"
+    assert rs.stats()["fragment"][0] == before + 1, "counted as a fragment"
+    ret, out, _ = prog_test_run(rs.fd, later)
+    assert ret == TC_ACT_OK and out[: len(later)] == later, "a later fragment: untouched"
+    assert _sa_map(rs).get(ctypes.c_uint32(SA_ID)).seq == 7000, "no number taken"
+
+
 @pytest.mark.parametrize("size", [0, 1, 2, 3, 63, 64, 65, 200, 1000, 1400])
 def test_every_length_reseals(rs: Resequencer, size: int) -> None:
     _install(rs, seq=77)
