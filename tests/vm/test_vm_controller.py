@@ -301,7 +301,7 @@ def test_kernel_path_packets_share_the_sequence(
 SEND_NO_DF = r"""
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.setsockopt(socket.IPPROTO_IP, socket.IP_MTU_DISCOVER, socket.IP_PMTUDISC_DONT)
+s.setsockopt(socket.IPPROTO_IP, 10, 0)  # IP_MTU_DISCOVER, IP_PMTUDISC_DONT
 s.sendto(b"f" * int(sys.argv[3]), (sys.argv[1], int(sys.argv[2])))
 """
 
