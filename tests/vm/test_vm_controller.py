@@ -175,6 +175,19 @@ def peer_errors(bed: Testbed) -> dict[str, int]:
     return {k: stats.get(k, 0) for k in PEER_ERRORS if stats.get(k, 0)}
 
 
+def replay_stats(bed: Testbed, role: str) -> list[str]:
+    """Each SA's `ip -s xfrm state` stats line (`replay-window N replay N failed N`): tells a
+    packet outside the window (replay-window: too old, reordered) from a duplicate (replay)."""
+    lines = bed.ip(role, "-s", "xfrm", "state").stdout.splitlines()
+    out, spi = [], ""
+    for i, line in enumerate(lines):
+        if " spi " in line:
+            spi = line.split(" spi ")[1].split()[0]
+        if line.strip() == "stats:" and i + 1 < len(lines):
+            out.append(f"{spi}: {lines[i + 1].strip()}")
+    return out
+
+
 def xfrm_stat(bed: Testbed, role: str) -> dict[str, int]:
     """A gateway's non-zero XFRM error counters (/proc/net/xfrm_stat, per namespace)."""
     text = bed.cmd(role, ["cat", "/proc/net/xfrm_stat"]).stdout
@@ -254,7 +267,8 @@ def test_flows_take_the_fastpath_both_ways_intact(
     assert enc >= 30 + 200 - 10, f"encap fastpath packets {enc}: most of the traffic"
     assert dec >= 30 + 200 - 10, f"decap fastpath packets {dec}: most of the traffic"
     assert not peer_errors(bed), (
-        f"gw2 saw no replay, sequence or ICV errors: {peer_errors(bed)}; gw1's resequencer "
+        f"gw2 saw no replay, sequence or ICV errors: {peer_errors(bed)}; gw2's SAs "
+        f"{replay_stats(bed, 'gw2')}; gw1's resequencer "
         f"{gw.published_status()['resequencer']}, XFRM {xfrm_stat(bed, 'gw1')}"
     )
 
