@@ -194,6 +194,20 @@ def xfrm_stat(bed: Testbed, role: str) -> dict[str, int]:
     return {k: int(v) for k, v in (ln.split() for ln in text.splitlines() if ln.strip()) if int(v)}
 
 
+def gateway_xfrm_stats(bed: Testbed) -> dict[str, dict[str, int]]:
+    """Both gateways' non-zero XFRM error counters."""
+    return {gw: xfrm_stat(bed, gw) for gw in ("gw1", "gw2")}
+
+
+def xfrm_moved(bed: Testbed, before: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """How each gateway's XFRM error counters moved since `before` (gateway_xfrm_stats)."""
+    after = gateway_xfrm_stats(bed)
+    return {
+        gw: {k: v - before[gw].get(k, 0) for k, v in after[gw].items() if v != before[gw].get(k, 0)}
+        for gw in after
+    }
+
+
 def echoed_across_rekey(bed: Testbed, n: int) -> tuple[int, int, str]:
     """udp_echo(n) across a CHILD_SA rekey: (echoed, lost that gw1's kernel dropped for want
     of an inbound SA, what else was seen). The IKE responder (gw2) may send on its new
@@ -201,13 +215,9 @@ def echoed_across_rekey(bed: Testbed, n: int) -> tuple[int, int, str]:
     a loss is the IKE daemon's, on the kernel path (XDP passes an SPI it does not know), never
     the fastpath's. The third item names late echoes, lost datagrams and the change in both
     gateways' XFRM error counters, for the failure message."""
-    before = {gw: xfrm_stat(bed, gw) for gw in ("gw1", "gw2")}
+    before = gateway_xfrm_stats(bed)
     got, late, lost = udp_echo_detail(bed, n)
-    after = {gw: xfrm_stat(bed, gw) for gw in ("gw1", "gw2")}
-    delta = {
-        gw: {k: v - before[gw].get(k, 0) for k, v in after[gw].items() if v != before[gw].get(k, 0)}
-        for gw in after
-    }
+    delta = xfrm_moved(bed, before)
     no_state = delta["gw1"].get("XfrmInNoStates", 0)
     seen = f"late echoes {late}, lost {lost or 'none'}, XFRM counters moved {delta}"
     return got, no_state, seen
@@ -987,7 +997,7 @@ def test_rekeys_from_either_end_under_load(rig: Rig) -> None:
     for r in range(REKEY_ROUNDS):
         by = ("gw1", "gw2")[r % 2]
         old = wait_for(both_offloaded, 30, lambda: f"both directions offloaded: {diag(gw)}")
-        before = {g: xfrm_stat(bed, g) for g in ("gw1", "gw2")}
+        before = gateway_xfrm_stats(bed)
         enc0 = gw.fastpath_packets("encap")
         client = subprocess.Popen(
             [*bed.nsenter_argv("lan"), sys.executable, "-c", UDP_CLIENT, remote,
@@ -1005,11 +1015,7 @@ def test_rekeys_from_either_end_under_load(rig: Rig) -> None:
                 client.wait()
         fields = out.split()
         got, late, lost = int(fields[0]), int(fields[1]), fields[2:]
-        after = {g: xfrm_stat(bed, g) for g in ("gw1", "gw2")}
-        delta = {
-            g: {k: v - before[g].get(k, 0) for k, v in after[g].items() if v != before[g].get(k, 0)}
-            for g in after
-        }
+        delta = xfrm_moved(bed, before)
         no_state = delta["gw1"].get("XfrmInNoStates", 0)
         assert got + no_state >= REKEY_LOAD, (
             f"round {r} (rekeyed by {by}): {got}/{REKEY_LOAD} echoed, {no_state} dropped by "
