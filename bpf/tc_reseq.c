@@ -15,7 +15,8 @@
  * Frames XDP redirects never pass TC egress (they go straight to the driver's ndo_xdp_xmit),
  * so every ESP frame seen here was built by the kernel's esp4_output().
  *
- * Input:  eth | IPv4 (no options, not a fragment) | SPI, seq | IV | ciphertext | ICV(16)
+ * Input:  eth | IPv4 (no options, not a fragment) | SPI, seq | IV | ciphertext | ICV(16), linear
+ *         or not (the segments of a GSO skb carry their payload in page fragments)
  * Output: the same frame, new seq, new IV, new ciphertext and ICV; or TC_ACT_SHOT when the
  *         counter is exhausted or an error left the payload half-processed (no plaintext
  *         leaves). SAs not in the map, other traffic: untouched (TC_ACT_OK).
@@ -70,40 +71,44 @@ static __always_inline void reseq_count(__u32 what, __u32 len)
 
 #define RESEQ_ENC_OFF (XFP_ETH_LEN + XFP_ENCAP_HEAD) /* 50: first encrypted byte */
 
+/* Ethernet, IPv4 without options, and ESP's SPI and sequence number: what decides whether a
+ * frame is ours. Read with bpf_skb_load_bytes() into a buffer offset by 2 so that the IPv4
+ * header is 4-byte aligned. */
+#define RESEQ_HDR_LEN (XFP_ETH_LEN + XFP_IP_LEN + 8)
+
 int tc_reseq(struct __sk_buff *skb)
 {
 	struct xfp_sa_in_key k = {};
 	struct xfp_sa_out *sa;
 	struct xfp_esp_hdr *esp;
 	struct iphdr *iph;
+	__u8 hdr[RESEQ_HDR_LEN + 2] __attribute__((aligned(4)));
 	__u8 aad[12] __attribute__((aligned(4)));
 	__u8 iv[8] __attribute__((aligned(8)));
 	__u8 old_iv[8] __attribute__((aligned(8)));
 	__u32 *sa_id, len = skb->len, ilen, clen, aad_len;
+	__u16 frag_off;
 	__u64 seq;
 	void *data, *data_end;
-	int r;
 
-	if (skb->protocol != xfp_htons(ETH_P_IP))
+	if (skb->protocol != xfp_htons(ETH_P_IP) || len < RESEQ_HDR_LEN)
 		return TC_ACT_OK;
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	r = xfp_parse_eth_ipv4(data, data_end, &iph);
-	if (r == XFP_R_PASS_FRAGMENT) {
-		iph = data + XFP_ETH_LEN; /* a valid header, but a fragment: judged below */
-		if ((void *)(iph + 1) > data_end)
-			return TC_ACT_OK;
-	} else if (r) {
+	/* Not direct packet access: the kernel's frames may hold most of their bytes in page
+	 * fragments (the segments of a GSO skb do), where data_end ends the linear part only.
+	 * Judged by that part, such a frame would leave with the kernel's own number, far behind
+	 * the shared counter, and the peer would count a replay. */
+	if (bpf_skb_load_bytes(skb, 0, hdr + 2, RESEQ_HDR_LEN))
 		return TC_ACT_OK;
-	}
+	iph = (struct iphdr *)(hdr + 2 + XFP_ETH_LEN);
+	if (*(__u16 *)(hdr + 2 + 12) != xfp_htons(ETH_P_IP) || iph->version != 4 ||
+	    iph->ihl != 5 || iph->protocol != IPPROTO_ESP)
+		return TC_ACT_OK;
 	/* A later fragment has no ESP header to say its SA: left alone (without its first
 	 * fragment, which is judged below, the peer cannot reassemble it). */
-	if (iph->protocol != IPPROTO_ESP || iph->ihl != 5 ||
-	    (iph->frag_off & xfp_htons(XFP_IP_OFFSET)))
+	frag_off = iph->frag_off;
+	if (frag_off & xfp_htons(XFP_IP_OFFSET))
 		return TC_ACT_OK;
-	esp = (void *)(iph + 1);
-	if ((void *)(esp + 1) > data_end)
-		return TC_ACT_OK;
+	esp = (struct xfp_esp_hdr *)(hdr + 2 + XFP_ETH_LEN + XFP_IP_LEN);
 	k.spi = esp->spi;
 	k.daddr = iph->daddr;
 	sa_id = xfp_sa_out_spi.lookup(&k);
@@ -123,7 +128,7 @@ int tc_reseq(struct __sk_buff *skb)
 	/* The kernel fragmented the ESP packet after numbering it (outer DF clear, longer than
 	 * the MTU). It cannot be renumbered piecewise, and with the kernel's number, far behind
 	 * the shared counter, the peer would drop it as a replay: drop it here, counted. */
-	if (iph->frag_off & xfp_htons(XFP_IP_MF)) {
+	if (frag_off & xfp_htons(XFP_IP_MF)) {
 		reseq_count(XFP_RESEQ_FRAGMENT, len);
 		return TC_ACT_SHOT;
 	}
