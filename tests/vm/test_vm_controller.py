@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -248,24 +249,85 @@ def udp_echo_detail(bed: Testbed, n: int, port: int = ECHO_PORT) -> tuple[int, i
     return int(out[0]), int(out[1]), out[2:]
 
 
-def test_flows_take_the_fastpath_both_ways_intact(
-    rig: Rig,
-) -> None:
+@contextmanager
+def esp_capture(bed: Testbed, role: str, path: Path) -> Iterator[Path]:
+    """tcpdump of a gateway's WAN ESP into `path` while the block runs. On gw2 it shows the
+    order in which the peer's kernel received gw1's packets; on gw1 (egress, after TC) only
+    the packets the kernel built, with the numbers the resequencer gave them: XDP's frames
+    bypass the taps of the device they are redirected to."""
+    dump = subprocess.Popen(
+        ["ip", "netns", "exec", bed.ns(role), "tcpdump", "-n", "-U", "-Z", "root", "-B", "16384",
+         "-i", "wan", "-w", str(path), "esp"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert dump.stderr is not None and "listening" in dump.stderr.readline(), "tcpdump up"
+        yield path
+    finally:
+        dump.send_signal(signal.SIGINT)
+        dump.wait(timeout=60)
+
+
+def late_arrivals(seqs: list[int]) -> list[tuple[int, int, int]]:
+    """(position, sequence number, depth) of each packet that arrived after a higher number of
+    its SA, in arrival order: depth is how far below the highest number already seen it lies
+    (a replay window of W accepts depth < W); a repeated number has depth -1."""
+    top, seen, out = 0, set(), []
+    for i, seq in enumerate(seqs):
+        if seq in seen:
+            out.append((i, seq, -1))
+        elif seq < top:
+            out.append((i, seq, top - seq))
+        seen.add(seq)
+        top = max(top, seq)
+    return out
+
+
+def arrival_report(rx_pcap: Path, tx_pcap: Path, spi: int) -> tuple[int, str]:
+    """How gw1's packets of SA `spi` reached gw2: (deepest late arrival, a description that
+    marks each late packet K when the kernel built it (seen on gw1's WAN tap), X for XDP)."""
+    rx = [seq for s, seq, _, _ in _esp_from_pcap(rx_pcap) if s == spi]
+    kernel_built = {seq for s, seq, _, _ in _esp_from_pcap(tx_pcap) if s == spi}
+    late = late_arrivals(rx)
+    deepest = max((d for _, _, d in late), default=0)
+    worst = sorted(late, key=lambda t: -t[2])[:12]
+
+    def mark(seq: int) -> str:
+        return f"{seq}{'K' if seq in kernel_built else 'X'}"
+
+    shown = ", ".join(
+        f"#{i} {mark(seq)} depth {d} after [{' '.join(mark(s) for s in rx[max(0, i - 4) : i])}]"
+        for i, seq, d in worst
+    )
+    return deepest, (
+        f"{len(rx)} packets received ({len(kernel_built)} built by the kernel), {len(late)} "
+        f"after a higher number, deepest {deepest}: {shown or 'none'}"
+    )
+
+
+def test_flows_take_the_fastpath_both_ways_intact(rig: Rig, tmp_path: Path) -> None:
     bed, ike, gw = rig
     remote = bed.addr("REMOTE_HOST")
     enc0, dec0 = gw.fastpath_packets("encap"), gw.fastpath_packets("decap")
 
-    assert bed.ping("lan", remote, count=30), f"ICMP: every echo answered\n{diag(gw)}"
-    got = udp_echo(bed, 200)
-    assert got == 200, (
-        f"UDP: all 200 datagrams (16..1215 B) came back intact, not {got}\n{diag(gw)}"
-    )
-    tcp = bed.cmd(
-        "lan",
-        [sys.executable, "-c", TCP_CLIENT, remote, str(ECHO_PORT), str(2_000_000)],
-        timeout=300,
-    ).stdout.split()
-    assert tcp and tcp[0] == "True", f"TCP: 2 MB echoed byte for byte: {tcp}\n{diag(gw)}"
+    with (
+        esp_capture(bed, "gw2", tmp_path / "gw2-rx.pcap") as rx_pcap,
+        esp_capture(bed, "gw1", tmp_path / "gw1-tx.pcap") as tx_pcap,
+    ):
+        assert bed.ping("lan", remote, count=30), f"ICMP: every echo answered\n{diag(gw)}"
+        got = udp_echo(bed, 200)
+        assert got == 200, (
+            f"UDP: all 200 datagrams (16..1215 B) came back intact, not {got}\n{diag(gw)}"
+        )
+        tcp = bed.cmd(
+            "lan",
+            [sys.executable, "-c", TCP_CLIENT, remote, str(ECHO_PORT), str(2_000_000)],
+            timeout=300,
+        ).stdout.split()
+        assert tcp and tcp[0] == "True", f"TCP: 2 MB echoed byte for byte: {tcp}\n{diag(gw)}"
+    spi_out = int(next(iter(ike.gw1.list_sas()[0]["child-sas"].values()))["spi-out"], 16)
+    _, arrivals = arrival_report(rx_pcap, tx_pcap, spi_out)
+    print(f"\ngw2's arrival order of SA 0x{spi_out:08x}: {arrivals}")
 
     flows = gw.flows()
     dirs = {(f["direction"], f["proto"]) for f in flows}
@@ -279,7 +341,8 @@ def test_flows_take_the_fastpath_both_ways_intact(
     assert not peer_errors(bed), (
         f"gw2 saw no replay, sequence or ICV errors: {peer_errors(bed)}; gw2's SAs "
         f"{replay_stats(bed, 'gw2')}; gw1's resequencer "
-        f"{gw.published_status()['resequencer']}, XFRM {xfrm_stat(bed, 'gw1')}"
+        f"{gw.published_status()['resequencer']}, XFRM {xfrm_stat(bed, 'gw1')}; "
+        f"arrival order {arrivals}"
     )
 
     # The kernel's SA lifetime counters and strongSwan include what XDP carried (NEWAE sync).
