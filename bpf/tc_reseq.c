@@ -100,8 +100,8 @@ int tc_reseq(struct __sk_buff *skb)
 	if (bpf_skb_load_bytes(skb, 0, hdr + 2, RESEQ_HDR_LEN))
 		return TC_ACT_OK;
 	iph = (struct iphdr *)(hdr + 2 + XFP_ETH_LEN);
-	if (*(__u16 *)(hdr + 2 + 12) != xfp_htons(ETH_P_IP) || iph->version != 4 ||
-	    iph->ihl != 5 || iph->protocol != IPPROTO_ESP)
+	if (*(__u16 *)(hdr + 2 + 12) != xfp_htons(ETH_P_IP) || iph->version != 4 || iph->ihl != 5 ||
+	    iph->protocol != IPPROTO_ESP)
 		return TC_ACT_OK;
 	/* A later fragment has no ESP header to say its SA: left alone (without its first
 	 * fragment, which is judged below, the peer cannot reassemble it). */
