@@ -384,11 +384,14 @@ def test_kernel_path_packets_share_the_sequence(
     assert not reseq, f"no errors in the controller log: {reseq}"
 
 
-# One UDP datagram of argv[3] bytes with DF clear (IP_PMTUDISC_DONT), to argv[1]:argv[2].
+# One UDP datagram of argv[3] bytes with DF clear, to argv[1]:argv[2]. IP_PMTUDISC_OMIT, not
+# _DONT: both leave DF clear, but _DONT fragments at a path MTU the host learned earlier (the
+# TCP test's ICMP "fragmentation needed" from gw1 leaves one for the remote host), and those
+# fragments would fit the tunnel; _OMIT sends the datagram whole up to the interface's MTU.
 SEND_NO_DF = r"""
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.setsockopt(socket.IPPROTO_IP, 10, 0)  # IP_MTU_DISCOVER, IP_PMTUDISC_DONT
+s.setsockopt(socket.IPPROTO_IP, 10, 5)  # IP_MTU_DISCOVER, IP_PMTUDISC_OMIT
 s.sendto(b"f" * int(sys.argv[3]), (sys.argv[1], int(sys.argv[2])))
 """
 
@@ -408,7 +411,13 @@ def test_fragmented_kernel_esp_never_reaches_the_peer_with_a_stale_number(rig: R
     before, errors = frags(), peer_errors(bed)
     for _ in range(3):
         bed.cmd("lan", [sys.executable, "-c", SEND_NO_DF, bed.addr("REMOTE_HOST"), "9", "1460"])
-    wait_for(lambda: frags() >= before + 3, 10, lambda: f"3 fragments dropped\n{diag(gw)}")
+    wait_for(
+        lambda: frags() >= before + 3,
+        10,
+        lambda: (
+            f"3 fragments dropped: resequencer {gw.published_status()['resequencer']}\n{diag(gw)}"
+        ),
+    )
     assert peer_errors(bed) == errors, f"no replay counted at gw2: {peer_errors(bed)}"
     assert udp_echo(bed, 20) == 20, "the tunnel carries on"
 
