@@ -283,9 +283,10 @@ def late_arrivals(seqs: list[int]) -> list[tuple[int, int, int]]:
     return out
 
 
-def arrival_report(rx_pcap: Path, tx_pcap: Path, spi: int) -> tuple[int, str]:
-    """How gw1's packets of SA `spi` reached gw2: (deepest late arrival, a description that
-    marks each late packet K when the kernel built it (seen on gw1's WAN tap), X for XDP)."""
+def arrival_report(rx_pcap: Path, tx_pcap: Path, spi: int) -> str:
+    """How gw1's packets of SA `spi` reached gw2: the packets that came after a higher number,
+    the deepest first, each marked K when the kernel built it (seen on gw1's WAN tap) or X
+    for XDP, with the four packets before it."""
     rx = [seq for s, seq, _, _ in _esp_from_pcap(rx_pcap) if s == spi]
     kernel_built = {seq for s, seq, _, _ in _esp_from_pcap(tx_pcap) if s == spi}
     late = late_arrivals(rx)
@@ -299,7 +300,7 @@ def arrival_report(rx_pcap: Path, tx_pcap: Path, spi: int) -> tuple[int, str]:
         f"#{i} {mark(seq)} depth {d} after [{' '.join(mark(s) for s in rx[max(0, i - 4) : i])}]"
         for i, seq, d in worst
     )
-    return deepest, (
+    return (
         f"{len(rx)} packets received ({len(kernel_built)} built by the kernel), {len(late)} "
         f"after a higher number, deepest {deepest}: {shown or 'none'}"
     )
@@ -326,7 +327,7 @@ def test_flows_take_the_fastpath_both_ways_intact(rig: Rig, tmp_path: Path) -> N
         ).stdout.split()
         assert tcp and tcp[0] == "True", f"TCP: 2 MB echoed byte for byte: {tcp}\n{diag(gw)}"
     spi_out = int(next(iter(ike.gw1.list_sas()[0]["child-sas"].values()))["spi-out"], 16)
-    _, arrivals = arrival_report(rx_pcap, tx_pcap, spi_out)
+    arrivals = arrival_report(rx_pcap, tx_pcap, spi_out)
     print(f"\ngw2's arrival order of SA 0x{spi_out:08x}: {arrivals}")
 
     flows = gw.flows()
@@ -537,34 +538,26 @@ def test_soak_both_cpus_one_sequence_unique_ivs_and_decrypts(rig: Rig, tmp_path:
 
     bed, ike, _gw = rig
     remote = bed.addr("REMOTE_HOST")
-    pcap = tmp_path / "wan.pcap"
-    dump = subprocess.Popen(
-        ["ip", "netns", "exec", bed.ns("gw2"), "tcpdump", "-n", "-U", "-Z", "root",
-         "-i", "wan", "-w", str(pcap), "esp"],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
     streams: list[subprocess.Popen[str]] = []
-    try:
-        assert dump.stderr is not None and "listening" in dump.stderr.readline(), "tcpdump up"
-        hits0 = encap_hits_per_cpu()
-        streams = [start_stream(bed, 40201 + cpu, SOAK_S, 0.01, cpu=cpu) for cpu in (0, 1)]
-        flows = subprocess.Popen(
-            ["ip", "netns", "exec", bed.ns("lan"), sys.executable, "-c", NEW_FLOWS, remote,
-             str(ECHO_PORT), str(SOAK_S)],
-            stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        streams.append(flows)
-        new_flows = json.loads(flows.communicate(timeout=SOAK_S + 60)[0])
-        streams.remove(flows)
-        results = [json.loads(p.communicate(timeout=60)[0]) for p in streams]
-        hits = [a - b for a, b in zip(encap_hits_per_cpu(), hits0, strict=True)]
-    finally:
-        for p in streams:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        dump.send_signal(signal.SIGINT)
-        dump.wait(timeout=60)
+    with esp_capture(bed, "gw2", tmp_path / "wan.pcap") as pcap:
+        try:
+            hits0 = encap_hits_per_cpu()
+            streams = [start_stream(bed, 40201 + cpu, SOAK_S, 0.01, cpu=cpu) for cpu in (0, 1)]
+            flows = subprocess.Popen(
+                ["ip", "netns", "exec", bed.ns("lan"), sys.executable, "-c", NEW_FLOWS, remote,
+                 str(ECHO_PORT), str(SOAK_S)],
+                stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            streams.append(flows)
+            new_flows = json.loads(flows.communicate(timeout=SOAK_S + 60)[0])
+            streams.remove(flows)
+            results = [json.loads(p.communicate(timeout=60)[0]) for p in streams]
+            hits = [a - b for a, b in zip(encap_hits_per_cpu(), hits0, strict=True)]
+        finally:
+            for p in streams:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
     assert not peer_errors(bed), f"gw2: no replay, sequence or ICV errors: {peer_errors(bed)}"
     assert len(hits) >= 2 and all(h > 100 for h in hits), f"XDP encap on both CPUs: {hits}"
     for r in results:
