@@ -177,16 +177,16 @@ def peer_errors(bed: Testbed) -> dict[str, int]:
 
 
 def replay_stats(bed: Testbed, role: str) -> list[str]:
-    """Each SA's `ip -s xfrm state` stats line (`replay-window N replay N failed N`): tells a
-    packet outside the window (replay-window: too old, reordered) from a duplicate (replay)."""
-    lines = bed.ip(role, "-s", "xfrm", "state").stdout.splitlines()
-    out, spi = [], ""
-    for i, line in enumerate(lines):
-        if " spi " in line:
-            spi = line.split(" spi ")[1].split()[0]
-        if line.strip() == "stats:" and i + 1 < len(lines):
-            out.append(f"{spi}: {lines[i + 1].strip()}")
-    return out
+    """Each SA's replay statistics (struct xfrm_stats, as `ip -s xfrm state` shows them): tells
+    a packet outside the window (replay-window: too old, reordered) from a duplicate (replay)."""
+    from controller.xfrm import XfrmSocket
+
+    with XfrmSocket(bed.ns(role)) as x:
+        return [
+            f"0x{sa.spi:08x}: replay-window {sa.stats_replay_window} replay {sa.stats_replay} "
+            f"failed {sa.stats_integrity_failed}"
+            for sa in x.sas()
+        ]
 
 
 def xfrm_stat(bed: Testbed, role: str) -> dict[str, int]:
