@@ -17,23 +17,23 @@ setup:
 
 ## make test: everything CI runs: lint, host tests, then the VM-marked tests in one VM boot.
 test: $(STAMP) lint
-	$(PY) -m controller.vmrun test
+	$(PY) -m testbed.vmrun test
 
 test-host: $(STAMP)
 	$(PYTEST) -m "not vm and not bench" tests
 
 test-vm: $(STAMP)
-	$(PY) -m controller.vmrun vm-only
+	$(PY) -m testbed.vmrun vm-only
 
 ## make demo: the test bed with strongSwan tunnels and ESP traffic (in the VM without host ESP).
 demo: $(STAMP)
-	$(PY) -m controller.vmrun demo
+	$(PY) -m testbed.vmrun demo
 
 lint: $(STAMP)
-	$(RUFF) check controller tests
-	$(RUFF) format --check controller tests
-	clang-format --dry-run --Werror bpf/*.c bpf/include/*.h 2>/dev/null || \
-		{ [ -z "$$(ls bpf/*.c bpf/include/*.h 2>/dev/null)" ] || clang-format --dry-run --Werror bpf/*.c bpf/include/*.h; }
+	$(RUFF) check controller testbed tests bench
+	$(RUFF) format --check controller testbed tests bench
+	clang-format --dry-run --Werror bpf/*.c bpf/tests/*.c bpf/include/*.h 2>/dev/null || \
+		{ [ -z "$$(ls bpf/*.c bpf/tests/*.c bpf/include/*.h 2>/dev/null)" ] || clang-format --dry-run --Werror bpf/*.c bpf/tests/*.c bpf/include/*.h; }
 
 bench: $(STAMP)
 	$(PYTEST) -m bench -s tests
@@ -51,7 +51,7 @@ bench-e2e: $(STAMP)
 XFP_FUZZ_FRAMES ?= 1000000
 fuzz: $(STAMP)
 	XFP_FUZZ_FRAMES=$(XFP_FUZZ_FRAMES) nice -n 10 $(PYTEST) -q -s -k "fuzz_encap or fuzz_decap" \
-		tests/test_fuzz_datapath.py
+		tests/bpf/test_fuzz_datapath.py
 
 clean:
 	rm -rf .venv .pytest_cache build *.egg-info

@@ -3,7 +3,7 @@
 
     .venv/bin/python bench/aead_bench.py [--repeat N] [--sizes 64,256,...]
 
-Columns, per payload size: ns/op of seal and open in BPF (bpf/test_aead.c through
+Columns, per payload size: ns/op of seal and open in BPF (bpf/tests/test_aead.c through
 BPF_PROG_TEST_RUN with `repeat`, the kernel's own timing, so no syscall or Python overhead; the
 harness's NOP op is shown as the floor), the same aead.h built natively with gcc -O2
 (bench/native_aead.c), and OpenSSL's chacha20-poly1305 twice: `openssl speed -evp` (its bulk
@@ -25,9 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from controller.bpf_testrun import prog_test_run  # noqa: E402
+from controller.datapath.bpfsys import prog_test_run  # noqa: E402
 
-SRC = ROOT / "bpf" / "test_aead.c"
+SRC = ROOT / "bpf" / "tests" / "test_aead.c"
 INCLUDE = ROOT / "bpf" / "include"
 NATIVE_SRC = ROOT / "bench" / "native_aead.c"
 SIZES = (64, 256, 512, 1024, 1400)
@@ -35,7 +35,7 @@ GCC = ("gcc", "-O2", "-Wno-unknown-pragmas", "-DXFP_NATIVE")
 RUNS = 40
 PASSES = 3
 
-# bpf/test_aead.c: enum xfp_aead_test_op and struct xfp_aead_test_hdr
+# bpf/tests/test_aead.c: enum xfp_aead_test_op and struct xfp_aead_test_hdr
 SEAL, OPEN_COST, NOP = 1, 7, 8
 HDR = struct.Struct("<BBHHH32s4s8s12s")
 OFF = HDR.size
@@ -169,7 +169,7 @@ def table(rows: list[Row]) -> str:
             f"{r.bpf_seal / r.native_seal:8.2f} {r.bpf_open / r.native_open:8.2f} {bulk} {evp}"
         )
     lines.append(
-        "bpf: bpf/test_aead.c (open = verify + decrypt); gcc: the same aead.h, gcc -O2; "
+        "bpf: bpf/tests/test_aead.c (open = verify + decrypt); gcc: the same aead.h, gcc -O2; "
         "ossl bulk: openssl speed -evp; evp: OpenSSL EVP per packet (nonce, aad, data, tag)"
     )
     return "\n".join(lines)

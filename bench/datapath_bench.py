@@ -5,7 +5,7 @@
 
 Per inner IPv4 packet size (64, 256, 512, 1024, 1400 B): ns of bpf/xdp_encap.c (clear frame ->
 ESP, redirected) and bpf/xdp_decap.c (ESP -> clear, ICV, replay window, peek, flow lookup,
-decrypt, strip, redirected), the parse-and-XDP_TX floor (bpf/xdp_floor.c), and from
+decrypt, strip, redirected), the parse-and-XDP_TX floor (bpf/tests/xdp_floor.c), and from
 bench/aead_bench.py the AEAD alone: in BPF (its harness, mean of repeat=100), the same C built
 natively with gcc -O2, and OpenSSL. encap - bpf seal is what the datapath adds around the AEAD.
 
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from controller.bpf_testrun import prog_test_run  # noqa: E402
+from controller.datapath.bpfsys import prog_test_run  # noqa: E402
 
 SIZES = (64, 256, 512, 1024, 1400)
 XDP_TX, XDP_REDIRECT = 3, 4
@@ -71,11 +71,11 @@ def measure(sizes: tuple[int, ...] = SIZES, runs: int = 400, with_aead: bool = T
     import test_datapath as T
     from bcc import BPF
 
-    from controller.datapath import Datapath, flow_key, flow_val
-    from controller.defs import Dir
+    from controller.datapath.abi import Dir
+    from controller.datapath.xdp import Datapath, flow_key, flow_val
 
     floor_b = BPF(
-        src_file=str(ROOT / "bpf" / "xdp_floor.c").encode(),
+        src_file=str(ROOT / "bpf" / "tests" / "xdp_floor.c").encode(),
         cflags=[f"-I{ROOT / 'bpf' / 'include'}"],
     )
     floor_fd = floor_b.load_func(b"xdp_floor", BPF.XDP).fd

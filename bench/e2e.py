@@ -3,13 +3,13 @@
 forwarding the same traffic in clear, on the namespace test bed, in one run and one table.
 
     .venv/bin/python bench/e2e.py [--seconds S] [--tries N] [--max-flows N] [--out DIR] [--quick]
-    .venv/bin/python -m controller.vmrun --cpus 1 shell-cmd '.venv/bin/python bench/e2e.py --esp'
+    .venv/bin/python -m testbed.vmrun --cpus 1 shell-cmd '.venv/bin/python bench/e2e.py --esp'
 
-Topology (controller/testbed.py, every veth with one RX/TX queue per CPU):
+Topology (testbed/bed.py, every veth with one RX/TX queue per CPU):
 
     lan ──(eth0 | lan)── gw1 ──(wan | wan)── gw2 ──(lan | eth0)── remote
 
-Traffic source: bpf/xdp_bench.c `xdp_bench_gen`, run with BPF_PROG_TEST_RUN in live-frame mode
+Traffic source: bpf/tests/xdp_bench.c `xdp_bench_gen`, run with BPF_PROG_TEST_RUN in live-frame mode
 (BPF_F_TEST_XDP_LIVE_FRAMES) as if received on the lan host's eth0; its XDP_TX sends every frame
 into gw1. Sink: `xdp_bench_sink` on the remote host's eth0 counts what arrives and drops it.
 Rates are what reached the sink divided by the wall time of the run. Modes:
@@ -21,7 +21,7 @@ Rates are what reached the sink divided by the wall time of the run. Modes:
 - fastpath: bpf/xdp_encap.c on gw1 `lan`, bpf/xdp_decap.c on gw2 `wan`, with one outbound SA on
   gw1 and its inbound SA on gw2 written directly into the maps, `--flows` UDP flows on it.
 - kernel-esp (`--esp`, only where the kernel has ESP: the real-kernel VM, under emulation):
-  the kernel's own ESP with static SAs of the same algorithm (controller/static_esp.py).
+  the kernel's own ESP with static SAs of the same algorithm (testbed/static_esp.py).
 
 CPUs: veth runs the receiving queue's NAPI on the CPU that sends (veth_xdp_xmit picks RX queue
 smp_processor_id() % queues and schedules its NAPI locally), so a generator thread pinned to a
@@ -37,8 +37,8 @@ Scale (BPF_PROG_TEST_RUN, not live): the encap program's cost per packet with N 
 flow table sized for 2M (-DXFP_FLOWS_MAX), probing random present flows (hit) and absent ones
 (miss, XDP_PASS), each probe next to one on a reference table holding the smallest count; the
 learner's latency from a flow's first packet in gw1 to its flow entry written (bpf/tp_learn.c
--> controller/learner.py -> map write), one flow at a time and in a burst of new flows; and the
-time to invalidate an SA carrying 100k flows (controller state + map deletes).
+-> controller/datapath/learner.py -> map write), one flow at a time and in a burst of new flows;
+and the time to invalidate an SA carrying 100k flows (controller state + map deletes).
 
 Results go to bench/results/ (Markdown with the machine, JSON, PNG plots when matplotlib is
 installed: `pip install .[bench]`). Nothing is asserted: figures are printed side by side.
@@ -70,21 +70,21 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from controller import defs  # noqa: E402
-from controller.bpf_testrun import prog_run_live, prog_test_run  # noqa: E402
-from controller.datapath import (  # noqa: E402
+from controller.datapath import abi as defs  # noqa: E402
+from controller.datapath.abi import Dir, Reason  # noqa: E402
+from controller.datapath.bpfsys import prog_run_live, prog_test_run  # noqa: E402
+from controller.datapath.xdp import (  # noqa: E402
     Datapath,
     InboundSa,
     OutboundSa,
     flow_key,
     flow_val,
 )
-from controller.defs import Dir, Reason  # noqa: E402
 from controller.netns import in_netns  # noqa: E402
-from controller.testbed import Testbed  # noqa: E402
+from testbed.bed import Testbed  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-BENCH_C = ROOT / "bpf" / "xdp_bench.c"
+BENCH_C = ROOT / "bpf" / "tests" / "xdp_bench.c"
 KEY_A = bytes(range(1, 37))
 SPI_A = 0xA0000001
 KEY_B = bytes(range(101, 137))  # the second SA pair (2-CPU diagnostics: one SA per CPU)
@@ -103,7 +103,7 @@ ROWS: tuple[tuple[str, tuple[int, ...]], ...] = (
 BIG_TABLE = 1 << 21  # flow table for the scale runs: 1M flows without LRU eviction
 
 
-# -- traffic: bpf/xdp_bench.c ------------------------------------------------------------------
+# -- traffic: bpf/tests/xdp_bench.c ---------------------------------------------------------
 def udp_header(src_mac: str, dst_mac: str, saddr: str, daddr: str, sport: int, dport: int) -> bytes:
     """Ethernet + IPv4 + UDP, 42 bytes; lengths and checksum are the generator's to fill."""
     eth = defs.mac_bytes(dst_mac) + defs.mac_bytes(src_mac) + b"\x08\x00"
@@ -331,7 +331,7 @@ class E2EBed:
             self.gw1.attach(lan=["lan"], netns=self.bed.ns("gw1"))
             self.gw2.attach(wan=["wan"], netns=self.bed.ns("gw2"))
         elif mode == "kernel-esp":  # needs a kernel with ESP (the real-kernel VM)
-            from controller.static_esp import StaticSa, install_static_esp
+            from testbed.static_esp import StaticSa, install_static_esp
 
             self._sink_on("remote", "eth0")
             g1, g2 = self.bed.addr("GW1_WAN"), self.bed.addr("GW2_WAN")
@@ -572,13 +572,13 @@ def _pct(xs: list[float], q: float) -> float:
 
 def learn_burst(e2e: E2EBed, n: int, single: int = 100, timeout: float = 20.0) -> LearnFigures:
     """New UDP flows through gw1 (kernel forwarding, the fastpath detached), the learner
-    (bpf/tp_learn.c, controller/learner.py) watching gw1; each candidate's flow entry is written
-    into gw1's table as it arrives, as the controller does after validating it. Latency: the
+    (bpf/tp_learn.c, controller/datapath/learner.py) watching gw1; each candidate's flow entry is
+    written into gw1's table as it arrives, as the controller does after validating it. Latency: the
     flow's first tracepoint in gw1 -> its entry written (both CLOCK_MONOTONIC). First `single`
     flows one at a time (each sent once the previous is written), then a burst of `n` sent
     back to back. The controller's netlink validation is not in it: this host has no ESP, so
     there is no SA to validate a flow against."""
-    from controller.learner import Learner, netns_inode
+    from controller.datapath.learner import Learner, netns_inode
 
     bed = e2e.bed
     e2e.set_mode("kernel")
@@ -658,10 +658,10 @@ class InvalidationFigures:
 
 def invalidation(dp: Datapath, n: int = 100_000) -> InvalidationFigures:
     """An outbound SA carrying `n` flows is deleted: what the controller's _drop_sa does
-    (controller/daemon.py): fence the SA, flows_of_sa + FlowState.remove, then one batch delete
-    of the flow entries (their datapath keys kept since they were written)."""
-    from controller.state import Cause, FlowKey, FlowRecord, FlowState, SaRef
-    from controller.state import Direction as SDir
+    (controller/agent/daemon.py): fence the SA, flows_of_sa + FlowState.remove, then one batch
+    delete of the flow entries (their datapath keys kept since they were written)."""
+    from controller.core.state import Cause, FlowKey, FlowRecord, FlowState, SaRef
+    from controller.core.state import Direction as SDir
 
     lo = socket.if_nametoindex("lo")
     _clear_flows(dp)
@@ -1142,14 +1142,14 @@ def esp_run(
 ) -> str:
     """Where the kernel has ESP (in this project: the real-kernel VM, under emulation): per
     size, 1 CPU, the source, the kernel in clear, the kernel's own ESP (static SAs, the same
-    key and ChaCha20-Poly1305, controller/static_esp.py) and the fastpath, in one run."""
-    from controller.vmrun import host_has_esp
+    key and ChaCha20-Poly1305, testbed/static_esp.py) and the fastpath, in one run."""
+    from testbed.vmrun import host_has_esp
 
     ok, why = host_has_esp()
     if not ok:
         raise SystemExit(
             f"no kernel ESP here ({why}); run it in the real-kernel VM: .venv/bin/python -m "
-            "controller.vmrun --cpus 1 shell-cmd '.venv/bin/python bench/e2e.py --esp'"
+            "testbed.vmrun --cpus 1 shell-cmd '.venv/bin/python bench/e2e.py --esp'"
         )
     rates: dict[tuple[str, int, str], Rate] = {}
     with E2EBed(cpus=1, flows=flows) as e2e:

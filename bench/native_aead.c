@@ -10,7 +10,7 @@
  * With -DXFP_WITH_OPENSSL -lcrypto it also times OpenSSL's EVP chacha20-poly1305 the same way
  * (per packet: new nonce, aad, payload, tag), printing "size seal_ns open_ns ossl_seal_ns
  * ossl_open_ns". Before timing it checks RFC 8439 §2.8.2 (seal and open), exits 1 on a mismatch.
- * "open" is verify then decrypt, both always run, as bpf/test_aead.c's XFP_T_OPEN_COST does,
+ * "open" is verify then decrypt, both always run, as bpf/tests/test_aead.c's XFP_T_OPEN_COST does,
  * so that repeated runs on one buffer cost what a real open costs.
  */
 #define XFP_NATIVE 1

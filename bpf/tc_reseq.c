@@ -33,7 +33,7 @@
 #include "aead.h"
 
 /* Outbound SA by (SPI, outer daddr) -> sa_id: the kernel's frame names its SA by SPI only.
- * Written by the controller beside each xfp_sa_out entry (controller/reseq.py). */
+ * Written by the controller beside each xfp_sa_out entry (controller/datapath/reseq.py). */
 BPF_TABLE_PINNED("hash", struct xfp_sa_in_key, __u32, xfp_sa_out_spi, XFP_SA_MAX,
 		 XFP_PIN_DIR "/xfp_sa_out_spi");
 

@@ -34,7 +34,7 @@
  * every hook first checks the device's netns inode (skb->dev->nd_net.net->ns.inum).
  *
  * Kernel struct offsets (SKB_*_OFF, DEV_*_OFF, ...) come as -D flags from the running kernel's
- * BTF (controller/btf_offsets.py): no kernel-internal header is included. Packet bytes are read
+ * BTF (controller/datapath/btf_offsets.py): no kernel-internal header is included. Packet bytes are read
  * with bpf_probe_read_kernel from the linear part of the skb only (len - data_len).
  */
 #include <uapi/linux/bpf.h>
@@ -45,7 +45,7 @@
 #include "learn_defs.h"
 
 #ifndef SKB_HEAD_OFF
-#error "kernel offsets missing: build through controller/learner.py (btf_offsets.cflags())"
+#error "kernel offsets missing: build through controller/datapath/learner.py (btf_offsets.cflags())"
 #endif
 #ifndef HAVE_SECPATH
 #define HAVE_SECPATH 0

@@ -56,7 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("pyroute2").setLevel(logging.WARNING)  # its debug output is per message
-    from controller.daemon import run
+    from controller.agent.daemon import run
 
     try:
         return run(cfg)
@@ -70,7 +70,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if st is None or st.get("metrics") is None:
         print("xfrm-fastpath: no controller is running in this network namespace", file=sys.stderr)
         return EXIT_NOT_RUNNING
-    from controller.metrics import format_status, snapshot_from_json
+    from controller.telemetry.metrics import format_status, snapshot_from_json
 
     if args.json:
         print(json.dumps(st["metrics"], indent=2))
@@ -100,7 +100,7 @@ def cmd_flows(args: argparse.Namespace) -> int:
 
 
 def _kernel_sas() -> list[dict[str, Any]]:
-    from controller.xfrm import XfrmSocket
+    from controller.netlink.xfrm import XfrmSocket
 
     out = []
     with XfrmSocket() as x:

@@ -15,7 +15,7 @@
 #   --enable     enable the service and (re)start it
 #   --no-packages  skip apt (the packages are already there)
 #   --root DIR   stage the files under DIR instead of / (no apt, no virtualenv, no systemctl):
-#                what tests/test_packaging.py uses to check the installed tree
+#                what tests/host/test_packaging.py uses to check the installed tree
 set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
 
@@ -96,6 +96,7 @@ if [ "$(cd "$dest" && pwd -P)" != "$(cd "$src" && pwd -P)" ]; then
     rm -rf "${dest:?}/$part"
     cp -R "$src/$part" "$dest/$part"
   done
+  rm -rf "$dest/bpf/tests"  # test and bench programs: nothing on a gateway loads them
   find "$dest" -name __pycache__ -type d -prune -exec rm -rf {} +
 fi
 if [ -z "$root" ]; then

@@ -6,18 +6,24 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from controller.testbed import Testbed, testbed
-from controller.vmrun import RUNNER_ENV, host_has_esp
+from testbed.bed import Testbed, testbed
+from testbed.vmrun import RUNNER_ENV, host_has_esp
+
+UNIT_TIER = Path(__file__).resolve().parent / "unit"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tiers: tests/unit runs anywhere (no root, no BPF, no namespaces); tests/bpf, tests/host
+    and tests/vm need root (they load BPF programs and create network namespaces)."""
     if os.geteuid() != 0:
         skip = pytest.mark.skip(reason="needs root: creates network namespaces and loads BPF")
         for item in items:
-            item.add_marker(skip)
+            if UNIT_TIER not in Path(str(item.path)).parents:
+                item.add_marker(skip)
 
 
 @functools.cache
@@ -26,7 +32,7 @@ def _esp_status() -> tuple[bool, str]:
 
 
 def skip_without_esp() -> None:
-    """`vm` tests need kernel ESP. Outside controller.vmrun, skip them (saying how to run them)
+    """`vm` tests need kernel ESP. Outside testbed.vmrun, skip them (saying how to run them)
     on a kernel without it; inside the runner (XFRM_FASTPATH_RUNNER set) they run, and fail."""
     if os.environ.get(RUNNER_ENV):
         return
@@ -34,7 +40,7 @@ def skip_without_esp() -> None:
     if not ok:
         pytest.skip(
             f"needs kernel ESP ({why}): run `make test` or "
-            "`.venv/bin/python -m controller.vmrun vm-only`, which boot a kernel with ESP"
+            "`.venv/bin/python -m testbed.vmrun vm-only`, which boot a kernel with ESP"
         )
 
 

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0-only */
 /*
- * Definitions shared by bpf/tp_learn.c and controller/learn_defs.py (ctypes mirror; a test
+ * Definitions shared by bpf/tp_learn.c and controller/datapath/learn_abi.py (ctypes mirror; a test
  * checks that sizes and offsets agree). Every multi-byte field marked "be" is in network byte
  * order, exactly as read from the packet; the others are host order.
  */

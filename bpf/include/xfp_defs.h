@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: GPL-2.0-only */
 /*
  * xfp_defs.h: THE definitions shared by the XDP datapath (bpf/xdp_encap.c, bpf/xdp_decap.c)
- * and the controller (controller/defs.py mirrors every struct and enum here with ctypes;
- * tests/test_defs.py compiles this header with gcc and checks that sizes, offsets and values
+ * and the controller (controller/datapath/abi.py mirrors every struct and enum here with ctypes;
+ * tests/bpf/test_defs.py compiles this header with gcc and checks that sizes, offsets and values
  * agree). Change both sides together.
  *
  * Byte order: fields marked "be" hold network byte order exactly as on the wire; all others

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: GPL-2.0-only
 # Routes and forwarding for one machine of the Vagrant test bed, from testbed/addresses.env: the
-# same routes controller/testbed.py gives the namespaces. Run at every boot (vagrant/Vagrantfile,
+# same routes testbed/bed.py gives the namespaces. Run at every boot (vagrant/Vagrantfile,
 # run: "always"): nothing here is persisted except the gateways' sysctl file.
 #   usage: routes.sh lan|gw1|gw2|remote REPO
 # The hosts keep their default route (the provider's management network) and reach the other

@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: GPL-2.0-only
 # Render one gateway's strongSwan configuration from the address plan, for machines that run
 # strongSwan as a service (vagrant/ provisioning). The namespace test beds use the same files
-# through controller/strongswan.py.
+# through testbed/ike.py.
 #   usage: render.sh gw1|gw2 OUTDIR [RUNDIR]     (SWAN_PSK from the environment)
 #   then:  STRONGSWAN_CONF=OUTDIR/strongswan.conf charon-systemd &
 #          swanctl --load-all --file OUTDIR/swanctl.conf --uri unix://RUNDIR/charon.vici

@@ -25,10 +25,10 @@ from typing import Any
 
 import pytest
 
-from controller.static_esp import parse_xfrm_state_stats
-from controller.strongswan import have_strongswan, start_ike_tunnel
-from controller.supervisor import ControllerProcess
-from controller.testbed import Testbed
+from testbed.bed import Testbed
+from testbed.ike import have_strongswan, start_ike_tunnel
+from testbed.static_esp import parse_xfrm_state_stats
+from testbed.supervisor import ControllerProcess
 
 pytestmark = pytest.mark.vm
 
@@ -117,7 +117,7 @@ def rig(esp_kernel: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     ok, why = have_strongswan()
     if not ok:
         pytest.fail(why)
-    from controller.datapath import DEFAULT_PIN_DIR
+    from controller.datapath.xdp import DEFAULT_PIN_DIR
 
     work = tmp_path_factory.mktemp("rig")
     pins_existed = DEFAULT_PIN_DIR.exists()
@@ -179,7 +179,7 @@ def peer_errors(bed: Testbed) -> dict[str, int]:
 def replay_stats(bed: Testbed, role: str) -> list[str]:
     """Each SA's replay statistics (struct xfrm_stats, as `ip -s xfrm state` shows them): tells
     a packet outside the window (replay-window: too old, reordered) from a duplicate (replay)."""
-    from controller.xfrm import XfrmSocket
+    from controller.netlink.xfrm import XfrmSocket
 
     with XfrmSocket(bed.ns(role)) as x:
         return [
@@ -490,8 +490,8 @@ def encap_hits_per_cpu() -> list[int]:
     """XDP encap hits on each CPU, from the controller's pinned per-CPU counters."""
     import ctypes
 
-    from controller import defs
-    from controller.datapath import DEFAULT_PIN_DIR, open_pinned_map
+    from controller.datapath import abi as defs
+    from controller.datapath.xdp import DEFAULT_PIN_DIR, open_pinned_map
 
     h = open_pinned_map(DEFAULT_PIN_DIR / "xfp_stats", ctypes.c_uint32, defs.Stat, percpu=True)
     try:
@@ -534,7 +534,7 @@ def test_soak_both_cpus_one_sequence_unique_ivs_and_decrypts(rig: Rig, tmp_path:
     every IV once, and every packet decrypts and authenticates with the SA's key."""
     from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-    from controller.xfrm import XfrmSocket
+    from controller.netlink.xfrm import XfrmSocket
 
     bed, ike, _gw = rig
     remote = bed.addr("REMOTE_HOST")
@@ -827,9 +827,9 @@ def test_each_change_takes_its_flows_off_timed(rig: Rig) -> None:
 def _timed_xfrm_changes(bed: Testbed, ike: Any, timed: Callable[..., None]) -> None:
     """The XFRM cases of the timed invalidation test: OUT policy deleted, inbound SA deleted,
     forward default set to block."""
-    from controller.strongswan import CHILD
-    from controller.xfrm import XfrmSocket
-    from controller.xfrm.model import DefaultAction, Dir
+    from controller.core.xfrm_model import DefaultAction, Dir
+    from controller.netlink.xfrm import XfrmSocket
+    from testbed.ike import CHILD
 
     with XfrmSocket(bed.ns("gw1")) as x:
         outs = [q for q in x.policies() if q.dir is Dir.OUT and q.templates]
@@ -907,8 +907,8 @@ def test_default_fwd_block_flow_without_policy_is_never_learned(rig: Rig) -> Non
     has no FWD policy (strongSwan installs FWD policies for the inbound direction only): the
     kernel drops it and the fastpath never learns it, while the inbound direction, which has a
     FWD policy, is still forwarded."""
-    from controller.xfrm import XfrmSocket
-    from controller.xfrm.model import DefaultAction
+    from controller.core.xfrm_model import DefaultAction
+    from controller.netlink.xfrm import XfrmSocket
 
     bed, _ike, gw = rig
     assert udp_echo(bed, 5) == 5, "before: the tunnel works"
@@ -993,7 +993,7 @@ def test_sas_command_reports_each_sa(rig: Rig) -> None:
 def test_rekey_moves_flows_to_the_new_sa(rig: Rig) -> None:
     """IKEv2 CHILD_SA rekey (make-before-break) while flows run: flows leave the old SAs,
     are re-learned onto the new ones, no datagram is lost, the old SAs are let go."""
-    from controller.strongswan import CHILD
+    from testbed.ike import CHILD
 
     bed, ike, gw = rig
     assert udp_echo(bed, 20) == 20, "warm"
@@ -1045,7 +1045,7 @@ def test_rekeys_from_either_end_under_load(rig: Rig) -> None:
     of REKEY_LOAD UDP echoes started before the rekey. Every datagram comes back but for the
     IKE race, the flows end up offloaded on the new SAs, the old ones are let go, and the peer
     never sees a replay, sequence or ICV error."""
-    from controller.strongswan import CHILD
+    from testbed.ike import CHILD
 
     bed, ike, gw = rig
     remote = bed.addr("REMOTE_HOST")
@@ -1108,7 +1108,7 @@ def test_rekeys_from_either_end_under_load(rig: Rig) -> None:
 def _reconfigure_gw1(ike: Any, extra: str) -> None:
     """Reload gw1's CHILD_SA config with `extra` options and bring the tunnel up afresh (a
     live CHILD_SA keeps the config it was created with)."""
-    from controller.strongswan import CHILD
+    from testbed.ike import CHILD
 
     conf = ike.gw1.rundir / "swanctl.conf"
     base = getattr(ike, "_base_conf", None) or conf.read_text()
@@ -1132,7 +1132,7 @@ def test_fastpath_bytes_trigger_rekey_and_liveness_keeps_child_up(rig: Rig) -> N
     - Then 65 s of pings that only the fastpath carries, but for one packet per SA every
       `[timers] liveness` (10 s) that takes the kernel path and so moves the policies' use
       time that strongSwan's inactivity check reads: the CHILD_SA stays up."""
-    from controller.xfrm import XfrmSocket
+    from controller.netlink.xfrm import XfrmSocket
 
     bed, ike, gw = rig
     remote = bed.addr("REMOTE_HOST")

@@ -6,7 +6,7 @@
    both ways) so flows get learned. After every step, once the controller has caught up
    (bounded wait), the datapath's own maps (read from bpffs, not from the controller) are
    checked against the kernel's state by an oracle written here, independent of
-   controller/validate.py:
+   controller/core/validate.py:
    - every flow entry names an SA entry, and every SA entry is an SA the kernel holds, with
      a datapath deadline no later than the SA's hard lifetime;
    - the kernel's best-matching policy for every flow allows it and its template covers the
@@ -27,9 +27,9 @@
    its SA's key, no replay or ICV error at the peer, and the tunnel works afterwards.
 
 One controller serves the whole module (BCC compiles four programs: minutes under TCG).
-Reproduce: `.venv/bin/python -m controller.vmrun vm-only -- tests/vm/test_vm_faults.py -s`.
+Reproduce: `.venv/bin/python -m testbed.vmrun vm-only -- tests/vm/test_vm_faults.py -s`.
 XFP_CP_FUZZ_SEED, XFP_CP_FUZZ_STEPS (default 60) and XFP_CP_STORM change the seed, the steps
-and the storm's size; pass them inside the VM, e.g. `controller.vmrun shell-cmd
+and the storm's size; pass them inside the VM, e.g. `testbed.vmrun shell-cmd
 'XFP_CP_FUZZ_STEPS=300 .venv/bin/pytest -m vm -s tests/vm/test_vm_faults.py'`.
 """
 
@@ -55,13 +55,13 @@ from typing import Any
 
 import pytest
 
-from controller import defs
-from controller.datapath import DEFAULT_PIN_DIR, MapHandle, open_pinned_map
-from controller.static_esp import AEAD, KEY_LEN
-from controller.supervisor import ControllerProcess
-from controller.testbed import Testbed
-from controller.xfrm import XfrmSocket
-from controller.xfrm.model import Action, DefaultAction, Dir, Policy, Sa
+from controller.core.xfrm_model import Action, DefaultAction, Dir, Policy, Sa
+from controller.datapath import abi as defs
+from controller.datapath.xdp import DEFAULT_PIN_DIR, MapHandle, open_pinned_map
+from controller.netlink.xfrm import XfrmSocket
+from testbed.bed import Testbed
+from testbed.static_esp import AEAD, KEY_LEN
+from testbed.supervisor import ControllerProcess
 
 pytestmark = pytest.mark.vm
 
@@ -77,7 +77,7 @@ WRONG_MAC = "02:00:00:00:00:99"
 # Peer errors a repeated or out-of-window sequence number, or a wrong IV/key, would cause
 # (net/xfrm/xfrm_input.c): replay/sequence and ICV. Must stay 0 in every step and scenario.
 SEQ_ICV_ERRORS = ("XfrmInStateSeqError", "XfrmInStateProtoError")
-# Found by this fuzzer, not fixed yet (controller/daemon.py): an outbound SA entry keeps the
+# Found by this fuzzer, not fixed yet (controller/agent/daemon.py): an outbound SA entry keeps the
 # next-hop MAC it was offloaded with. A neighbour change removes the flows, but flows learned
 # afterwards reuse the entry, so the fastpath sends to the old MAC while the kernel sends to the
 # new one. While True, the oracle counts this (printed) instead of failing on it, and
@@ -93,7 +93,7 @@ class Rig:
     gw: ControllerProcess
     work: Path
     maps: PinnedMaps
-    ike: Any = None  # controller.strongswan.IkeTunnel once the fault tests start it
+    ike: Any = None  # testbed.ike.IkeTunnel once the fault tests start it
 
 
 @pytest.fixture(scope="module")
@@ -900,10 +900,10 @@ STORM_SPI0 = 0x5AF30000
 def _storm(bed: Testbed, n: int, add: bool) -> float:
     """Add (or delete) n ChaCha20-Poly1305 SAs on gw1 over one netlink socket: one message
     encoded by the project's XFRM code, its SPI patched per SA (offsets checked)."""
-    from controller.xfrm import messages as m
-    from controller.xfrm.api import addr_to, sa_to_msg
-    from controller.xfrm.model import Algorithm, Secret, Selector
-    from controller.xfrm.nlsock import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL
+    from controller.core.xfrm_model import Algorithm, Secret, Selector
+    from controller.netlink import xfrm_messages as m
+    from controller.netlink.nlsock import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL
+    from controller.netlink.xfrm import addr_to, sa_to_msg
 
     dst = ipaddress.ip_address(bed.addr("GW1_WAN"))
     if add:
@@ -1013,7 +1013,7 @@ def ike(rig: Rig) -> Rig:
     type, mark, if_id) whatever the priority (xfrm_policy_insert_list()), so a block policy
     with the daemon's selector is silently replaced by the daemon's policy and is gone when
     that is deleted (seen here: strongSwan stopped, the LAN's packets crossed in clear)."""
-    from controller.strongswan import have_strongswan, start_ike_tunnel
+    from testbed.ike import have_strongswan, start_ike_tunnel
 
     ok, why = have_strongswan()
     if not ok:
@@ -1239,7 +1239,7 @@ def test_fault_full_flow_table(ike: Rig, tmp_path: Path) -> None:
 
 def test_fault_strongswan_restart(ike: Rig, tmp_path: Path) -> None:
     """charon on gw1 stopped (its SAs and policies go) and started again (new SAs)."""
-    from controller.strongswan import StrongswanError
+    from testbed.ike import StrongswanError
 
     rig, bed = ike, ike.bed
     checker = Checker(rig)
@@ -1278,7 +1278,7 @@ def test_fault_controller_killed_mid_rekey(ike: Rig, tmp_path: Path) -> None:
     deleted): XDP stops at the watchdog, the kernel carries on (renumbered by tc_reseq), no
     clear packet, no repeated IV. Last in the module: the controller is not restarted here
     (tests/vm/test_vm_controller.py covers the restart)."""
-    from controller.strongswan import CHILD
+    from testbed.ike import CHILD
 
     rig, bed, p = ike, ike.bed, ike.bed.plan
     errs0 = seq_icv_errors(bed)

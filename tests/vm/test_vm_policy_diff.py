@@ -20,7 +20,7 @@
    here selects on the source port). Checked: the flows XDP carries are exactly the flows the
    kernel ESP-forwards (one carried that the kernel drops fails hard, naming the policies and
    rules in force); every later datagram of a forwarded flow is echoed; and the controller's
-   own policy model (controller/xfrm/model.py on the kernel's dump, with the nftables rules
+   own policy model (controller/core/xfrm_model.py on the kernel's dump, with the nftables rules
    evaluated here) predicts the kernel's outcome for every flow, also for the dropped ones,
    where no sighting ever reaches the controller.
 
@@ -35,9 +35,9 @@
    the refused ones are offloaded after all.
 
 One controller serves the module (sas = 2 is enough for the one tunnel of part 1).
-Reproduce: `.venv/bin/python -m controller.vmrun vm-only -- tests/vm/test_vm_policy_diff.py -s`.
+Reproduce: `.venv/bin/python -m testbed.vmrun vm-only -- tests/vm/test_vm_policy_diff.py -s`.
 XFP_POLICY_DIFF_SEED and XFP_POLICY_DIFF_ROUNDS (default 8) change the seed and the rounds;
-pass them inside the VM, e.g. `.venv/bin/python -m controller.vmrun shell-cmd
+pass them inside the VM, e.g. `.venv/bin/python -m testbed.vmrun shell-cmd
 'XFP_POLICY_DIFF_ROUNDS=40 .venv/bin/pytest -m vm -s tests/vm/test_vm_policy_diff.py'`.
 """
 
@@ -59,14 +59,14 @@ from typing import Any
 
 import pytest
 
-from controller import defs
-from controller.datapath import DEFAULT_PIN_DIR, MapHandle, flow_key, open_pinned_map
+from controller.core.xfrm_model import Dir, Flow, policy_decision, policy_matches
+from controller.datapath import abi as defs
+from controller.datapath.xdp import DEFAULT_PIN_DIR, MapHandle, flow_key, open_pinned_map
+from controller.netlink.xfrm import XfrmSocket
 from controller.netns import in_netns
-from controller.static_esp import AEAD, ICV_BITS, StaticSa, random_sa
-from controller.supervisor import ControllerProcess
-from controller.testbed import Testbed
-from controller.xfrm import XfrmSocket
-from controller.xfrm.model import Dir, Flow, policy_decision, policy_matches
+from testbed.bed import Testbed
+from testbed.static_esp import AEAD, ICV_BITS, StaticSa, random_sa
+from testbed.supervisor import ControllerProcess
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(2400)]  # BCC compiles for minutes under TCG
 
@@ -338,7 +338,7 @@ class Maps:
         self.liveness = open_map("xfp_liveness", u32, u64)
 
     def max_entries(self, name: str) -> int:
-        from controller.bpf_testrun import map_info
+        from controller.datapath.bpfsys import map_info
 
         return int(map_info(self._fds[name])["max_entries"])
 
@@ -648,7 +648,7 @@ class Spd:
 
 
 def model_says(bed: Testbed, spd: Spd, f: UFlow) -> tuple[bool, str, bool]:
-    """The controller's policy model (controller/xfrm/model.py, as validate_encap applies it)
+    """The controller's policy model (controller/core/xfrm_model.py, as validate_encap applies it)
     on the kernel's own dump, and the nftables rules as evaluated here: (ESP-forwarded, why,
     decided by a tie of equal priorities)."""
     with XfrmSocket(bed.ns("gw1")) as x:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from controller.static_esp import AEAD, install_static_esp, random_sa
-from controller.testbed import Testbed
+from testbed.bed import Testbed
+from testbed.static_esp import AEAD, install_static_esp, random_sa
 
 pytestmark = pytest.mark.vm
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from controller.static_esp import AEAD, parse_xfrm_state_stats
-from controller.strongswan import CHILD, have_strongswan, ike_tunnel
-from controller.testbed import Testbed
+from testbed.bed import Testbed
+from testbed.ike import CHILD, have_strongswan, ike_tunnel
+from testbed.static_esp import AEAD, parse_xfrm_state_stats
 
 pytestmark = pytest.mark.vm
 

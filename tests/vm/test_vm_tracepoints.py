@@ -15,8 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from controller.static_esp import install_static_esp
-from controller.testbed import Testbed
+from testbed.bed import Testbed
+from testbed.static_esp import install_static_esp
 
 pytestmark = pytest.mark.vm
 

@@ -1,0 +1,223 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""Validation of a learned candidate against the kernel's own state. Pure: no sockets.
+
+A tracepoint sighting says the kernel forwarded one packet. Before the flow may take the
+fastpath, the kernel's current state must say the same thing for every later packet of it:
+
+- encap (clear in on a LAN device, ESP out on a WAN device): the forward policy decision for
+  the clear flow allows it (a matching FWD policy that allows, or none and default forward
+  accept); the OUT policy that covers it allows and protects it with a tunnel template; that
+  template resolves to the very SA whose SPI was on the wire; the SA is one the datapath can
+  serve; the outer route leaves by the device the packet left by; the next hop's neighbour is
+  valid and has the MAC the frame was sent to.
+- decap (ESP in on a WAN device, clear out on a LAN device): the SA in the packet's sec_path
+  exists, is inbound to one of our addresses and can be served; the FWD policy for the inner
+  flow allows it and its template covers that SA (the kernel's __xfrm_policy_check()); the
+  inner route leaves by the device the packet left by; the neighbour is valid with the MAC seen.
+
+Anything else is rejected with a reason (a label of the rejections counter). The netfilter
+verdict is not re-derived: the sighting proves the ruleset forwarded the packet, and any later
+ruleset change flushes every learned flow (daemon).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from controller.core.xfrm_model import (
+    DefaultPolicy,
+    Dir,
+    Flow,
+    Mode,
+    Policy,
+    Sa,
+    policy_decision,
+)
+
+PROTO_ICMP = 1
+# include/uapi/linux/neighbour.h: states in which a neighbour entry's MAC can be used.
+NUD_REACHABLE, NUD_STALE, NUD_DELAY, NUD_PROBE = 0x02, 0x04, 0x08, 0x10
+NUD_NOARP, NUD_PERMANENT = 0x40, 0x80
+NUD_USABLE = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_NOARP | NUD_PERMANENT
+
+
+@dataclass(frozen=True)
+class RouteInfo:
+    """What `ip route get` says for a destination: output device and next hop."""
+
+    oif: int
+    gateway: str | None
+    type: int = 1  # RTN_UNICAST
+
+    def next_hop(self, dst: str) -> str:
+        return self.gateway or dst
+
+
+@dataclass(frozen=True)
+class NeighInfo:
+    lladdr: str | None
+    state: int
+
+
+@dataclass(frozen=True)
+class Sighting:
+    """The parts of a learner candidate that validation needs (host byte order)."""
+
+    direction: str  # "encap" | "decap"
+    in_ifindex: int
+    out_ifindex: int
+    saddr: str
+    daddr: str
+    proto: int
+    sport: int  # ICMP: echo identifier
+    dport: int  # ICMP: (type << 8) | code
+    spi: int | None
+    outer_saddr: str
+    outer_daddr: str
+    eth_src: str
+    eth_dst: str
+    mangled: bool = False
+
+    def xfrm_flow(self) -> Flow:
+        """The flow as the kernel's policy lookup sees it (struct flowi4): for ICMP the
+        selector's "ports" are type and code (xfrm_flowi_sport/dport, include/net/xfrm.h)."""
+        if self.proto == PROTO_ICMP:
+            return Flow.of(self.saddr, self.daddr, self.proto, self.dport >> 8, self.dport & 0xFF)
+        return Flow.of(self.saddr, self.daddr, self.proto, self.sport, self.dport)
+
+
+@dataclass(frozen=True)
+class Accepted:
+    sa: Sa
+    policy: Policy  # the policy whose change must invalidate the flow (OUT or FWD)
+    next_hop: str
+    route: RouteInfo
+
+
+@dataclass(frozen=True)
+class Rejected:
+    reason: str  # short label: counted in xfrm_fastpath_validation_rejections_total
+    detail: str  # for the log
+
+
+def _reject(reason: str, detail: str) -> Rejected:
+    return Rejected(reason, detail)
+
+
+def check_sa(sa: Sa | None, spi: int | None) -> Rejected | None:
+    if sa is None:
+        return _reject("no_sa", f"no SA with SPI 0x{spi or 0:08x} in the kernel")
+    ok, why = sa.fastpath_support()
+    if not ok:
+        return _reject("sa_unsupported", f"SA {sa}: {why}")
+    return None
+
+
+def check_l2(
+    route: RouteInfo | None, neigh: NeighInfo | None, want_oif: int, want_mac: str, dst: str
+) -> Rejected | None:
+    if route is None:
+        return _reject("no_route", f"no route to {dst}")
+    if route.type != 1:
+        return _reject("route_not_unicast", f"route to {dst} has type {route.type}")
+    if route.oif != want_oif:
+        return _reject(
+            "route_mismatch", f"route to {dst} leaves by if{route.oif}, packet left by if{want_oif}"
+        )
+    hop = route.next_hop(dst)
+    if neigh is None or not neigh.lladdr:
+        return _reject("no_neighbour", f"no neighbour entry for {hop}")
+    if not neigh.state & NUD_USABLE:
+        return _reject("neighbour_unusable", f"neighbour {hop} in state 0x{neigh.state:x}")
+    if neigh.lladdr.lower() != want_mac.lower():
+        return _reject(
+            "neighbour_mismatch", f"neighbour {hop} is {neigh.lladdr}, frame went to {want_mac}"
+        )
+    return None
+
+
+def validate_encap(
+    s: Sighting,
+    policies: Sequence[Policy],
+    default: DefaultPolicy,
+    sa: Sa | None,
+    route: RouteInfo | None,
+    neigh: NeighInfo | None,
+) -> Accepted | Rejected:
+    """`sa` is the kernel's SA (outer daddr, spi) as seen on the wire; `route`/`neigh` are the
+    route to the SA's outer destination and the neighbour of its next hop."""
+    if s.mangled:
+        return _reject("mangled", "the packet was rewritten (NAT) on its way through")
+    flow = s.xfrm_flow()
+    fwd = policy_decision(policies, default, flow, Dir.FWD)
+    if not fwd.allowed:
+        return _reject("fwd_policy_blocks", fwd.reason)
+    if fwd.policy is not None and any(not t.optional for t in fwd.policy.templates):
+        # A FWD policy with mandatory templates admits only packets that were decrypted by
+        # a matching SA: a clear packet from the LAN cannot satisfy it.
+        return _reject("fwd_policy_blocks", f"{fwd.policy} needs a secured packet")
+    out = policy_decision(policies, default, flow, Dir.OUT)
+    if not out.allowed:
+        return _reject("out_policy_blocks", out.reason)
+    if out.policy is None or not out.policy.templates:
+        return _reject("not_protected", f"no OUT policy protects {flow.src}->{flow.dst}")
+    if len(out.policy.templates) != 1:
+        return _reject("bundle", f"{out.policy} has {len(out.policy.templates)} templates")
+    bad = check_sa(sa, s.spi)
+    if bad is not None:
+        return bad
+    assert sa is not None
+    tmpl = out.policy.templates[0]
+    if tmpl.mode != Mode.TUNNEL or not tmpl.covers(sa):
+        return _reject("sa_not_of_policy", f"SA {sa} does not satisfy {out.policy}'s template")
+    if str(sa.dst) != s.outer_daddr or str(sa.src) != s.outer_saddr:
+        return _reject("outer_mismatch", f"SA {sa} vs wire {s.outer_saddr}->{s.outer_daddr}")
+    bad = check_l2(route, neigh, s.out_ifindex, s.eth_dst, str(sa.dst))
+    if bad is not None:
+        return bad
+    assert route is not None
+    return Accepted(sa, out.policy, route.next_hop(str(sa.dst)), route)
+
+
+def validate_decap(
+    s: Sighting,
+    policies: Sequence[Policy],
+    default: DefaultPolicy,
+    sa: Sa | None,
+    local_addrs: set[str],
+    route: RouteInfo | None,
+    neigh: NeighInfo | None,
+) -> Accepted | Rejected:
+    """`sa` is the inbound SA named by the packet's sec_path; `route`/`neigh` are the route to
+    the inner destination and the neighbour of its next hop."""
+    if s.mangled:
+        return _reject("mangled", "the packet was rewritten (NAT) on its way through")
+    bad = check_sa(sa, s.spi)
+    if bad is not None:
+        return bad
+    assert sa is not None
+    if str(sa.dst) not in local_addrs:
+        return _reject("sa_not_inbound", f"SA {sa} is not addressed to this gateway")
+    flow = s.xfrm_flow()
+    fwd = policy_decision(policies, default, flow, Dir.FWD)
+    if not fwd.allowed:
+        return _reject("fwd_policy_blocks", fwd.reason)
+    if fwd.policy is None or not fwd.policy.templates:
+        return _reject("not_protected", f"no FWD policy requires ESP for {flow.src}->{flow.dst}")
+    if not any(t.covers(sa) for t in fwd.policy.templates):
+        return _reject("sa_not_of_policy", f"SA {sa} does not satisfy {fwd.policy}")
+    if len(fwd.policy.templates) != 1:
+        return _reject("bundle", f"{fwd.policy} has {len(fwd.policy.templates)} templates")
+    if not sa.selector.matches(flow) and sa.selector.src.prefixlen + sa.selector.dst.prefixlen:
+        return _reject("sa_selector", f"SA {sa} selector does not cover {flow.src}->{flow.dst}")
+    bad = check_l2(route, neigh, s.out_ifindex, s.eth_dst, s.daddr)
+    if bad is not None:
+        return bad
+    assert route is not None
+    return Accepted(sa, fwd.policy, route.next_hop(s.daddr), route)
+
+
+def is_local(addr: str, local_addrs: set[str]) -> bool:
+    return str(ipaddress.ip_address(addr)) in local_addrs

@@ -1,0 +1,637 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The XDP datapath as the controller sees it: compile and load the two programs with BCC,
+attach them, and read and write their maps with the types of controller/datapath/abi.py.
+
+    with Datapath(pin_dir="/sys/fs/bpf/xfrm-fastpath") as dp:   # compiles both programs
+        dp.attach(lan=["lan"], wan=["wan"])                      # detached again on exit
+        dp.put_tx_port(ifindex_of("wan"))
+        dp.put_outbound_sa(OutboundSa(sa_id=1, spi=0x1000, ...))
+        dp.put_flow(FlowKey(...), FlowVal(...))
+        dp.stats()                                               # {(Dir, Reason): (pkts, bytes)}
+
+bpf/xdp_encap.c runs on the LAN devices, bpf/xdp_decap.c on the WAN devices. Each is its own BCC
+module; the flow, SA and counter maps are pinned in bpffs under `pin_dir` (mode 0600), so both
+modules share them and a restarted controller finds them again (BCC reopens a map already pinned
+at its path). Variants are chosen with -D cflags only. Map access goes through the raw bpf(2)
+wrappers of libbcc with the ctypes structs of controller/datapath/abi.py, so what is written is
+exactly what tests/bpf/test_defs.py checked against the C header.
+
+Limits worth knowing:
+- veth delivers an XDP-redirected frame only if the receiving peer runs an XDP program (or has
+  GRO on). Frames that a veth receives from a local sender may carry CHECKSUM_PARTIAL (the L4
+  checksum not yet computed): XDP sees the bytes only, so they would be encrypted with an
+  unfinished checksum. Real NICs deliver complete checksums; on veth, turn tx checksum offload
+  off on the sender (tests/host/test_datapath_redirect.py does).
+- veth also hands XDP a buffer cut to the frame's size: bpf/xdp_encap.c then takes the ESP
+  trailer's room in front and slides the packet (costs a copy; counted as a normal encap).
+- Rewriting a live SA entry (put_outbound_sa / put_inbound_sa on an sa_id in use) resets its
+  sequence number or replay window; extend an SA with refresh_watchdog instead.
+
+Namespaces: attach/detach act on devices of the calling thread's network namespace. A process
+started with `nsenter --net=/run/netns/NAME` works as is; `netns=` on attach/detach enters a
+named namespace around the call (controller/netns.py), so one compile can serve several.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import socket
+import subprocess
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from controller.datapath import abi as defs
+from controller.datapath.abi import Dir, FlowKey, FlowVal, Reason, SaIn, SaInKey, SaOut, Stat
+
+ROOT = Path(__file__).resolve().parents[2]
+BPF_DIR = ROOT / "bpf"
+INCLUDE_DIR = BPF_DIR / "include"
+BPFFS = Path("/sys/fs/bpf")
+DEFAULT_PIN_DIR = BPFFS / "xfrm-fastpath"
+PINNED_MAPS = (
+    "xfp_flows",
+    "xfp_sa_out",
+    "xfp_sa_in",
+    "xfp_watchdog",
+    "xfp_liveness",
+    "xfp_stats",
+)
+
+# include/uapi/linux/bpf.h: map update flags; include/uapi/linux/if_link.h: XDP attach flags
+BPF_ANY = 0
+BPF_F_LOCK = 4
+XDP_FLAGS_UPDATE_IF_NOEXIST = 1
+XDP_FLAGS_SKB_MODE = 2
+XDP_FLAGS_DRV_MODE = 4
+XDP_MODES = {"auto": 0, "generic": XDP_FLAGS_SKB_MODE, "native": XDP_FLAGS_DRV_MODE}
+
+# Outbound sequence limit without ESN: the kernel's xfrm_replay_overflow() refuses to wrap the
+# 32-bit counter, so 0xffffffff is the last number; the datapath punts at seq >= seq_limit.
+SEQ_LIMIT_32 = 1 << 32
+NEVER = (1 << 64) - 1
+
+
+class DatapathError(RuntimeError):
+    """Compiling, loading, attaching or a map operation failed; the message says which, and
+    `errno` the system error of a failed map operation (E2BIG: the map is full)."""
+
+    def __init__(self, msg: str, errno: int = 0) -> None:
+        super().__init__(msg)
+        self.errno = errno
+
+
+def ensure_bpffs() -> None:
+    """Mount bpffs on /sys/fs/bpf when nothing is mounted there (pinning needs it)."""
+    with open("/proc/self/mounts") as f:
+        if any(line.split()[1] == str(BPFFS) and line.split()[2] == "bpf" for line in f):
+            return
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(BPFFS)], check=True, capture_output=True)
+
+
+def _lib():  # bcc.libbcc.lib, imported late: importing bcc is slow
+    from bcc.libbcc import lib
+
+    return lib
+
+
+def _possible_cpus() -> int:
+    from bcc.utils import get_possible_cpus
+
+    return len(get_possible_cpus())
+
+
+def _check(ret: int, what: str) -> None:
+    if ret < 0:
+        err = ctypes.get_errno() or -ret
+        raise DatapathError(f"{what}: {os.strerror(err)}", err)
+
+
+def ifindex_of(dev: str) -> int:
+    """ifindex of a device in the calling thread's network namespace."""
+    return socket.if_nametoindex(dev)
+
+
+@dataclass
+class OutboundSa:
+    """What the controller knows of an outbound SA, turned into struct xfp_sa_out by
+    `to_c()`. `key` is the 36-byte rfc7539esp key blob (32-byte key || 4-byte salt) exactly
+    as XFRM carries it (XFRMA_ALG_AEAD)."""
+
+    sa_id: int
+    spi: int
+    saddr: str
+    daddr: str
+    key: bytes
+    egress_ifindex: int
+    dmac: str | bytes
+    smac: str | bytes
+    mtu: int = 1500
+    seq: int = 1  # next sequence number to send
+    seq_limit: int = SEQ_LIMIT_32
+    iv_mask: int = 0
+    esn: bool = False
+    deadline_ns: int = NEVER
+    ttl: int = 64
+    offload: bool = True
+    extra_flags: int = 0  # defs.SA_F_NOECN | SA_F_NOPMTUDISC | SA_F_DONT_ENCAP_DSCP
+
+    def to_c(self) -> SaOut:
+        if len(self.key) != 36:
+            raise ValueError(f"rfc7539esp key is 32 + 4 bytes, not {len(self.key)}")
+        c = SaOut()
+        c.sa_id = self.sa_id
+        c.spi = defs.be32(self.spi)
+        c.saddr = defs.be32(self.saddr)
+        c.daddr = defs.be32(self.daddr)
+        c.flags = (
+            (defs.SA_F_OFFLOAD if self.offload else 0)
+            | (defs.SA_F_ESN if self.esn else 0)
+            | self.extra_flags
+        )
+        ctypes.memmove(c.key, self.key[:32], 32)
+        ctypes.memmove(c.salt, self.key[32:], 4)
+        c.egress_ifindex = self.egress_ifindex
+        c.seq = self.seq
+        c.seq_limit = self.seq_limit
+        c.iv_mask = self.iv_mask
+        c.deadline_ns = self.deadline_ns
+        c.mtu = self.mtu
+        c.ttl = self.ttl
+        c.dmac[:] = defs.mac_bytes(self.dmac)
+        c.smac[:] = defs.mac_bytes(self.smac)
+        return c
+
+
+@dataclass
+class InboundSa:
+    """An inbound SA, turned into (struct xfp_sa_in_key, struct xfp_sa_in) by `to_c()`."""
+
+    sa_id: int
+    spi: int
+    saddr: str  # the peer
+    daddr: str  # our address: with spi, the map key (as the kernel's (daddr, spi, proto))
+    key: bytes
+    replay_window: int = 64
+    esn: bool = False
+    deadline_ns: int = NEVER
+    # Highest sequence number already seen (0: none). Every number in the window below it
+    # counts as seen too: the kernel's path may have accepted any of them before the offload
+    # (conservative, like the hand-back: a delayed packet inside the window is dropped).
+    seq_top: int = 0
+    offload: bool = True
+    extra_flags: int = 0  # defs.SA_F_NOECN
+
+    def c_key(self) -> SaInKey:
+        return SaInKey(spi=defs.be32(self.spi), daddr=defs.be32(self.daddr))
+
+    def to_c(self) -> tuple[SaInKey, SaIn]:
+        if len(self.key) != 36:
+            raise ValueError(f"rfc7539esp key is 32 + 4 bytes, not {len(self.key)}")
+        if not 0 <= self.replay_window <= defs.REPLAY_MAX_WINDOW:
+            raise ValueError(f"replay window {self.replay_window} not in 0..4096")
+        c = SaIn()
+        c.sa_id = self.sa_id
+        c.spi = defs.be32(self.spi)
+        c.saddr = defs.be32(self.saddr)
+        c.daddr = defs.be32(self.daddr)
+        c.flags = (
+            (defs.SA_F_OFFLOAD if self.offload else 0)
+            | (defs.SA_F_ESN if self.esn else 0)
+            | self.extra_flags
+        )
+        ctypes.memmove(c.key, self.key[:32], 32)
+        ctypes.memmove(c.salt, self.key[32:], 4)
+        c.replay_window = self.replay_window
+        c.deadline_ns = self.deadline_ns
+        c.seq_top = self.seq_top
+        if self.seq_top and self.replay_window:
+            # bpf/include/esp.h's ring (RFC 6479): bit (s & 63) of word (s >> 6) % WORDS
+            for seq in range(max(1, self.seq_top - self.replay_window + 1), self.seq_top + 1):
+                c.bitmap[(seq >> 6) % defs.REPLAY_WORDS] |= 1 << (seq & 63)
+        return self.c_key(), c
+
+
+def flow_key(
+    ifindex: int,
+    direction: Dir,
+    proto: int,
+    saddr: str,
+    daddr: str,
+    sport: int = 0,
+    dport: int = 0,
+) -> FlowKey:
+    """struct xfp_flow_key from host-order values. ICMP: sport = echo identifier,
+    dport = (type << 8) | code."""
+    return FlowKey(
+        ifindex=ifindex,
+        dir=int(direction),
+        proto=proto,
+        saddr=defs.be32(saddr),
+        daddr=defs.be32(daddr),
+        sport=defs.be16(sport),
+        dport=defs.be16(dport),
+    )
+
+
+def flow_val(
+    sa_id: int,
+    egress_ifindex: int = 0,
+    dmac: str | bytes = b"\0" * 6,
+    smac: str | bytes = b"\0" * 6,
+    mtu: int = 0,
+    active: bool = True,
+) -> FlowVal:
+    """struct xfp_flow_val. Encap flows name the outbound SA and, as the controller installs
+    them, the outer next hop validated for the flow (WAN egress, L2, MTU; without an egress
+    the SA's are used); decap flows name the inbound SA's sa_id and carry the LAN egress and
+    L2 rewrite."""
+    v = FlowVal(sa_id=sa_id, egress_ifindex=egress_ifindex, mtu=mtu)
+    v.flags = defs.FLOW_F_ACTIVE if active else 0
+    v.dmac[:] = defs.mac_bytes(dmac)
+    v.smac[:] = defs.mac_bytes(smac)
+    return v
+
+
+def open_pinned_map(
+    path: Path | str, key_type: type, value_type: type, percpu: bool = False
+) -> MapHandle:
+    """A MapHandle on the map pinned at `path` (another process's, e.g. a running
+    controller's). The caller owns its fd: os.close(handle.fd) when done."""
+    lib = _lib()
+    lib.bpf_obj_get.restype, lib.bpf_obj_get.argtypes = ctypes.c_int, [ctypes.c_char_p]
+    fd = lib.bpf_obj_get(str(path).encode())
+    _check(fd, f"open pinned map {path}")
+    return MapHandle(fd, key_type, value_type, Path(path).name, percpu=percpu)
+
+
+# The kernel's own "operation not supported" (include/linux/errno.h), which bpf(2) returns for a
+# map type without batch operations; not in errno.
+ENOTSUPP = 524
+
+
+class MapHandle:
+    """One BPF map by fd, read and written with ctypes structs (raw bpf(2) via libbcc)."""
+
+    def __init__(self, fd: int, key_type: type, value_type: type, name: str, percpu: bool = False):
+        self.fd = fd
+        self.key_type = key_type
+        self.value_type = value_type
+        self.name = name
+        self.percpu = percpu
+        self._ncpu = _possible_cpus() if percpu else 1
+
+    def _value_buf(self) -> ctypes.Array:
+        # Per-CPU maps: one value per possible CPU, each rounded up to 8 bytes (bpf(2)).
+        size = (ctypes.sizeof(self.value_type) + 7) & ~7
+        return ctypes.create_string_buffer(size * self._ncpu)
+
+    def get(self, key: ctypes.Structure | ctypes._SimpleCData):
+        """The value (a list per CPU for per-CPU maps), or None when the key is absent."""
+        buf = self._value_buf()
+        if _lib().bpf_lookup_elem(self.fd, ctypes.byref(key), buf) < 0:
+            if ctypes.get_errno() == errno.ENOENT:
+                return None
+            _check(-1, f"lookup in {self.name}")
+        if not self.percpu:
+            return self.value_type.from_buffer_copy(buf.raw[: ctypes.sizeof(self.value_type)])
+        step = (ctypes.sizeof(self.value_type) + 7) & ~7
+        return [
+            self.value_type.from_buffer_copy(buf.raw[i * step : i * step + step])
+            for i in range(self._ncpu)
+        ]
+
+    def put(self, key, value, flags: int = BPF_ANY) -> None:
+        _check(
+            _lib().bpf_update_elem(self.fd, ctypes.byref(key), ctypes.byref(value), flags),
+            f"update of {self.name}",
+        )
+
+    def delete(self, key) -> bool:
+        """Delete a key; False when it was absent."""
+        if _lib().bpf_delete_elem(self.fd, ctypes.byref(key)) < 0:
+            if ctypes.get_errno() == errno.ENOENT:
+                return False
+            _check(-1, f"delete from {self.name}")
+        return True
+
+    def delete_batch(self, keys: Sequence) -> int:
+        """Delete many keys (key structs, or their bytes) with BPF_MAP_DELETE_BATCH: one
+        bpf(2) call where nothing is amiss. How many were deleted. The kernel deletes in order
+        and stops at the first error, telling how far it got: the call resumes past a key
+        already absent, and falls back to one delete per key if the kernel lacks batch ops."""
+        n = len(keys)
+        if n == 0:
+            return 0
+        size = ctypes.sizeof(self.key_type)
+        raw = b"".join(k if isinstance(k, bytes) else bytes(k) for k in keys)
+        if len(raw) != n * size:
+            raise ValueError(f"{self.name}: keys of {size} bytes expected")
+        arr = (self.key_type * n).from_buffer_copy(raw)
+        base = ctypes.addressof(arr)
+        lib = _lib()
+        deleted = i = 0
+        while i < n:
+            count = ctypes.c_uint32(n - i)
+            ret = lib.bpf_delete_batch(self.fd, base + i * size, ctypes.byref(count))
+            done = min(count.value, n - i) if ret < 0 else n - i
+            deleted += done
+            i += done
+            if ret >= 0:
+                break
+            err = ctypes.get_errno()
+            if err == errno.ENOENT:
+                i += 1  # the kernel stopped at key i: already gone
+            elif err in (errno.EINVAL, errno.EOPNOTSUPP, ENOTSUPP) and done == 0:
+                return deleted + sum(self.delete(k) for k in arr[i:])
+            else:
+                _check(-1, f"batch delete from {self.name}")
+        return deleted
+
+    def keys(self, limit: int = 1 << 20) -> Iterator:
+        """Every key (a snapshot walk; bounded by `limit`)."""
+        cur = None
+        for _ in range(limit):
+            nxt = self.key_type()
+            ret = _lib().bpf_get_next_key(
+                self.fd, ctypes.byref(cur) if cur is not None else None, ctypes.byref(nxt)
+            )
+            if ret < 0:
+                return
+            yield nxt
+            cur = nxt
+
+
+@dataclass
+class _Loaded:
+    bpf: object  # bcc.BPF
+    fn: object  # bcc.BPF.Function
+    tx_ports: MapHandle
+
+
+@dataclass
+class Datapath:
+    """Both XDP programs, their maps and their attachments. Use as a context manager (or call
+    load() and close()): close() detaches everything this object attached."""
+
+    pin_dir: Path | str = DEFAULT_PIN_DIR
+    cflags: Sequence[str] = ()  # extra -D flags only, e.g. ("-DXFP_MAX_FRAME=9100",)
+    xdp_mode: str = "auto"
+    encap: _Loaded | None = None
+    decap: _Loaded | None = None
+    attached: list[tuple[str | None, str, int]] = field(default_factory=list)
+    maps: dict[str, MapHandle] = field(default_factory=dict)
+
+    # -- load ----------------------------------------------------------------------------------
+    def _cflags(self) -> list[str]:
+        for flag in self.cflags:
+            if not flag.startswith("-D"):
+                raise DatapathError(f"only -D cflags select variants, not {flag!r}")
+        return [f"-I{INCLUDE_DIR}", f'-DXFP_PIN_DIR="{self.pin_dir}"', *self.cflags]
+
+    def _load_one(self, name: str) -> _Loaded:
+        from bcc import BPF
+
+        try:
+            b = BPF(src_file=str(BPF_DIR / f"{name}.c").encode(), cflags=self._cflags())
+            fn = b.load_func(name.encode(), BPF.XDP)
+        except Exception as e:  # BCC raises bare Exception
+            raise DatapathError(f"compiling/loading bpf/{name}.c: {e}") from e
+        tx = b[b"xfp_tx_ports"]
+        return _Loaded(b, fn, MapHandle(tx.map_fd, ctypes.c_uint32, ctypes.c_int32, "tx_ports"))
+
+    def load(self) -> Datapath:
+        """Compile and load both programs (maps pinned under pin_dir, created if absent)."""
+        ensure_bpffs()
+        pin = Path(self.pin_dir)
+        pin.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.encap = self._load_one("xdp_encap")
+        self.decap = self._load_one("xdp_decap")
+        t = self.encap.bpf
+        self.maps = {
+            "flows": MapHandle(t[b"xfp_flows"].map_fd, FlowKey, FlowVal, "xfp_flows"),
+            "sa_out": MapHandle(t[b"xfp_sa_out"].map_fd, ctypes.c_uint32, SaOut, "xfp_sa_out"),
+            "sa_in": MapHandle(t[b"xfp_sa_in"].map_fd, SaInKey, SaIn, "xfp_sa_in"),
+            "watchdog": MapHandle(
+                t[b"xfp_watchdog"].map_fd, ctypes.c_uint32, ctypes.c_uint64, "xfp_watchdog"
+            ),
+            "liveness": MapHandle(
+                t[b"xfp_liveness"].map_fd, ctypes.c_uint32, ctypes.c_uint64, "xfp_liveness"
+            ),
+            "stats": MapHandle(
+                t[b"xfp_stats"].map_fd, ctypes.c_uint32, Stat, "xfp_stats", percpu=True
+            ),
+        }
+        for name in PINNED_MAPS:
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(pin / name, 0o600)
+        return self
+
+    @property
+    def encap_fd(self) -> int:
+        assert self.encap is not None, "load() first"
+        return self.encap.fn.fd
+
+    @property
+    def decap_fd(self) -> int:
+        assert self.decap is not None, "load() first"
+        return self.decap.fn.fd
+
+    # -- attach ---------------------------------------------------------------------------------
+    def _netns(self, netns: str | None) -> contextlib.AbstractContextManager:
+        if netns is None:
+            return contextlib.nullcontext()
+        from controller.netns import in_netns
+
+        return in_netns(netns)
+
+    def attach(
+        self, lan: Iterable[str] = (), wan: Iterable[str] = (), netns: str | None = None
+    ) -> None:
+        """Attach encap to every LAN device and decap to every WAN device. Idempotent (a device
+        already carrying our program is replaced in place); transactional: when one attach
+        fails, the ones made by this call are undone and DatapathError raised."""
+        from bcc import BPF
+
+        assert self.encap is not None and self.decap is not None, "load() first"
+        flags = XDP_MODES[self.xdp_mode]
+        done: list[tuple[str | None, str, int]] = []
+        try:
+            with self._netns(netns):
+                for devs, loaded in ((lan, self.encap), (wan, self.decap)):
+                    for dev in devs:
+                        try:
+                            BPF.attach_xdp(dev.encode(), loaded.fn, flags)
+                        except Exception as e:
+                            raise DatapathError(f"attach XDP to {dev}: {e}") from e
+                        entry = (netns, dev, flags)
+                        done.append(entry)
+        except BaseException:
+            self._detach(done)
+            raise
+        for entry in done:
+            if entry not in self.attached:
+                self.attached.append(entry)
+
+    def _detach(self, entries: Iterable[tuple[str | None, str, int]]) -> list[str]:
+        from bcc import BPF
+
+        errors = []
+        for netns, dev, flags in reversed(list(entries)):
+            try:
+                with self._netns(netns):
+                    BPF.remove_xdp(dev.encode(), flags)
+            except Exception as e:  # keep going: detach everything we can
+                errors.append(f"{netns or ''}:{dev}: {e}")
+        return errors
+
+    def detach_all(self) -> None:
+        """Detach every program this object attached (tolerant: a vanished device is fine)."""
+        self._detach(self.attached)
+        self.attached.clear()
+
+    def close(self) -> None:
+        self.detach_all()
+
+    def __enter__(self) -> Datapath:
+        return self.load()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def map_sizes(self) -> dict[str, int]:
+        """max_entries of the loaded flow and SA maps (those pinned, if they were found)."""
+        from controller.datapath.bpfsys import map_info
+
+        return {
+            h.name: int(map_info(h.fd)["max_entries"])
+            for h in (self.maps["flows"], self.maps["sa_out"], self.maps["sa_in"])
+        }
+
+    def unpin(self) -> None:
+        """Remove the pinned maps and the pin directory (uninstall, or a test's own pins)."""
+        pin = Path(self.pin_dir)
+        for name in PINNED_MAPS:
+            with contextlib.suppress(FileNotFoundError):
+                (pin / name).unlink()
+        with contextlib.suppress(FileNotFoundError, OSError):
+            pin.rmdir()
+
+    # -- devmap -----------------------------------------------------------------------------------
+    def put_tx_port(self, ifindex: int, netns: str | None = None) -> None:
+        """Allow redirects to `ifindex` (in both programs' devmaps). The kernel resolves the
+        ifindex in the calling thread's network namespace: pass `netns` (as to attach) when the
+        device lives elsewhere."""
+        if not 0 < ifindex < defs.DEVMAP_SIZE:
+            raise DatapathError(f"ifindex {ifindex} outside the devmap (< {defs.DEVMAP_SIZE})")
+        with self._netns(netns):
+            for loaded in (self.encap, self.decap):
+                assert loaded is not None, "load() first"
+                loaded.tx_ports.put(ctypes.c_uint32(ifindex), ctypes.c_int32(ifindex))
+
+    def delete_tx_port(self, ifindex: int) -> None:
+        for loaded in (self.encap, self.decap):
+            assert loaded is not None, "load() first"
+            loaded.tx_ports.delete(ctypes.c_uint32(ifindex))
+
+    # -- SAs ---------------------------------------------------------------------------------------
+    def put_outbound_sa(self, sa: OutboundSa) -> None:
+        """Install an outbound SA (and its watchdog, at sa.deadline_ns). Writing an entry that
+        is in use resets its sequence number to sa.seq: do that only for a new sa_id, never to
+        change a live one (refresh_watchdog is the safe way to extend it)."""
+        self.maps["sa_out"].put(ctypes.c_uint32(sa.sa_id), sa.to_c())
+        self.refresh_watchdog(sa.sa_id, sa.deadline_ns)
+
+    def put_inbound_sa(self, sa: InboundSa) -> None:
+        """Install an inbound SA (and its watchdog). Same caveat: rewriting a live entry resets
+        its replay window to sa.seq_top."""
+        key, val = sa.to_c()
+        self.maps["sa_in"].put(key, val)
+        self.refresh_watchdog(sa.sa_id, sa.deadline_ns)
+
+    def outbound_sa(self, sa_id: int) -> SaOut | None:
+        """The entry as the datapath left it: seq (next to use), packets, bytes."""
+        return self.maps["sa_out"].get(ctypes.c_uint32(sa_id))
+
+    def inbound_sa(self, spi: int, daddr: str) -> SaIn | None:
+        """The entry as the datapath left it: seq_top, bitmap, packets, replay_drops..."""
+        return self.maps["sa_in"].get(SaInKey(spi=defs.be32(spi), daddr=defs.be32(daddr)))
+
+    def _wipe_and_delete(self, handle: MapHandle, key, value_type: type) -> bool:
+        """Key hygiene: overwrite the element in place with zeros (an update with BPF_F_LOCK is
+        done in place by the kernel's hash map, kernel/bpf/hashtab.c, where a plain update
+        would leave the old element, key material included, on the free list), then delete."""
+        if handle.get(key) is None:
+            return False
+        with contextlib.suppress(DatapathError):
+            handle.put(key, value_type(), BPF_F_LOCK)
+        return handle.delete(key)
+
+    def delete_outbound_sa(self, sa_id: int) -> bool:
+        self.maps["watchdog"].delete(ctypes.c_uint32(sa_id))
+        self.maps["liveness"].delete(ctypes.c_uint32(sa_id))
+        return self._wipe_and_delete(self.maps["sa_out"], ctypes.c_uint32(sa_id), SaOut)
+
+    def delete_inbound_sa(self, spi: int, daddr: str) -> bool:
+        key = SaInKey(spi=defs.be32(spi), daddr=defs.be32(daddr))
+        old = self.maps["sa_in"].get(key)
+        if old is not None:
+            self.maps["watchdog"].delete(ctypes.c_uint32(old.sa_id))
+            self.maps["liveness"].delete(ctypes.c_uint32(old.sa_id))
+        return self._wipe_and_delete(self.maps["sa_in"], key, SaIn)
+
+    def refresh_watchdog(self, sa_id: int, deadline_ns: int) -> None:
+        """Let the datapath use SA `sa_id` until `deadline_ns` (CLOCK_MONOTONIC). A map of its
+        own: refreshing it never races with the sequence or replay state in the SA entry."""
+        self.maps["watchdog"].put(ctypes.c_uint32(sa_id), ctypes.c_uint64(deadline_ns))
+
+    def watchdog(self, sa_id: int) -> int | None:
+        """SA `sa_id`'s watchdog deadline (CLOCK_MONOTONIC ns), None when it has none."""
+        got = self.maps["watchdog"].get(ctypes.c_uint32(sa_id))
+        return None if got is None else int(got.value)
+
+    def fence_sa(self, sa_id: int) -> None:
+        """Stop XDP using SA `sa_id` now, whatever the number of its flows: its watchdog is set
+        in the past, so each of its packets goes to the kernel (counted as sa_expired) while
+        the flows are being removed. refresh_watchdog lifts the fence."""
+        self.refresh_watchdog(sa_id, 0)
+
+    # -- flows ------------------------------------------------------------------------------------
+    def put_flow(self, key: FlowKey, val: FlowVal) -> None:
+        self.maps["flows"].put(key, val)
+
+    def get_flow(self, key: FlowKey) -> FlowVal | None:
+        return self.maps["flows"].get(key)
+
+    def delete_flow(self, key: FlowKey) -> bool:
+        return self.maps["flows"].delete(key)
+
+    def delete_flows(self, keys: Sequence[FlowKey | bytes]) -> int:
+        """Delete many flows at once (keys as structs or their bytes; absent ones skipped):
+        how many were deleted."""
+        return self.maps["flows"].delete_batch(keys)
+
+    def flows(self) -> Iterator[tuple[FlowKey, FlowVal]]:
+        """(key, value) of every flow (entries deleted during the walk are skipped)."""
+        for key in list(self.maps["flows"].keys()):
+            val = self.maps["flows"].get(key)
+            if val is not None:
+                yield key, val
+
+    # -- counters ---------------------------------------------------------------------------------
+    def stats(self) -> dict[tuple[Dir, Reason], tuple[int, int]]:
+        """Per-CPU counters summed: (direction, reason) -> (packets, bytes), zeros included."""
+        out = {}
+        for d in (Dir.ENCAP, Dir.DECAP):
+            for r in Reason:
+                if r is Reason.MAX:
+                    continue
+                per_cpu = self.maps["stats"].get(ctypes.c_uint32(defs.stat_index(d, r)))
+                out[(d, r)] = (
+                    sum(s.packets for s in per_cpu or []),
+                    sum(s.bytes for s in per_cpu or []),
+                )
+        return out

@@ -1,0 +1,361 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""Run the real-kernel tests and the demo: natively when this kernel has ESP, else in a VM.
+
+    python -m testbed.vmrun test        host tests, then the `vm` tests (native or in one VM)
+    python -m testbed.vmrun vm-only     only the `vm` tests
+    python -m testbed.vmrun demo        the demo (testbed/demo.py)
+    python -m testbed.vmrun shell-cmd 'CMD ...'   any shell command, where the vm tests run
+
+The `vm` tests need a kernel with ESP (esp4, xfrm_user, rfc7539esp(chacha20,poly1305)). When
+the running kernel has it they run here; otherwise they run in ONE boot of the pinned Debian
+kernel (vm/kernel.env, fetched by scripts/fetch-kernel.sh) under qemu TCG with virtme-ng. The
+guest sees this machine's root file system read-only over 9p, so it runs the same checkout,
+virtualenv and Debian packages; what it writes goes to tmpfs (/run) or an overlay (/tmp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from controller.paths import pid_alive
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = ROOT / ".venv" / "bin"
+KERNEL_CACHE = Path("/var/cache/xfrm-fastpath/kernel")
+# Shared read-write with the guest: pytest's temporary directories (controller and charon logs,
+# captures) land here, readable from the host while the VM runs and after it is gone.
+VM_OUT_BASE = Path("/var/tmp/xfrm-fastpath-vm")
+# One directory per runner process, so that two runs at once never clear each other's.
+VM_OUT = VM_OUT_BASE / f"run-{os.getpid()}"
+
+
+def _prepare_vm_out() -> None:
+    """Create this run's directory; remove those of runs whose process is gone."""
+    VM_OUT_BASE.mkdir(parents=True, exist_ok=True)
+    for old in VM_OUT_BASE.glob("run-*"):
+        pid = old.name.removeprefix("run-")
+        if old == VM_OUT or not (pid.isdigit() and pid_alive(int(pid))):
+            shutil.rmtree(old, ignore_errors=True)
+    VM_OUT.mkdir(parents=True)
+
+
+QEMU = "qemu-system-x86_64"
+# Set in the environment of every run this module starts: tests/conftest.py skips `vm` tests on a
+# kernel without ESP only when it is NOT set (inside the runner a missing ESP is a failure).
+RUNNER_ENV = "XFRM_FASTPATH_RUNNER"
+
+# Loaded up front in the guest so a missing one is reported once, at boot, by name (the tests
+# would otherwise fail later with "Requested AEAD algorithm not found"). chacha20poly1305 is the
+# rfc7539esp template (crypto/chacha20poly1305.c); chacha_generic/poly1305_generic back it.
+GUEST_MODULES = (
+    "veth",
+    "xfrm_user",
+    "xfrm_algo",
+    "esp4",
+    "chacha20poly1305",
+    "chacha_generic",
+    "poly1305_generic",
+    "xfrm_interface",
+)
+
+PYTEST_HOST = ["-m", "not vm and not bench", "tests"]
+# -rA: every test's outcome in the summary, so CI logs name each VM test as PASSED.
+PYTEST_VM = ["-p", "no:cacheprovider", "-m", "vm", "-v", "-rA", "--timeout=900"]
+
+
+class VmRunError(RuntimeError):
+    """Something the runner needs is missing; the message says what and how to get it."""
+
+
+def say(msg: str) -> None:
+    print(f"[vmrun] {msg}", flush=True)
+
+
+# -- where to run --------------------------------------------------------------------------------
+def host_has_esp() -> tuple[bool, str]:
+    """Whether this kernel can run an rfc7539esp(chacha20,poly1305) tunnel-mode SA, and why not.
+
+    /proc/net/xfrm_stat only says XFRM is there; ESP and the AEAD may still be missing (as on
+    kernels built without CONFIG_INET_ESP or CONFIG_CRYPTO_CHACHA20POLY1305), so add a real SA in
+    a scratch namespace, which also lets the kernel autoload the modules if it has them.
+    """
+    if not Path("/proc/net/xfrm_stat").exists():
+        return False, "no XFRM (/proc/net/xfrm_stat missing)"
+    if os.geteuid() != 0:
+        return False, "not root: cannot probe ESP in a scratch namespace"
+    ns = f"xfp-esp-probe-{os.getpid()}"
+    key = "0x" + "11" * 36  # 32-byte ChaCha20 key + 4-byte salt (RFC 7634 section 2)
+    try:
+        add = subprocess.run(["ip", "netns", "add", ns], capture_output=True, text=True, timeout=10)
+        if add.returncode != 0:
+            return False, f"cannot create a scratch namespace: {add.stderr.strip()}"
+        # fmt: off
+        proc = subprocess.run(
+            ["ip", "-n", ns, "xfrm", "state", "add", "src", "192.0.2.1", "dst", "192.0.2.2",
+             "proto", "esp", "spi", "0x100", "mode", "tunnel",
+             "aead", "rfc7539esp(chacha20,poly1305)", key, "128"],
+            capture_output=True, text=True, timeout=10,
+        )
+        # fmt: on
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+    if proc.returncode != 0:
+        return False, f"no rfc7539esp ESP SA: {proc.stderr.strip()}"
+    return True, "this kernel adds rfc7539esp(chacha20,poly1305) tunnel SAs"
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """The unpacked pinned Debian kernel that the VM boots."""
+
+    abi: str
+    vmlinuz: Path
+    moddir: Path
+
+
+def find_kernel(cache: Path = KERNEL_CACHE) -> Kernel:
+    """The cached kernel from scripts/fetch-kernel.sh, checked piece by piece."""
+    hint = "run `make setup` (or scripts/fetch-kernel.sh) to fetch and unpack it"
+    env = cache / "current.env"
+    if not env.exists():
+        raise VmRunError(f"no VM kernel: {env} is missing; {hint}")
+    abi = ""
+    for line in env.read_text().splitlines():
+        if line.startswith("KERNEL_ABI="):
+            abi = line.split("=", 1)[1].strip()
+    if not abi:
+        raise VmRunError(f"no KERNEL_ABI in {env}; {hint}")
+    k = Kernel(abi, cache / "root" / "boot" / f"vmlinuz-{abi}", cache / "root/lib/modules" / abi)
+    if not k.vmlinuz.is_file():
+        raise VmRunError(f"kernel image {k.vmlinuz} is missing; {hint}")
+    if not (k.moddir / "modules.dep").is_file():
+        raise VmRunError(f"modules of {abi} are not unpacked and indexed at {k.moddir}; {hint}")
+    if not (k.moddir / "build" / "Makefile").exists():
+        raise VmRunError(f"no kernel headers at {k.moddir}/build (BCC needs them); {hint}")
+    return k
+
+
+def find_tools() -> None:
+    if shutil.which(QEMU) is None:
+        raise VmRunError(f"{QEMU} not found: install Debian's qemu-system-x86 (`make setup`)")
+    if not (VENV_BIN / "virtme-run").exists():
+        raise VmRunError(f"{VENV_BIN}/virtme-run not found: run `make setup` (installs virtme-ng)")
+    for tool in ("depmod", "modprobe", "udevadm"):
+        if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
+            raise VmRunError(f"{tool} not found: the guest needs kmod and udev (`make setup`)")
+
+
+# -- the guest -----------------------------------------------------------------------------------
+def guest_script(command: str) -> str:
+    """Shell run as the guest's init task: mounts, modules, then `command` in the checkout."""
+    mods = " ".join(GUEST_MODULES)
+    lines = [
+        f"export PATH={VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        f"export {RUNNER_ENV}=vm PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1",
+        # tracefs for BCC tracepoints, bpffs for pinning; virtme-ng mounts tracefs, be sure.
+        "mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing",
+        "mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf",
+        # `ip netns add` bind-mounts into /run/netns; /run is the guest's own tmpfs.
+        "mkdir -p /run/netns",
+        f'for m in {mods}; do modprobe -q $m || echo "[vm] modprobe $m failed"; done',
+        "echo \"[vm] kernel $(uname -r), $(nproc) CPUs, modules: $(lsmod | awk 'NR>1{print $1}' "
+        "| grep -E '^(esp4|xfrm_user|chacha20poly1305|veth)$' | sort | tr '\\n' ' ')\"",
+        f"cd {shlex.quote(str(ROOT))}",
+        command,
+    ]
+    return "\n".join(lines)
+
+
+def virtme_argv(kernel: Kernel, script: str, cpus: int, memory: str) -> list[str]:
+    # fmt: off
+    return [
+        str(VENV_BIN / "virtme-run"),
+        "--kimg", str(kernel.vmlinuz),
+        "--mods", "auto",
+        # No KVM on this machine (nested virtualisation is off); 9p because virtiofsd is absent.
+        "--disable-kvm", "--force-9p",
+        "--cpus", str(cpus), "--memory", memory,
+        # virtme-ng links /lib/modules/ABI to the unpacked tree under /var/cache, but the guest
+        # mounts a tmpfs over /var/cache: export the tree again at its own path.
+        "--rodir", str(KERNEL_CACHE),
+        # /tmp writable in the guest (pytest's tmp_path, iperf3), host /tmp still visible below.
+        "--overlay-rwdir", "/tmp",
+        "--rwdir", str(VM_OUT),
+        "--script-sh", script,
+    ]
+    # fmt: on
+
+
+def stream(argv: list[str], env: dict[str, str], timeout: float) -> int:
+    """Run argv with stdin from /dev/null and output through a pipe (virtme-ng misbehaves with a
+    terminal or a file there), copy its output here line by line, kill it after `timeout`."""
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,  # its own process group, so a timeout kills qemu too
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    fd = proc.stdout.fileno()
+    out = sys.stdout.buffer
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                say(f"timed out after {timeout:.0f} s: killing the VM")
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+                return 124
+            ready, _, _ = select.select([fd], [], [], min(left, 5.0))
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                out.write(chunk)
+                out.flush()
+        return proc.wait(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def run_in_vm(command: str, *, cpus: int, memory: str, timeout: float) -> int:
+    """Boot the pinned kernel once, run `command` (shell) in the checkout, return its status."""
+    find_tools()
+    kernel = find_kernel()
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
+    _prepare_vm_out()
+    argv = virtme_argv(kernel, guest_script(command), cpus, memory)
+    say(f"booting Debian {kernel.abi} under qemu TCG ({cpus} vCPUs, {memory}), {timeout:.0f} s max")
+    t0 = time.monotonic()
+    rc = stream(argv, env, timeout)
+    say(f"VM exited with status {rc} after {time.monotonic() - t0:.0f} s")
+    return rc
+
+
+def run_native(command: str, *, timeout: float) -> int:
+    env = dict(os.environ)
+    env[RUNNER_ENV] = "native"
+    env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
+    return stream(["bash", "-c", command], env, timeout)
+
+
+def run_where_esp(command: str, args: argparse.Namespace) -> int:
+    """Run `command` natively if this kernel has ESP, else in the VM; say which and why."""
+    if args.where == "native":
+        say("running natively (--native)")
+        return run_native(command, timeout=args.timeout)
+    if args.where == "auto":
+        ok, why = host_has_esp()
+        if ok:
+            say(f"running natively: {why}")
+            return run_native(command, timeout=args.timeout)
+        say(f"running in a VM: this kernel ({os.uname().release}) has {why}")
+    else:
+        say("running in a VM (--vm)")
+    try:
+        return run_in_vm(command, cpus=args.cpus, memory=args.memory, timeout=args.timeout)
+    except VmRunError as e:
+        say(f"cannot run the VM: {e}")
+        return 2
+
+
+def pytest_cmd(argv: list[str]) -> str:
+    return shlex.join([str(VENV_BIN / "pytest"), *argv])
+
+
+# -- commands ------------------------------------------------------------------------------------
+def cmd_test(args: argparse.Namespace) -> int:
+    say("host tests: pytest " + " ".join(PYTEST_HOST))
+    host_rc = subprocess.run(
+        [str(VENV_BIN / "pytest"), *PYTEST_HOST], cwd=ROOT, stdin=subprocess.DEVNULL
+    ).returncode
+    vm_rc = cmd_vm_only(args)
+    say(f"host tests: {'passed' if host_rc == 0 else f'FAILED (exit {host_rc})'}")
+    say(f"vm tests: {'passed' if vm_rc == 0 else f'FAILED (exit {vm_rc})'}")
+    return 0 if host_rc == 0 and vm_rc == 0 else 1
+
+
+def cmd_vm_only(args: argparse.Namespace) -> int:
+    extra = list(args.pytest_args)
+    # Test paths given (e.g. tests/vm/test_vm_strongswan.py): run those, else all of tests/.
+    paths = [a for a in extra if not a.startswith("-") and (ROOT / a.split("::")[0]).exists()]
+    basetemp = f"--basetemp={VM_OUT / 'pytest'}"  # logs stay readable from the host
+    argv = [*PYTEST_VM, basetemp, *extra, *([] if paths else ["tests"])]
+    return run_where_esp(pytest_cmd(argv), args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return run_where_esp(shlex.join([str(VENV_BIN / "python"), "-m", "testbed.demo"]), args)
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    return run_where_esp(" ".join(args.command), args)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m testbed.vmrun", description=(__doc__ or "").split("\n")[0]
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--vm", dest="where", action="store_const", const="vm", help="always a VM")
+    where.add_argument(
+        "--native", dest="where", action="store_const", const="native", help="never a VM"
+    )
+    p.set_defaults(where="auto")
+    p.add_argument("--cpus", type=int, default=2, help="guest vCPUs (default 2)")
+    p.add_argument("--memory", default="2G", help="guest memory (default 2G)")
+    p.add_argument("--timeout", type=float, default=3600, help="bound on the whole VM run, seconds")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("test", help="host tests, then the vm tests")
+    t.add_argument("pytest_args", nargs="*", help="extra pytest arguments for the vm part")
+    t.set_defaults(func=cmd_test)
+    v = sub.add_parser("vm-only", help="only the vm tests")
+    v.add_argument("pytest_args", nargs="*", help="extra pytest arguments")
+    v.set_defaults(func=cmd_vm_only)
+    d = sub.add_parser("demo", help="the demo: test bed, strongSwan tunnel, traffic, summary")
+    d.set_defaults(func=cmd_demo)
+    s = sub.add_parser("shell-cmd", help="run a shell command where the vm tests would run")
+    s.add_argument("command", nargs="+")
+    s.set_defaults(func=cmd_shell)
+    return p
+
+
+class Terminated(Exception):
+    """SIGTERM/SIGHUP: unwind so `stream` kills the VM's process group (qemu runs in a session
+    of its own and would otherwise outlive us)."""
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise Terminated(signal.Signals(signum).name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    os.chdir(ROOT)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
+    try:
+        return int(args.func(args))
+    except (Terminated, KeyboardInterrupt) as e:
+        say(f"stopped ({e or 'SIGINT'})")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
