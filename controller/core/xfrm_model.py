@@ -239,6 +239,16 @@ class ReplayState:
 
 
 @dataclass(frozen=True)
+class AeState:
+    """XFRM_MSG_GETAE reply: sequence/replay state, current lifetime, thresholds."""
+
+    replay: ReplayState | None
+    current: LifetimeCur | None
+    replay_thresh: int | None
+    etimer_thresh: int | None
+
+
+@dataclass(frozen=True)
 class Algorithm:
     """One algorithm of an SA. kind: 'aead', 'crypt', 'auth' (auth_trunc), 'comp'.
 

@@ -18,7 +18,6 @@ import struct
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from controller.core.xfrm_model import (
@@ -27,6 +26,7 @@ from controller.core.xfrm_model import (
     Acquire,
     Action,
     AeEvent,
+    AeState,
     Algorithm,
     DefaultAction,
     DefaultPolicy,
@@ -406,16 +406,6 @@ def _policy_attrs(p: Policy) -> list[tuple[str, Any]]:
 
 def _fields(msg: Any, ctype: type[m.CStruct]) -> dict[str, Any]:
     return {name: msg[name] for name, _ in ctype.members}
-
-
-@dataclass(frozen=True)
-class AeState:
-    """XFRM_MSG_GETAE reply: sequence/replay state, current lifetime, thresholds."""
-
-    replay: ReplayState | None
-    current: LifetimeCur | None
-    replay_thresh: int | None
-    etimer_thresh: int | None
 
 
 # -- decoding received messages into events ----------------------------------------------------
