@@ -47,6 +47,16 @@ from pathlib import Path
 from controller.datapath import abi as defs
 from controller.datapath.abi import Dir, FlowKey, FlowVal, Reason, SaIn, SaInKey, SaOut, Stat
 
+# The entry builders live with no bcc import in entries.py; many callers import them from here.
+from controller.datapath.entries import (  # noqa: F401
+    NEVER,
+    SEQ_LIMIT_32,
+    InboundSa,
+    OutboundSa,
+    flow_key,
+    flow_val,
+)
+
 ROOT = Path(__file__).resolve().parents[2]
 BPF_DIR = ROOT / "bpf"
 INCLUDE_DIR = BPF_DIR / "include"
@@ -68,11 +78,6 @@ XDP_FLAGS_UPDATE_IF_NOEXIST = 1
 XDP_FLAGS_SKB_MODE = 2
 XDP_FLAGS_DRV_MODE = 4
 XDP_MODES = {"auto": 0, "generic": XDP_FLAGS_SKB_MODE, "native": XDP_FLAGS_DRV_MODE}
-
-# Outbound sequence limit without ESN: the kernel's xfrm_replay_overflow() refuses to wrap the
-# 32-bit counter, so 0xffffffff is the last number; the datapath punts at seq >= seq_limit.
-SEQ_LIMIT_32 = 1 << 32
-NEVER = (1 << 64) - 1
 
 
 class DatapathError(RuntimeError):
@@ -113,147 +118,6 @@ def _check(ret: int, what: str) -> None:
 def ifindex_of(dev: str) -> int:
     """ifindex of a device in the calling thread's network namespace."""
     return socket.if_nametoindex(dev)
-
-
-@dataclass
-class OutboundSa:
-    """What the controller knows of an outbound SA, turned into struct xfp_sa_out by
-    `to_c()`. `key` is the 36-byte rfc7539esp key blob (32-byte key || 4-byte salt) exactly
-    as XFRM carries it (XFRMA_ALG_AEAD)."""
-
-    sa_id: int
-    spi: int
-    saddr: str
-    daddr: str
-    key: bytes
-    egress_ifindex: int
-    dmac: str | bytes
-    smac: str | bytes
-    mtu: int = 1500
-    seq: int = 1  # next sequence number to send
-    seq_limit: int = SEQ_LIMIT_32
-    iv_mask: int = 0
-    esn: bool = False
-    deadline_ns: int = NEVER
-    ttl: int = 64
-    offload: bool = True
-    extra_flags: int = 0  # defs.SA_F_NOECN | SA_F_NOPMTUDISC | SA_F_DONT_ENCAP_DSCP
-
-    def to_c(self) -> SaOut:
-        if len(self.key) != 36:
-            raise ValueError(f"rfc7539esp key is 32 + 4 bytes, not {len(self.key)}")
-        c = SaOut()
-        c.sa_id = self.sa_id
-        c.spi = defs.be32(self.spi)
-        c.saddr = defs.be32(self.saddr)
-        c.daddr = defs.be32(self.daddr)
-        c.flags = (
-            (defs.SA_F_OFFLOAD if self.offload else 0)
-            | (defs.SA_F_ESN if self.esn else 0)
-            | self.extra_flags
-        )
-        ctypes.memmove(c.key, self.key[:32], 32)
-        ctypes.memmove(c.salt, self.key[32:], 4)
-        c.egress_ifindex = self.egress_ifindex
-        c.seq = self.seq
-        c.seq_limit = self.seq_limit
-        c.iv_mask = self.iv_mask
-        c.deadline_ns = self.deadline_ns
-        c.mtu = self.mtu
-        c.ttl = self.ttl
-        c.dmac[:] = defs.mac_bytes(self.dmac)
-        c.smac[:] = defs.mac_bytes(self.smac)
-        return c
-
-
-@dataclass
-class InboundSa:
-    """An inbound SA, turned into (struct xfp_sa_in_key, struct xfp_sa_in) by `to_c()`."""
-
-    sa_id: int
-    spi: int
-    saddr: str  # the peer
-    daddr: str  # our address: with spi, the map key (as the kernel's (daddr, spi, proto))
-    key: bytes
-    replay_window: int = 64
-    esn: bool = False
-    deadline_ns: int = NEVER
-    # Highest sequence number already seen (0: none). Every number in the window below it
-    # counts as seen too: the kernel's path may have accepted any of them before the offload
-    # (conservative, like the hand-back: a delayed packet inside the window is dropped).
-    seq_top: int = 0
-    offload: bool = True
-    extra_flags: int = 0  # defs.SA_F_NOECN
-
-    def c_key(self) -> SaInKey:
-        return SaInKey(spi=defs.be32(self.spi), daddr=defs.be32(self.daddr))
-
-    def to_c(self) -> tuple[SaInKey, SaIn]:
-        if len(self.key) != 36:
-            raise ValueError(f"rfc7539esp key is 32 + 4 bytes, not {len(self.key)}")
-        if not 0 <= self.replay_window <= defs.REPLAY_MAX_WINDOW:
-            raise ValueError(f"replay window {self.replay_window} not in 0..4096")
-        c = SaIn()
-        c.sa_id = self.sa_id
-        c.spi = defs.be32(self.spi)
-        c.saddr = defs.be32(self.saddr)
-        c.daddr = defs.be32(self.daddr)
-        c.flags = (
-            (defs.SA_F_OFFLOAD if self.offload else 0)
-            | (defs.SA_F_ESN if self.esn else 0)
-            | self.extra_flags
-        )
-        ctypes.memmove(c.key, self.key[:32], 32)
-        ctypes.memmove(c.salt, self.key[32:], 4)
-        c.replay_window = self.replay_window
-        c.deadline_ns = self.deadline_ns
-        c.seq_top = self.seq_top
-        if self.seq_top and self.replay_window:
-            # bpf/include/esp.h's ring (RFC 6479): bit (s & 63) of word (s >> 6) % WORDS
-            for seq in range(max(1, self.seq_top - self.replay_window + 1), self.seq_top + 1):
-                c.bitmap[(seq >> 6) % defs.REPLAY_WORDS] |= 1 << (seq & 63)
-        return self.c_key(), c
-
-
-def flow_key(
-    ifindex: int,
-    direction: Dir,
-    proto: int,
-    saddr: str,
-    daddr: str,
-    sport: int = 0,
-    dport: int = 0,
-) -> FlowKey:
-    """struct xfp_flow_key from host-order values. ICMP: sport = echo identifier,
-    dport = (type << 8) | code."""
-    return FlowKey(
-        ifindex=ifindex,
-        dir=int(direction),
-        proto=proto,
-        saddr=defs.be32(saddr),
-        daddr=defs.be32(daddr),
-        sport=defs.be16(sport),
-        dport=defs.be16(dport),
-    )
-
-
-def flow_val(
-    sa_id: int,
-    egress_ifindex: int = 0,
-    dmac: str | bytes = b"\0" * 6,
-    smac: str | bytes = b"\0" * 6,
-    mtu: int = 0,
-    active: bool = True,
-) -> FlowVal:
-    """struct xfp_flow_val. Encap flows name the outbound SA and, as the controller installs
-    them, the outer next hop validated for the flow (WAN egress, L2, MTU; without an egress
-    the SA's are used); decap flows name the inbound SA's sa_id and carry the LAN egress and
-    L2 rewrite."""
-    v = FlowVal(sa_id=sa_id, egress_ifindex=egress_ifindex, mtu=mtu)
-    v.flags = defs.FLOW_F_ACTIVE if active else 0
-    v.dmac[:] = defs.mac_bytes(dmac)
-    v.smac[:] = defs.mac_bytes(smac)
-    return v
 
 
 def open_pinned_map(
@@ -559,6 +423,21 @@ class Datapath:
     def inbound_sa(self, spi: int, daddr: str) -> SaIn | None:
         """The entry as the datapath left it: seq_top, bitmap, packets, replay_drops..."""
         return self.maps["sa_in"].get(SaInKey(spi=defs.be32(spi), daddr=defs.be32(daddr)))
+
+    def outbound_sa_entries(self) -> Iterator[tuple[int, SaOut]]:
+        """(sa_id, entry) of every outbound SA entry present (a restarted controller finds
+        those its predecessor left pinned); entries deleted during the walk are skipped."""
+        for key in list(self.maps["sa_out"].keys()):
+            entry = self.maps["sa_out"].get(key)
+            if entry is not None:
+                yield int(key.value), entry
+
+    def inbound_sa_entries(self) -> Iterator[SaIn]:
+        """Every inbound SA entry present (its spi and daddr are its key)."""
+        for key in list(self.maps["sa_in"].keys()):
+            entry = self.maps["sa_in"].get(key)
+            if entry is not None:
+                yield entry
 
     def _wipe_and_delete(self, handle: MapHandle, key, value_type: type) -> bool:
         """Key hygiene: overwrite the element in place with zeros (an update with BPF_F_LOCK is
