@@ -32,8 +32,8 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(RUFF) check controller testbed tests bench
 	$(RUFF) format --check controller testbed tests bench
-	clang-format --dry-run --Werror bpf/*.c bpf/tests/*.c bpf/include/*.h 2>/dev/null || \
-		{ [ -z "$$(ls bpf/*.c bpf/tests/*.c bpf/include/*.h 2>/dev/null)" ] || clang-format --dry-run --Werror bpf/*.c bpf/tests/*.c bpf/include/*.h; }
+	clang-format --dry-run --Werror bpf/*.c bpf/tests/*.c bpf/include/*.h bpf/include/*/*.h 2>/dev/null || \
+		{ [ -z "$$(ls bpf/*.c bpf/tests/*.c bpf/include/*.h bpf/include/*/*.h 2>/dev/null)" ] || clang-format --dry-run --Werror bpf/*.c bpf/tests/*.c bpf/include/*.h bpf/include/*/*.h; }
 
 bench: $(STAMP)
 	$(PYTEST) -m bench -s tests

@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0-only */
 /*
- * The BPF AEAD (bpf/include/aead.h) compiled natively: the same source, the same bound
+ * The BPF AEAD (bpf/include/aead/aead.h) compiled natively: the same source, the same bound
  * checks, the same scratch-in-memory state, only the compiler and ISA differ. What BPF could at
  * best reach on this CPU.
  *
@@ -14,7 +14,7 @@
  * so that repeated runs on one buffer cost what a real open costs.
  */
 #define XFP_NATIVE 1
-#include "aead.h"
+#include "aead/aead.h"
 
 #include <stdio.h>
 #include <stdlib.h>

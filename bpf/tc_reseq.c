@@ -28,9 +28,9 @@
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 #include "maps.h"
-#include "parsing.h"
-#include "esp.h"
-#include "aead.h"
+#include "pkt/parsing.h"
+#include "esp/esp.h"
+#include "aead/aead.h"
 
 /* Outbound SA by (SPI, outer daddr) -> sa_id: the kernel's frame names its SA by SPI only.
  * Written by the controller beside each xfp_sa_out entry (controller/datapath/reseq.py). */

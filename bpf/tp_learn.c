@@ -34,8 +34,8 @@
  * every hook first checks the device's netns inode (skb->dev->nd_net.net->ns.inum).
  *
  * Kernel struct offsets (SKB_*_OFF, DEV_*_OFF, ...) come as -D flags from the running kernel's
- * BTF (controller/datapath/btf_offsets.py): no kernel-internal header is included. Packet bytes are read
- * with bpf_probe_read_kernel from the linear part of the skb only (len - data_len).
+ * BTF (controller/datapath/btf_offsets.py): no kernel-internal header is included. Packet bytes
+ * are read with bpf_probe_read_kernel from the linear part of the skb only (len - data_len).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -196,7 +196,7 @@ static __always_inline int parse_ipv4(void *l3, __u32 avail, struct tuple *t)
 	} else if (ip.protocol == IPPROTO_ICMP) {
 		/* RFC 792: type, code, checksum, then for echo (8) and echo reply (0) the
 		 * identifier: id as "sport", type/code as "dport", 0 for other types: the key
-		 * bpf/include/parsing.h (xfp_l4_ports) builds for the datapath's flow table. */
+		 * bpf/include/pkt/parsing.h (xfp_l4_ports) builds for the datapath's flow table. */
 		if (l4[0] == 8 || l4[0] == 0)
 			__builtin_memcpy(&t->sport, &l4[4], 2);
 		__builtin_memcpy(&t->dport, &l4[0], 2);

@@ -13,10 +13,10 @@
  */
 #include <uapi/linux/bpf.h>
 #include "maps.h"
-#include "parsing.h"
-#include "csum.h"
-#include "esp.h"
-#include "aead.h"
+#include "pkt/parsing.h"
+#include "pkt/csum.h"
+#include "esp/esp.h"
+#include "aead/aead.h"
 
 #define XFP_DEC_OFF (XFP_ETH_LEN + XFP_ENCAP_HEAD) /* 50: first encrypted byte */
 

@@ -10,10 +10,10 @@
  */
 #include <uapi/linux/bpf.h>
 #include "maps.h"
-#include "parsing.h"
-#include "csum.h"
-#include "esp.h"
-#include "aead.h"
+#include "pkt/parsing.h"
+#include "pkt/csum.h"
+#include "esp/esp.h"
+#include "aead/aead.h"
 
 /* aead.h's per-CPU scratch, defined here because BCC rewrites map calls in the main file only. */
 static __always_inline struct xfp_crypto_scratch *xfp_scratch(void)

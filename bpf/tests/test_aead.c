@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0-only */
 /*
- * Test harness for bpf/include/aead.h, driven by BPF_PROG_TEST_RUN (tests/bpf/test_aead.py,
+ * Test harness for bpf/include/aead/aead.h, driven by BPF_PROG_TEST_RUN (tests/bpf/test_aead.py,
  * bench/aead_bench.py). Not attached to any interface.
  *
  * The frame starts with struct xfp_aead_test_hdr (64 bytes, little-endian) saying what to do;
@@ -10,7 +10,7 @@
  */
 #include <uapi/linux/bpf.h>
 
-#include "aead.h"
+#include "aead/aead.h"
 
 /* aead.h's scratch accessor: BCC rewrites map calls only in the main file. */
 static __always_inline struct xfp_crypto_scratch *xfp_scratch(void)

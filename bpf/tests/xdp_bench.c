@@ -18,8 +18,8 @@
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/udp.h>
-#include "csum.h"
-#include "parsing.h"
+#include "pkt/csum.h"
+#include "pkt/parsing.h"
 
 #define BENCH_HDR_LEN (XFP_ETH_LEN + XFP_IP_LEN + 8) /* Ethernet + IPv4 + UDP: 42 */
 #define BENCH_SIZES 16				     /* size pattern slots (IMIX 7:4:1 = 12) */

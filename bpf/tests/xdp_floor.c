@@ -4,7 +4,7 @@
  * the MAC addresses and bounce the frame (XDP_TX). What any XDP forwarder pays before crypto.
  */
 #include <uapi/linux/bpf.h>
-#include "parsing.h"
+#include "pkt/parsing.h"
 
 int xdp_floor(struct xdp_md *ctx)
 {

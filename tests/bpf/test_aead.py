@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-only
-"""ChaCha20-Poly1305 in BPF (bpf/include/aead.h) through BPF_PROG_TEST_RUN on bpf/tests/test_aead.c.
+"""ChaCha20-Poly1305 in BPF (bpf/include/aead/aead.h) through BPF_PROG_TEST_RUN on
+bpf/tests/test_aead.c.
 
 Checked against the RFC 8439 vectors (§2.4.2, §2.5.2, §2.8.2, exact bytes) and against
 `cryptography`'s ChaCha20Poly1305 (OpenSSL) with the RFC 7634 ESP nonce (salt || IV) and AAD

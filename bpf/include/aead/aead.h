@@ -49,13 +49,13 @@
  * Poly1305 (~12 ns/16 B against ~7), the rest setup, the poly key block and the tag. ChaCha20
  * in BPF ISA v1 pays a 3-cycle, 5-instruction rotate (no `rol`, no 32-bit ALU from BCC's
  * clang) on each of its serial add-xor-rotate steps, and 10 registers for 16 state words;
- * see chacha20.h for what was tried. Packet words are moved 8 bytes at a time.
+ * see aead/chacha20.h for what was tried. Packet words are moved 8 bytes at a time.
  */
 #ifndef XFP_AEAD_H
 #define XFP_AEAD_H
 
-#include "chacha20.h"
-#include "poly1305.h"
+#include "aead/chacha20.h"
+#include "aead/poly1305.h"
 
 #ifndef XFP_MAX_FRAME
 #define XFP_MAX_FRAME 1600

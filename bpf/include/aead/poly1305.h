@@ -13,7 +13,7 @@
 #ifndef XFP_POLY1305_H
 #define XFP_POLY1305_H
 
-#include "chacha20.h" /* native typedefs, endianness check */
+#include "aead/chacha20.h" /* native typedefs, endianness check */
 
 #define XFP_P26 0x3ffffffULL
 

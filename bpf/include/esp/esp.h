@@ -9,7 +9,7 @@
 #define XFP_ESP_H
 
 #include "xfp_defs.h"
-#include "parsing.h"
+#include "pkt/parsing.h"
 
 #define XFP_NEXTHDR_IPIP 4 /* tunnel mode, inner IPv4 (RFC 4303 section 2.6) */
 

@@ -10,7 +10,7 @@
 #include <uapi/linux/ip.h>
 #include <uapi/linux/in.h>
 #include "xfp_defs.h"
-#include "csum.h"
+#include "pkt/csum.h"
 
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 #define xfp_htons(x) ((__u16)__builtin_bswap16((__u16)(x)))
