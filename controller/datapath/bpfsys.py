@@ -247,7 +247,9 @@ def prog_run_live(
     `rx_queue`. Verdicts are carried out for real: XDP_TX sends out of that device,
     XDP_REDIRECT redirects, XDP_PASS builds an skb. Frames come from a page pool the kernel
     recycles, initialised with `data` only when a page is first used. Processing happens on the
-    calling CPU, `batch_size` frames at a time (max 256). Returns the mean ns per frame."""
+    calling CPU, `batch_size` frames at a time (max 256). Returns the mean ns per frame.
+    Some kernel builds refuse the flag with EPERM even to root while plain runs work
+    (BpfTestRunError with that errno; bench/e2e.py live_frames_refusal() probes for it)."""
     inbuf = ctypes.create_string_buffer(bytes(data), len(data))
     ctx = _XdpMd(data=0, data_end=len(data), ingress_ifindex=ingress_ifindex,
                  rx_queue_index=rx_queue)  # fmt: skip
