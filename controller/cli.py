@@ -70,7 +70,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if st is None or st.get("metrics") is None:
         print("xfrm-fastpath: no controller is running in this network namespace", file=sys.stderr)
         return EXIT_NOT_RUNNING
-    from controller.telemetry.metrics import format_status, snapshot_from_json
+    from controller.telemetry.snapshot import snapshot_from_json
+    from controller.telemetry.status_text import format_status
 
     if args.json:
         print(json.dumps(st["metrics"], indent=2))

@@ -29,29 +29,24 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from controller.core.state import Cause, Direction, FlowKey, FlowRecord, FlowState, SaRef
 from controller.datapath.bpfsys import prog_test_run
-from controller.telemetry.metrics import (
-    LEARN_LATENCY_BUCKETS,
-    Exporter,
-    HistogramData,
+from controller.telemetry.collect import (
     LatencyHistogram,
-    MetricsSnapshot,
     MetricsSource,
     MonotonicCounters,
-    SaCounters,
     SaReading,
-    direction_label,
-    exposed_names,
-    fetch_snapshot,
-    format_status,
-    reason_kind,
-    reason_labels,
-    render,
     snapshot_from_datapath,
+)
+from controller.telemetry.exposition import Exporter, exposed_names, render
+from controller.telemetry.labels import direction_label, reason_kind, reason_labels, spi_label
+from controller.telemetry.snapshot import (
+    LEARN_LATENCY_BUCKETS,
+    HistogramData,
+    MetricsSnapshot,
+    SaCounters,
     snapshot_from_json,
     snapshot_to_json,
-    spi_label,
-    sum_percpu_stats,
 )
+from controller.telemetry.status_text import format_status
 
 ROOT = Path(__file__).resolve().parents[2]
 INCLUDE = ROOT / "bpf" / "include"
@@ -178,7 +173,16 @@ class CountingDatapath:
         assert retval == XDP_PASS, f"counting program returned {retval} for ({direction}, {reason})"
 
     def summed(self) -> dict[tuple[Direction, enum.IntEnum], tuple[int, int]]:
-        return sum_percpu_stats(self.stats, REASONS)
+        """(direction, reason) -> (packets, bytes) summed over the CPUs, the shape of
+        `Datapath.stats()` (controller/datapath/xdp.py), read from this test's own map."""
+        out = {}
+        for d in Direction:
+            for r in REASONS:
+                if reason_kind(r)[0] == "none":
+                    continue
+                per_cpu = self.stats[self.stats.Key(int(d) * R_MAX + int(r))]
+                out[(d, r)] = (sum(v.packets for v in per_cpu), sum(v.bytes for v in per_cpu))
+        return out
 
     def per_cpu(self, index: int) -> list[int]:
         return [v.packets for v in self.stats[self.stats.Key(index)]]
@@ -516,7 +520,8 @@ def test_exporter_serves_names_units_and_bounded_labels() -> None:
         seq = samples["xfrm_fastpath_sa_sequence"]
         assert {s.labels["spi"] for s in seq} == {"0x0000c001", "0x0000c002"}, "spi as hex"
         # The JSON view the status command reads.
-        got = fetch_snapshot(f"127.0.0.1:{exp.port}")
+        with urllib.request.urlopen(f"{exp.url}/status.json", timeout=5) as r:
+            got = snapshot_from_json(r.read().decode())
         assert got == snap, "status.json round-trips the snapshot"
 
 

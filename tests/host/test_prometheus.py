@@ -36,14 +36,13 @@ import yaml
 from test_metrics import IFACES, REASONS, CountingDatapath, member
 
 from controller.core.state import Cause, Direction, FlowKey, FlowRecord, FlowState, SaRef
-from controller.telemetry.metrics import (
-    Exporter,
+from controller.telemetry.collect import (
     MetricsSource,
     SaReading,
     datapath_parts,
-    exposed_names,
     snapshot_from_datapath,
 )
+from controller.telemetry.exposition import Exporter, exposed_names
 
 ROOT = Path(__file__).resolve().parents[2]
 DASH = ROOT / "dashboards"
