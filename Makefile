@@ -46,7 +46,7 @@ bench-e2e: $(STAMP)
 	$(PY) -c 'import matplotlib' 2>/dev/null || .venv/bin/pip install -q --disable-pip-version-check -e '.[bench]'
 	$(PY) bench/e2e.py $(BENCH_E2E_ARGS)
 
-## make fuzz: the long datapath fuzzing campaign (README "Reliability"): XFP_FUZZ_FRAMES frames
+## make fuzz: the long datapath fuzzing campaign (docs/results.md): XFP_FUZZ_FRAMES frames
 ## through each XDP program, every one checked; figures printed at the end of each test.
 XFP_FUZZ_FRAMES ?= 1000000
 fuzz: $(STAMP)

@@ -6,7 +6,7 @@ Sources (each a netlink multicast socket opened in the watched network namespace
   routes and rules (RTNLGRP_IPV4_IFADDR/_ROUTE/_RULE), decoded with pyroute2's rtnl classes;
 - nftables (NETLINK_NETFILTER, NFNLGRP_NFTABLES): every NFT_MSG_NEW*/DEL*/DESTROY* message,
   with a generation event (NFT_MSG_NEWGEN) closing each committed batch. The fastpath bypasses
-  netfilter, so any ruleset change is a reason to flush learned flows (DESIGN.md §4);
+  netfilter, so any ruleset change is a reason to flush learned flows (docs/design.md §4);
 - XFRM (controller.netlink.xfrm.XfrmMonitor): SA, policy, expire, acquire, default-policy events.
 
 `KernelWatch` is non-blocking: `fileno()` is an epoll descriptor that becomes readable when

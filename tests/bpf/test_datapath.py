@@ -720,7 +720,7 @@ def _on_each_cpu(work: Callable[[int], list]) -> list[list]:
 
 
 def test_sequence_numbers_unique_across_cpus(env: Datapath) -> None:
-    """DESIGN.md section 3, property 1 for XDP alone: CPUs racing on one SA never share a
+    """docs/design.md section 3, property 1 for XDP alone: CPUs racing on one SA never share a
     sequence number (hence never an IV), and none is skipped."""
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("one CPU: no race to test")

@@ -16,8 +16,8 @@ and for every batch of frames: the per-reason counters (Datapath.stats()) moved 
 per frame and by its length in bytes, forwarded / punted / dropped reasons matching the
 verdicts (every drop counted under a reason), and the SA's own counters agree.
 
-Volume: FRAMES frames per program with the fixed SEED in `make test`; the campaign of the
-README sets XFP_FUZZ_FRAMES (`make fuzz`: 1,000,000 per program) and prints the figures
+Volume: FRAMES frames per program with the fixed SEED in `make test`; the campaign (docs/results.md)
+sets XFP_FUZZ_FRAMES (`make fuzz`: 1,000,000 per program) and prints the figures
 (run pytest with -s to see them). Frames shorter than an Ethernet header are refused by the
 kernel's test run (EINVAL, net/bpf/test_run.c): they are counted apart, never run.
 """

@@ -402,7 +402,7 @@ def test_fragmented_kernel_esp_never_reaches_the_peer_with_a_stale_number(rig: R
     it with its own number and then fragments the ESP packet. The resequencer cannot renumber
     fragments, and the kernel's number lies far behind the shared counter, so the peer would
     count a replay: the first fragment is dropped at gw1 and counted instead. (Such datagrams
-    are lost while their SA is offloaded; see the README's limits.)"""
+    are lost while their SA is offloaded; see docs/design.md section 3.4.)"""
     bed, _ike, gw = rig
     assert udp_echo(bed, 20) == 20, "the SA offloaded"
 

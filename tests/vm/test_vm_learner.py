@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """First-packet learning with real kernel ESP (static SAs between gw1 and gw2): encap and decap
 candidates carry the right SPI, sequence number and IV, and the skb pointer the learner keys on
-survives encryption and decryption (DESIGN.md section 2).
+survives encryption and decryption (docs/design.md section 2).
 
 Runs where the kernel has ESP: `python -m testbed.vmrun vm-only tests/vm/test_vm_learner.py`.
 One BCC compile per module (minutes under qemu TCG); each test builds its own test bed.
