@@ -57,8 +57,10 @@ from controller.core.xfrm_model import (
     resolve_sa,
 )
 from controller.netlink import xfrm_messages as m
+from controller.netlink import xfrm_structs as structs
 from controller.netlink.nlsock import NetlinkError
-from controller.netlink.xfrm import XfrmMonitor, XfrmSocket, decode, msg_attrs, sa_from, sa_to_msg
+from controller.netlink.xfrm import XfrmMonitor, XfrmSocket
+from controller.netlink.xfrm_codec import decode, msg_attrs, sa_from, sa_to_msg
 from testbed.bed import Testbed
 
 IP = ipaddress.ip_address
@@ -87,37 +89,37 @@ def ipx(bed: Testbed, *args: str, check: bool = True) -> str:
 
 # -- layouts against the compiler ---------------------------------------------------------------
 C_TYPES = {
-    m.XfrmId: "struct xfrm_id",
-    m.XfrmSelector: "struct xfrm_selector",
-    m.XfrmLifetimeCfg: "struct xfrm_lifetime_cfg",
-    m.XfrmLifetimeCur: "struct xfrm_lifetime_cur",
-    m.XfrmStats: "struct xfrm_stats",
-    m.XfrmReplayState: "struct xfrm_replay_state",
-    m.XfrmReplayStateEsn: "struct xfrm_replay_state_esn",
-    m.XfrmAlgo: "struct xfrm_algo",
-    m.XfrmAlgoAuth: "struct xfrm_algo_auth",
-    m.XfrmAlgoAead: "struct xfrm_algo_aead",
-    m.XfrmEncapTmpl: "struct xfrm_encap_tmpl",
-    m.XfrmUserTmpl: "struct xfrm_user_tmpl",
-    m.XfrmMark: "struct xfrm_mark",
-    m.XfrmUserpolicyType: "struct xfrm_userpolicy_type",
-    m.XfrmUserOffload: "struct xfrm_user_offload",
-    m.XfrmAddressFilter: "struct xfrm_address_filter",
-    m.XfrmUsersaInfo: "struct xfrm_usersa_info",
-    m.XfrmUsersaId: "struct xfrm_usersa_id",
-    m.XfrmAeventId: "struct xfrm_aevent_id",
-    m.XfrmUserpolicyInfo: "struct xfrm_userpolicy_info",
-    m.XfrmUserpolicyId: "struct xfrm_userpolicy_id",
-    m.XfrmUserAcquire: "struct xfrm_user_acquire",
-    m.XfrmUserExpire: "struct xfrm_user_expire",
-    m.XfrmUserPolexpire: "struct xfrm_user_polexpire",
-    m.XfrmUsersaFlush: "struct xfrm_usersa_flush",
-    m.XfrmUserpolicyDefault: "struct xfrm_userpolicy_default",
-    m.XfrmUserReport: "struct xfrm_user_report",
+    structs.XfrmId: "struct xfrm_id",
+    structs.XfrmSelector: "struct xfrm_selector",
+    structs.XfrmLifetimeCfg: "struct xfrm_lifetime_cfg",
+    structs.XfrmLifetimeCur: "struct xfrm_lifetime_cur",
+    structs.XfrmStats: "struct xfrm_stats",
+    structs.XfrmReplayState: "struct xfrm_replay_state",
+    structs.XfrmReplayStateEsn: "struct xfrm_replay_state_esn",
+    structs.XfrmAlgo: "struct xfrm_algo",
+    structs.XfrmAlgoAuth: "struct xfrm_algo_auth",
+    structs.XfrmAlgoAead: "struct xfrm_algo_aead",
+    structs.XfrmEncapTmpl: "struct xfrm_encap_tmpl",
+    structs.XfrmUserTmpl: "struct xfrm_user_tmpl",
+    structs.XfrmMark: "struct xfrm_mark",
+    structs.XfrmUserpolicyType: "struct xfrm_userpolicy_type",
+    structs.XfrmUserOffload: "struct xfrm_user_offload",
+    structs.XfrmAddressFilter: "struct xfrm_address_filter",
+    structs.XfrmUsersaInfo: "struct xfrm_usersa_info",
+    structs.XfrmUsersaId: "struct xfrm_usersa_id",
+    structs.XfrmAeventId: "struct xfrm_aevent_id",
+    structs.XfrmUserpolicyInfo: "struct xfrm_userpolicy_info",
+    structs.XfrmUserpolicyId: "struct xfrm_userpolicy_id",
+    structs.XfrmUserAcquire: "struct xfrm_user_acquire",
+    structs.XfrmUserExpire: "struct xfrm_user_expire",
+    structs.XfrmUserPolexpire: "struct xfrm_user_polexpire",
+    structs.XfrmUsersaFlush: "struct xfrm_usersa_flush",
+    structs.XfrmUserpolicyDefault: "struct xfrm_userpolicy_default",
+    structs.XfrmUserReport: "struct xfrm_user_report",
 }
 
 
-def _offsets(cls: type[m.CStruct]) -> dict[str, int]:
+def _offsets(cls: type[structs.CStruct]) -> dict[str, int]:
     out, off = {}, 0
     for name, fmt in cls.layout:
         if not name.startswith("__pad"):
@@ -160,7 +162,7 @@ def _roundtrip(sa: Sa) -> Sa:
     msg.encode()
     t, dec = decode(bytes(msg.data))
     assert t == m.XFRM_MSG_NEWSA, "type survives encoding"
-    return sa_from({k: dec[k] for k, _ in m.XfrmUsersaInfo.members}, msg_attrs(dec))
+    return sa_from({k: dec[k] for k, _ in structs.XfrmUsersaInfo.members}, msg_attrs(dec))
 
 
 def test_sa_encodes_and_decodes_to_itself() -> None:

@@ -903,7 +903,7 @@ def _storm(bed: Testbed, n: int, add: bool) -> float:
     from controller.core.xfrm_model import Algorithm, Secret, Selector
     from controller.netlink import xfrm_messages as m
     from controller.netlink.nlsock import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL
-    from controller.netlink.xfrm import addr_to, sa_to_msg
+    from controller.netlink.xfrm_codec import addr_to, sa_to_msg
 
     dst = ipaddress.ip_address(bed.addr("GW1_WAN"))
     if add:
