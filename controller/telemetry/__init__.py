@@ -11,11 +11,11 @@
   snapshots, through the provider it is given (`MetricsSource.snapshot`).
 - `status_text`: a snapshot as the terminal report of `xfrm-fastpath status`.
 
-The agent needs four names, re-exported here.
+The names the agent needs are re-exported here.
 """
 
 from controller.telemetry.collect import MetricsSource, datapath_parts
 from controller.telemetry.exposition import Exporter
-from controller.telemetry.snapshot import snapshot_to_dict
+from controller.telemetry.snapshot import MetricsSnapshot, snapshot_to_dict
 
-__all__ = ["Exporter", "MetricsSource", "datapath_parts", "snapshot_to_dict"]
+__all__ = ["Exporter", "MetricsSnapshot", "MetricsSource", "datapath_parts", "snapshot_to_dict"]
