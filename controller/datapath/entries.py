@@ -113,7 +113,7 @@ class InboundSa:
         c.deadline_ns = self.deadline_ns
         c.seq_top = self.seq_top
         if self.seq_top and self.replay_window:
-            # bpf/include/esp.h's ring (RFC 6479): bit (s & 63) of word (s >> 6) % WORDS
+            # bpf/include/esp/esp.h's ring (RFC 6479): bit (s & 63) of word (s >> 6) % WORDS
             for seq in range(max(1, self.seq_top - self.replay_window + 1), self.seq_top + 1):
                 c.bitmap[(seq >> 6) % defs.REPLAY_WORDS] |= 1 << (seq & 63)
         return self.c_key(), c

@@ -71,7 +71,7 @@ class Candidate:
     """One flow the kernel was seen forwarding. Ports and SPIs are host-order ints.
 
     For ICMP, `sport` is the echo identifier (0 for types other than echo and echo reply) and
-    `dport` is (type << 8) | code: the datapath's flow key (bpf/include/parsing.h) exactly;
+    `dport` is (type << 8) | code: the datapath's flow key (bpf/include/pkt/parsing.h) exactly;
     `icmp_type`/`icmp_id` spell it out.
     """
 

@@ -320,7 +320,7 @@ ENCAP_FLOWS = {_flow(T.ENCAP_KEY), _flow(TCP_KEY), _flow(ICMP_KEY)}
 
 
 def encap_flow_of(frame: bytes) -> tuple:
-    """The (proto, saddr, daddr, sport, dport) of a clear frame, as bpf/include/parsing.h
+    """The (proto, saddr, daddr, sport, dport) of a clear frame, as bpf/include/pkt/parsing.h
     keys it: ICMP echo (request or reply): identifier and (type << 8) | code."""
     ip, l4 = frame[14:34], frame[34:42]
     proto, saddr, daddr = ip[9], socket.inet_ntoa(ip[12:16]), socket.inet_ntoa(ip[16:20])
