@@ -67,6 +67,7 @@ class MalformedMessage(ValueError):
     """A message that does not decode (short, bad attribute); counted, never fatal."""
 
 
+# -- the model <-> the dicts of netlink messages --------------------------------------------------
 def addr_from(raw: bytes, family: int) -> IPAddress:
     if family == AF_INET6:
         return ipaddress.IPv6Address(raw[:16])
