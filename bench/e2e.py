@@ -650,7 +650,7 @@ def learn_burst(e2e: E2EBed, n: int, single: int = 100, timeout: float = 20.0) -
         while len(done) < want and time.monotonic() < deadline:
             select.select([lrn], [], [], 0.2)
             for c in lrn.poll(0):
-                if c.proto != IPPROTO_UDP or c.direction != "clear-out" or c.dport in done:
+                if c.proto != IPPROTO_UDP or c.forwarding != "clear-out" or c.dport in done:
                     continue
                 e2e.gw1.put_flow(
                     flow_key(c.in_ifindex, Dir.ENCAP, IPPROTO_UDP, c.saddr, c.daddr, c.sport,

@@ -23,6 +23,8 @@ if TYPE_CHECKING:  # types only: the ports import nothing at run time
     from controller.core.xfrm_model import AeState, DefaultPolicy, LifetimeCur, Policy, Sa
     from controller.datapath import abi
     from controller.datapath.entries import InboundSa, OutboundSa
+    from controller.datapath.learner import Candidate
+    from controller.telemetry.metrics import MetricsSnapshot
 
 
 class DatapathPort(Protocol):
@@ -89,7 +91,7 @@ class LearnerPort(Protocol):
     """First packets seen forwarded by the kernel (bpf/tp_learn.c through the learner)."""
 
     def fileno(self) -> int: ...
-    def poll(self, timeout: float = 0.0) -> Sequence[object]: ...
+    def poll(self, timeout: float = 0.0) -> Sequence[Candidate]: ...
     def forget(self, flow: tuple[object, ...], spi: int | None = None) -> None: ...
 
 
@@ -106,6 +108,9 @@ class MetricsPort(Protocol):
     def reject(self, reason: str, n: int = 1) -> None: ...
     def observe_learn_latency(self, seconds: float | None) -> None: ...
     def netlink_event(self, when: float | None = None) -> None: ...
+    def snapshot(self) -> MetricsSnapshot:
+        """The figures now (the agent takes one per tick, for the exporter and the status)."""
+        ...
 
 
 @dataclass

@@ -15,9 +15,10 @@ fastpath, the kernel's current state must say the same thing for every later pac
   flow allows it and its template covers that SA (the kernel's __xfrm_policy_check()); the
   inner route leaves by the device the packet left by; the neighbour is valid with the MAC seen.
 
-Anything else is rejected with a reason (a label of the rejections counter). The netfilter
-verdict is not re-derived: the sighting proves the ruleset forwarded the packet, and any later
-ruleset change flushes every learned flow (daemon).
+Anything else is rejected with a reason (RejectReason, controller/core/reasons.py: a label of
+the rejections counter). The netfilter verdict is not re-derived: the sighting proves the
+ruleset forwarded the packet, and any later ruleset change flushes every learned flow
+(controller/agent/invalidate.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from controller.core.reasons import RejectReason
+from controller.core.state import Direction
 from controller.core.xfrm_model import (
     DefaultPolicy,
     Dir,
@@ -65,7 +68,7 @@ class NeighInfo:
 class Sighting:
     """The parts of a learner candidate that validation needs (host byte order)."""
 
-    direction: str  # "encap" | "decap"
+    direction: Direction
     in_ifindex: int
     out_ifindex: int
     saddr: str
@@ -98,20 +101,20 @@ class Accepted:
 
 @dataclass(frozen=True)
 class Rejected:
-    reason: str  # short label: counted in xfrm_fastpath_validation_rejections_total
+    reason: RejectReason  # counted in xfrm_fastpath_validation_rejections_total
     detail: str  # for the log
 
 
-def _reject(reason: str, detail: str) -> Rejected:
+def _reject(reason: RejectReason, detail: str) -> Rejected:
     return Rejected(reason, detail)
 
 
 def check_sa(sa: Sa | None, spi: int | None) -> Rejected | None:
     if sa is None:
-        return _reject("no_sa", f"no SA with SPI 0x{spi or 0:08x} in the kernel")
+        return _reject(RejectReason.NO_SA, f"no SA with SPI 0x{spi or 0:08x} in the kernel")
     ok, why = sa.fastpath_support()
     if not ok:
-        return _reject("sa_unsupported", f"SA {sa}: {why}")
+        return _reject(RejectReason.SA_UNSUPPORTED, f"SA {sa}: {why}")
     return None
 
 
@@ -119,21 +122,25 @@ def check_l2(
     route: RouteInfo | None, neigh: NeighInfo | None, want_oif: int, want_mac: str, dst: str
 ) -> Rejected | None:
     if route is None:
-        return _reject("no_route", f"no route to {dst}")
+        return _reject(RejectReason.NO_ROUTE, f"no route to {dst}")
     if route.type != 1:
-        return _reject("route_not_unicast", f"route to {dst} has type {route.type}")
+        return _reject(RejectReason.ROUTE_NOT_UNICAST, f"route to {dst} has type {route.type}")
     if route.oif != want_oif:
         return _reject(
-            "route_mismatch", f"route to {dst} leaves by if{route.oif}, packet left by if{want_oif}"
+            RejectReason.ROUTE_MISMATCH,
+            f"route to {dst} leaves by if{route.oif}, packet left by if{want_oif}",
         )
     hop = route.next_hop(dst)
     if neigh is None or not neigh.lladdr:
-        return _reject("no_neighbour", f"no neighbour entry for {hop}")
+        return _reject(RejectReason.NO_NEIGHBOUR, f"no neighbour entry for {hop}")
     if not neigh.state & NUD_USABLE:
-        return _reject("neighbour_unusable", f"neighbour {hop} in state 0x{neigh.state:x}")
+        return _reject(
+            RejectReason.NEIGHBOUR_UNUSABLE, f"neighbour {hop} in state 0x{neigh.state:x}"
+        )
     if neigh.lladdr.lower() != want_mac.lower():
         return _reject(
-            "neighbour_mismatch", f"neighbour {hop} is {neigh.lladdr}, frame went to {want_mac}"
+            RejectReason.NEIGHBOUR_MISMATCH,
+            f"neighbour {hop} is {neigh.lladdr}, frame went to {want_mac}",
         )
     return None
 
@@ -149,31 +156,37 @@ def validate_encap(
     """`sa` is the kernel's SA (outer daddr, spi) as seen on the wire; `route`/`neigh` are the
     route to the SA's outer destination and the neighbour of its next hop."""
     if s.mangled:
-        return _reject("mangled", "the packet was rewritten (NAT) on its way through")
+        return _reject(RejectReason.MANGLED, "the packet was rewritten (NAT) on its way through")
     flow = s.xfrm_flow()
     fwd = policy_decision(policies, default, flow, Dir.FWD)
     if not fwd.allowed:
-        return _reject("fwd_policy_blocks", fwd.reason)
+        return _reject(RejectReason.FWD_POLICY_BLOCKS, fwd.reason)
     if fwd.policy is not None and any(not t.optional for t in fwd.policy.templates):
         # A FWD policy with mandatory templates admits only packets that were decrypted by
         # a matching SA: a clear packet from the LAN cannot satisfy it.
-        return _reject("fwd_policy_blocks", f"{fwd.policy} needs a secured packet")
+        return _reject(RejectReason.FWD_POLICY_BLOCKS, f"{fwd.policy} needs a secured packet")
     out = policy_decision(policies, default, flow, Dir.OUT)
     if not out.allowed:
-        return _reject("out_policy_blocks", out.reason)
+        return _reject(RejectReason.OUT_POLICY_BLOCKS, out.reason)
     if out.policy is None or not out.policy.templates:
-        return _reject("not_protected", f"no OUT policy protects {flow.src}->{flow.dst}")
+        return _reject(RejectReason.NOT_PROTECTED, f"no OUT policy protects {flow.src}->{flow.dst}")
     if len(out.policy.templates) != 1:
-        return _reject("bundle", f"{out.policy} has {len(out.policy.templates)} templates")
+        return _reject(
+            RejectReason.BUNDLE, f"{out.policy} has {len(out.policy.templates)} templates"
+        )
     bad = check_sa(sa, s.spi)
     if bad is not None:
         return bad
     assert sa is not None
     tmpl = out.policy.templates[0]
     if tmpl.mode != Mode.TUNNEL or not tmpl.covers(sa):
-        return _reject("sa_not_of_policy", f"SA {sa} does not satisfy {out.policy}'s template")
+        return _reject(
+            RejectReason.SA_NOT_OF_POLICY, f"SA {sa} does not satisfy {out.policy}'s template"
+        )
     if str(sa.dst) != s.outer_daddr or str(sa.src) != s.outer_saddr:
-        return _reject("outer_mismatch", f"SA {sa} vs wire {s.outer_saddr}->{s.outer_daddr}")
+        return _reject(
+            RejectReason.OUTER_MISMATCH, f"SA {sa} vs wire {s.outer_saddr}->{s.outer_daddr}"
+        )
     bad = check_l2(route, neigh, s.out_ifindex, s.eth_dst, str(sa.dst))
     if bad is not None:
         return bad
@@ -193,25 +206,31 @@ def validate_decap(
     """`sa` is the inbound SA named by the packet's sec_path; `route`/`neigh` are the route to
     the inner destination and the neighbour of its next hop."""
     if s.mangled:
-        return _reject("mangled", "the packet was rewritten (NAT) on its way through")
+        return _reject(RejectReason.MANGLED, "the packet was rewritten (NAT) on its way through")
     bad = check_sa(sa, s.spi)
     if bad is not None:
         return bad
     assert sa is not None
     if str(sa.dst) not in local_addrs:
-        return _reject("sa_not_inbound", f"SA {sa} is not addressed to this gateway")
+        return _reject(RejectReason.SA_NOT_INBOUND, f"SA {sa} is not addressed to this gateway")
     flow = s.xfrm_flow()
     fwd = policy_decision(policies, default, flow, Dir.FWD)
     if not fwd.allowed:
-        return _reject("fwd_policy_blocks", fwd.reason)
+        return _reject(RejectReason.FWD_POLICY_BLOCKS, fwd.reason)
     if fwd.policy is None or not fwd.policy.templates:
-        return _reject("not_protected", f"no FWD policy requires ESP for {flow.src}->{flow.dst}")
+        return _reject(
+            RejectReason.NOT_PROTECTED, f"no FWD policy requires ESP for {flow.src}->{flow.dst}"
+        )
     if not any(t.covers(sa) for t in fwd.policy.templates):
-        return _reject("sa_not_of_policy", f"SA {sa} does not satisfy {fwd.policy}")
+        return _reject(RejectReason.SA_NOT_OF_POLICY, f"SA {sa} does not satisfy {fwd.policy}")
     if len(fwd.policy.templates) != 1:
-        return _reject("bundle", f"{fwd.policy} has {len(fwd.policy.templates)} templates")
+        return _reject(
+            RejectReason.BUNDLE, f"{fwd.policy} has {len(fwd.policy.templates)} templates"
+        )
     if not sa.selector.matches(flow) and sa.selector.src.prefixlen + sa.selector.dst.prefixlen:
-        return _reject("sa_selector", f"SA {sa} selector does not cover {flow.src}->{flow.dst}")
+        return _reject(
+            RejectReason.SA_SELECTOR, f"SA {sa} selector does not cover {flow.src}->{flow.dst}"
+        )
     bad = check_l2(route, neigh, s.out_ifindex, s.eth_dst, s.daddr)
     if bad is not None:
         return bad

@@ -37,6 +37,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from controller.core.state import Direction
 from controller.datapath import btf_offsets
 from controller.datapath import learn_abi as d
 
@@ -44,12 +45,15 @@ ROOT = Path(__file__).resolve().parents[2]
 BPF_SRC = ROOT / "bpf" / "tp_learn.c"
 BPF_INCLUDE = ROOT / "bpf" / "include"
 
+# How the kernel forwarded a flow (tp_learn.c's LEARN_DIR_*), as Candidate.forwarding spells it.
 DIRECTIONS = {
     d.LEARN_DIR_ENCAP: "encap",
     d.LEARN_DIR_DECAP: "decap",
     d.LEARN_DIR_CLEAR_OUT: "clear-out",
     d.LEARN_DIR_CLEAR_IN: "clear-in",
 }
+# The tunnel's direction of each, for the controller; clear forwarding has none.
+TUNNEL_DIRECTIONS = {"encap": Direction.ENCAP, "decap": Direction.DECAP}
 ROLES = {"lan": d.LEARN_ROLE_LAN, "wan": d.LEARN_ROLE_WAN}
 PROTO_ICMP = 1
 
@@ -75,7 +79,7 @@ class Candidate:
     `icmp_type`/`icmp_id` spell it out.
     """
 
-    direction: str  # encap | decap | clear-out | clear-in
+    forwarding: str  # encap | decap | clear-out | clear-in (see `direction`)
     in_ifindex: int
     out_ifindex: int
     saddr: str  # the inner (clear) flow, as received
@@ -106,18 +110,24 @@ class Candidate:
     skbaddr: int = field(default=0, compare=False)
 
     @property
+    def direction(self) -> Direction | None:
+        """The tunnel direction (ENCAP: clear from a LAN device out as ESP, DECAP: ESP in,
+        clear out to the LAN); None for clear forwarding, which the controller leaves alone."""
+        return TUNNEL_DIRECTIONS.get(self.forwarding)
+
+    @property
     def spi(self) -> int | None:
         """The SA this flow used: the tunnel's SPI in its direction."""
-        if self.direction == "encap":
+        if self.forwarding == "encap":
             return self.esp_spi
-        if self.direction == "decap":
+        if self.forwarding == "decap":
             return self.sp_spi if self.sp_spi is not None else self.esp_spi
         return None
 
     @property
     def flow(self) -> tuple[str, str, str, int, int, int]:
-        """(direction, saddr, daddr, proto, sport, dport): one entry per flow and direction."""
-        return (self.direction, self.saddr, self.daddr, self.proto, self.sport, self.dport)
+        """(forwarding, saddr, daddr, proto, sport, dport): one entry per flow and direction."""
+        return (self.forwarding, self.saddr, self.daddr, self.proto, self.sport, self.dport)
 
     @property
     def mangled(self) -> bool:
@@ -152,7 +162,8 @@ class Candidate:
         return self.seen_ns - self.ktime_rx
 
     def to_json(self) -> dict[str, object]:
-        out = asdict(self)
+        fields = asdict(self)
+        out = {"direction": fields.pop("forwarding"), **fields}  # the JSON keeps its old key
         out["esp_iv"] = self.esp_iv.hex() if self.esp_iv is not None else None
         out["spi"] = self.spi
         out["latency_ns"] = self.latency_ns
@@ -164,7 +175,7 @@ class Candidate:
         encap = ev.direction == d.LEARN_DIR_ENCAP
         esp = bool(flags & (d.LEARN_F_ESP_RX | d.LEARN_F_ESP_TX))
         return cls(
-            direction=DIRECTIONS.get(ev.direction, f"unknown-{ev.direction}"),
+            forwarding=DIRECTIONS.get(ev.direction, f"unknown-{ev.direction}"),
             in_ifindex=ev.in_ifindex,
             out_ifindex=ev.out_ifindex,
             saddr=_ip(ev.saddr),
@@ -321,7 +332,8 @@ class Learner:
         return out
 
     def forget(self, flow: tuple[object, ...], spi: int | None = None) -> None:
-        """Let the next sighting of `flow` (Candidate.flow) through again, in Python and in
+        """Let the next sighting of `flow` (Candidate.flow: its first item is the forwarding,
+        "encap", "decap", "clear-out" or "clear-in") through again, in Python and in
         the BPF re-emit map. With `spi` (Candidate.spi) only that SA's entry is dropped, in one
         map operation; without it every SPI's entry of the flow is (a scan of the map)."""
         direction, saddr, daddr, proto, sport, dport = flow

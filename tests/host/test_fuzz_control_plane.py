@@ -233,11 +233,11 @@ def test_random_config_files_are_accepted_or_refused_clearly() -> None:
 LAUNCHER = r"""
 import logging, signal, sys
 from controller.config import load_config
-from controller.agent.daemon import Controller
+from controller.agent.daemon import Daemon
 from controller.paths import netns_run_dir
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 logging.getLogger("pyroute2").setLevel(logging.WARNING)
-ctl = Controller(load_config(sys.argv[1]), pin_dir=sys.argv[2], run_dir=netns_run_dir())
+ctl = Daemon(load_config(sys.argv[1]), pin_dir=sys.argv[2], run_dir=netns_run_dir())
 signal.signal(signal.SIGTERM, ctl.stop)
 sys.exit(ctl.run())
 """

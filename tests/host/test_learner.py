@@ -168,7 +168,7 @@ def test_udp_forward_is_learned_with_hops_and_macs(learner: Learner, bed: Testbe
     sport = udp_send(bed, "lan", remote, 4000, count=3)
     cand = ev.wait(lambda c: c.proto == 17 and c.sport == sport)
     assert cand is not None, f"UDP lan->remote became a candidate: {ev.seen} {learner.stats()}"
-    assert cand.direction == "clear-out", f"LAN -> WAN without ESP: {cand.direction}"
+    assert cand.forwarding == "clear-out", f"LAN -> WAN without ESP: {cand.forwarding}"
     assert (cand.saddr, cand.daddr, cand.dport) == (bed.addr("LAN_HOST"), remote, 4000), (
         f"inner 5-tuple: {cand}"
     )
@@ -194,7 +194,7 @@ def test_icmp_both_ways_is_learned_with_type_and_id(learner: Learner, bed: Testb
     assert req is not None, f"echo request became a candidate: {ev.seen}"
     rep = ev.wait(lambda c: c.proto == 1 and c.icmp_type == 0)
     assert rep is not None, f"echo reply became a candidate: {ev.seen}"
-    assert req.direction == "clear-out" and rep.direction == "clear-in", "directions by role"
+    assert req.forwarding == "clear-out" and rep.forwarding == "clear-in", "directions by role"
     assert req.icmp_id == rep.icmp_id, "request and reply carry the same echo identifier"
     assert (rep.in_ifindex, rep.out_ifindex) == (gw1["wan"], gw1["lan"]), f"reply path: {rep}"
     assert (rep.eth_src, rep.eth_dst) == (MAC["gw1_lan"], MAC["lan_host"]), (
@@ -211,7 +211,7 @@ def test_icmp_error_has_no_identifier(learner: Learner, bed: Testbed) -> None:
     unreach = ev.wait(lambda c: c.proto == 1 and c.icmp_type == 3)
     assert unreach is not None, f"port unreachable forwarded back: {ev.seen}"
     assert unreach.dport == (3 << 8) | 3 and unreach.sport == 0, f"key of ICMP 3/3: {unreach}"
-    assert unreach.direction == "clear-in", f"{unreach}"
+    assert unreach.forwarding == "clear-in", f"{unreach}"
 
 
 def test_tcp_connection_is_learned_both_ways(learner: Learner, bed: Testbed) -> None:
@@ -220,10 +220,10 @@ def test_tcp_connection_is_learned_both_ways(learner: Learner, bed: Testbed) -> 
     sport = tcp_exchange(bed, "remote", "lan", bed.addr("REMOTE_HOST"), 5201)
     out = ev.wait(lambda c: c.proto == 6 and c.sport == sport)
     assert out is not None, f"TCP lan->remote became a candidate: {ev.seen}"
-    assert out.dport == 5201 and out.direction == "clear-out", f"{out}"
+    assert out.dport == 5201 and out.forwarding == "clear-out", f"{out}"
     back = ev.wait(lambda c: c.proto == 6 and c.dport == sport)
     assert back is not None, f"TCP remote->lan became a candidate: {ev.seen}"
-    assert back.sport == 5201 and back.direction == "clear-in", f"{back}"
+    assert back.sport == 5201 and back.forwarding == "clear-in", f"{back}"
 
 
 def test_traffic_to_gw1_itself_is_never_a_candidate(learner: Learner, bed: Testbed) -> None:
@@ -425,7 +425,7 @@ def test_learn_latency_over_200_flows(learner: Learner, bed: Testbed) -> None:
             while port not in got and time.monotonic() < deadline:
                 select.select([learner], [], [], max(0.0, deadline - time.monotonic()))
                 for c in learner.poll(0):
-                    if c.proto == 17 and c.direction == "clear-out":
+                    if c.proto == 17 and c.forwarding == "clear-out":
                         got[c.dport] = c
             assert port in got, f"flow {i} (dport {port}) was learned: {learner.stats()}"
     lat = sorted(c.latency_ns / 1e3 for c in got.values())

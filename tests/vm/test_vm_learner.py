@@ -51,7 +51,7 @@ def test_encap_candidate_has_spi_seq_and_iv(learner: Learner, bed: Testbed) -> N
     remote = bed.addr("REMOTE_HOST")
     before = learner.stats()
     assert bed.ping("lan", remote, count=1, timeout=10), "ping lan -> remote through ESP"
-    icmp = ev.wait(lambda c: c.direction == "encap" and c.proto == 1, timeout=30)
+    icmp = ev.wait(lambda c: c.forwarding == "encap" and c.proto == 1, timeout=30)
     assert icmp is not None, f"encap candidate for the ping: {ev.seen} {learner.stats()}"
     assert icmp.esp_spi == tun.out_spi, f"SPI of gw1's outbound SA: {icmp.esp_spi:#x}"
     assert icmp.esp_seq == 1, f"the SA's first packet carries sequence 1: {icmp.esp_seq}"
@@ -69,7 +69,7 @@ def test_encap_candidate_has_spi_seq_and_iv(learner: Learner, bed: Testbed) -> N
     assert icmp.flags & d.LEARN_F_ESP_TX and not icmp.mangled, f"flags {icmp.flags:#x}"
 
     sport = udp_send(bed, "lan", remote, 4000)
-    udp = ev.wait(lambda c: c.direction == "encap" and c.sport == sport, timeout=30)
+    udp = ev.wait(lambda c: c.forwarding == "encap" and c.sport == sport, timeout=30)
     assert udp is not None, f"encap candidate for UDP: {ev.seen}"
     assert udp.esp_spi == tun.out_spi and udp.dport == 4000, f"{udp}"
     assert udp.esp_seq is not None and udp.esp_seq > icmp.esp_seq, "sequence moves forward"
@@ -92,7 +92,7 @@ def test_decap_candidate_has_the_inbound_sa(learner: Learner, bed: Testbed) -> N
     ev = Events(learner)
     before = learner.stats()
     assert bed.ping("remote", bed.addr("LAN_HOST"), count=1, timeout=10), "ping remote -> lan"
-    dec = ev.wait(lambda c: c.direction == "decap" and c.proto == 1, timeout=30)
+    dec = ev.wait(lambda c: c.forwarding == "decap" and c.proto == 1, timeout=30)
     assert dec is not None, f"decap candidate: {ev.seen} {learner.stats()}"
     assert dec.sp_spi == tun.back_spi, f"sec_path at xmit names the inbound SA: {dec}"
     assert dec.esp_spi == tun.back_spi and dec.esp_seq == 1, f"ESP header as received: {dec}"
@@ -110,7 +110,7 @@ def test_decap_candidate_has_the_inbound_sa(learner: Learner, bed: Testbed) -> N
     assert after["rx_decrypted"] > before["rx_decrypted"], (
         f"the same skb came back to netif_receive_skb after decryption: {before} -> {after}"
     )
-    rep = ev.wait(lambda c: c.direction == "encap" and c.proto == 1, timeout=30)
+    rep = ev.wait(lambda c: c.forwarding == "encap" and c.proto == 1, timeout=30)
     assert rep is not None and rep.esp_spi == tun.out_spi, f"the reply is an encap: {ev.seen}"
 
 
@@ -122,10 +122,10 @@ def test_tcp_both_ways_and_bulk(learner: Learner, bed: Testbed) -> None:
     ev = Events(learner)
     remote = bed.addr("REMOTE_HOST")
     sport = tcp_exchange(bed, "remote", "lan", remote, 5201, bulk=256 * 1024)
-    out = ev.wait(lambda c: c.direction == "encap" and c.proto == 6 and c.sport == sport, 30)
+    out = ev.wait(lambda c: c.forwarding == "encap" and c.proto == 6 and c.sport == sport, 30)
     assert out is not None, f"TCP encap candidate: {ev.seen} {learner.stats()}"
     assert out.dport == 5201 and out.esp_spi == tun.out_spi, f"{out}"
-    back = ev.wait(lambda c: c.direction == "decap" and c.proto == 6 and c.dport == sport, 30)
+    back = ev.wait(lambda c: c.forwarding == "decap" and c.proto == 6 and c.dport == sport, 30)
     assert back is not None, f"TCP decap candidate: {ev.seen}"
     assert back.sport == 5201 and back.sp_spi == tun.back_spi, f"{back}"
     stats = learner.stats()
@@ -149,7 +149,7 @@ def test_learn_latency_through_esp(learner: Learner, bed: Testbed) -> None:
             while port not in got and time.monotonic() < deadline:
                 select.select([learner], [], [], max(0.0, deadline - time.monotonic()))
                 for c in learner.poll(0):
-                    if c.direction == "encap" and c.proto == 17:
+                    if c.forwarding == "encap" and c.proto == 17:
                         got[c.dport] = c
             assert port in got, f"flow {i} learned: {learner.stats()}"
     assert {c.esp_spi for c in got.values()} == {tun.out_spi}, "all on gw1's outbound SA"

@@ -1,0 +1,201 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""Learning: a flow the kernel was seen forwarding (a learner candidate) becomes a sighting,
+is validated against the kernel's state as it is now (controller/core/validate.py), and only
+then is installed: its SA offloaded if it is not yet (controller/agent/offload.py), its flow
+entry written. Anything short of a proof refuses the flow, with a reason
+(controller/core/reasons.py), and the kernel keeps forwarding it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from controller.agent.offload import Offload
+from controller.agent.ports import Ports
+from controller.agent.state import AgentState
+from controller.config import Config
+from controller.core.reasons import RejectReason
+from controller.core.state import Direction, FlowKey, FlowRecord, SaRef
+from controller.core.validate import (
+    Accepted,
+    Rejected,
+    Sighting,
+    validate_decap,
+    validate_encap,
+)
+from controller.datapath.entries import flow_key, flow_val
+
+if TYPE_CHECKING:
+    from controller.datapath.learner import Candidate
+
+log = logging.getLogger("xfrm-fastpath")
+
+DEFAULT_MTU = 1500  # assumed for a link the kernel does not list
+
+
+def sighting_of(cand: Candidate, direction: Direction) -> Sighting:
+    """What validation needs of a candidate."""
+    return Sighting(
+        direction=direction,
+        in_ifindex=cand.in_ifindex,
+        out_ifindex=cand.out_ifindex,
+        saddr=cand.saddr,
+        daddr=cand.daddr,
+        proto=cand.proto,
+        sport=cand.sport,
+        dport=cand.dport,
+        spi=cand.spi,
+        outer_saddr=cand.outer_saddr,
+        outer_daddr=cand.outer_daddr,
+        eth_src=cand.eth_src,
+        eth_dst=cand.eth_dst,
+        mangled=cand.mangled,
+    )
+
+
+class Learning:
+    """Candidates in, flow entries out (or a counted refusal)."""
+
+    def __init__(self, cfg: Config, state: AgentState, ports: Ports, offload: Offload):
+        self.cfg = cfg
+        self.state = state
+        self.ports = ports
+        self.offload = offload
+
+    def on_candidate(self, cand: Candidate) -> None:
+        st = self.state
+        if cand.direction is None:
+            return  # clear forwarding (no tunnel): the kernel keeps it
+        s = sighting_of(cand, cand.direction)
+        key = FlowKey(s.in_ifindex, s.direction, s.saddr, s.daddr, s.proto, s.sport, s.dport)
+        known = st.flows.flows.get(key)
+        if known is not None and known.sa.spi == s.spi:
+            return  # already on the fastpath: its liveness packet (XFP_LIVENESS_NS), or in flight
+        encap = s.direction is Direction.ENCAP
+        want_in, want_out = ("lan", "wan") if encap else ("wan", "lan")
+        if st.role.get(s.in_ifindex) != want_in or st.role.get(s.out_ifindex) != want_out:
+            why = Rejected(RejectReason.WRONG_INTERFACES, "not between our lan/wan")
+            return self._refuse(cand, why)
+        if st.flows.full():
+            return self._refuse(cand, Rejected(RejectReason.TABLE_FULL, "flow table full"))
+        try:
+            result = self._validate(s)
+        except Exception as e:  # netlink error: fail closed, never install on partial facts
+            log.warning("validation of %s failed: %s", s.saddr, e)
+            result = Rejected(RejectReason.NETLINK_ERROR, str(e))
+        if isinstance(result, Rejected):
+            return self._refuse(cand, result)
+        try:
+            self._install(cand, s, result)
+        except Exception as e:
+            self._install_failed(cand, s, result, e)
+
+    def _install_failed(self, cand: Candidate, s: Sighting, ok: Accepted, e: Exception) -> None:
+        if getattr(e, "errno", 0) == errno.E2BIG:  # an SA map is full ([tables] sas)
+            why = Rejected(
+                RejectReason.SA_TABLE_FULL,
+                f"SA table full ({e}; [tables] sas = {self.cfg.sa_table_size}): "
+                f"SA 0x{ok.sa.spi:08x} stays on the kernel path",
+            )
+        else:
+            why = Rejected(RejectReason.INSTALL_FAILED, str(e))
+        # Once per SA at error level: the flow's next sightings try again (and fail again
+        # while the table stays full); the count goes on in the rejections counter.
+        ref = SaRef(str(ok.sa.dst), ok.sa.spi, ok.sa.reqid)
+        refused = self.state.refused_sas
+        level = logging.DEBUG if refused.get(ref) == why.detail else logging.ERROR
+        log.log(level, "installing flow %s->%s failed: %s", s.saddr, s.daddr, why.detail)
+        refused[ref] = why.detail  # the SA's reason in `xfrm-fastpath sas`
+        self._refuse(cand, why)
+
+    def _refuse(self, cand: Candidate, why: Rejected) -> None:
+        self.ports.metrics.reject(why.reason)
+        log.info(
+            "not offloaded: %s %s %s->%s proto %d: %s",
+            cand.direction.name.lower() if cand.direction is not None else None,
+            why.reason,
+            cand.saddr,
+            cand.daddr,
+            cand.proto,
+            why.detail,
+        )
+        if why.reason is RejectReason.SA_UNSUPPORTED and cand.spi is not None:
+            sa = self.state.view.sa_by_spi(cand.spi)
+            if sa is not None:
+                self.state.refused_sas[SaRef(str(sa.dst), sa.spi, sa.reqid)] = why.detail
+
+    def _validate(self, s: Sighting) -> Accepted | Rejected:
+        view, routing = self.state.view, self.ports.routing
+        view.refresh()
+        if s.spi is None:
+            return Rejected(RejectReason.NO_SPI, "the sighting carries no SPI")
+        if s.direction is Direction.ENCAP:
+            sa = view.sa_by_spi(s.spi, s.outer_daddr)
+            route = routing.route(s.outer_daddr)
+            hop = route.next_hop(s.outer_daddr) if route else s.outer_daddr
+            neigh = routing.neigh(route.oif, hop) if route else None
+            return validate_encap(s, view.policies, view.default, sa, route, neigh)
+        sa = view.sa_by_spi(s.spi)
+        route = routing.route(s.daddr)
+        hop = route.next_hop(s.daddr) if route else s.daddr
+        neigh = routing.neigh(route.oif, hop) if route else None
+        local = routing.local_addrs()
+        return validate_decap(s, view.policies, view.default, sa, local, route, neigh)
+
+    def _link_mtu(self, ifindex: int) -> int:
+        """The link's MTU, remembered with its MAC in link_seen (flow entries are written with
+        both; a LinkChanged with other values takes those flows off)."""
+        link = self.ports.routing.link(ifindex)
+        if link is None:
+            return DEFAULT_MTU
+        self.state.link_seen[ifindex] = link
+        return link[0]
+
+    def _install(self, cand: Candidate, s: Sighting, ok: Accepted) -> None:
+        st, sa = self.state, ok.sa
+        ref = SaRef(str(sa.dst), sa.spi, sa.reqid)
+        now = time.monotonic_ns()
+        if s.direction is Direction.ENCAP:
+            # The outer next hop as validated now: after a neighbour or route change the
+            # flows are learned again with the new one (the SA entry keeps the first).
+            off = st.sa_out.get(ref) or self.offload.offload_outbound(
+                sa,
+                cand.iv_xor_seq,
+                s.out_ifindex,
+                s.eth_dst,
+                s.eth_src,
+                self._link_mtu(s.out_ifindex),
+                now,
+            )
+            if off is None:
+                return
+        else:
+            off = st.sa_in.get(ref) or self.offload.offload_inbound(sa, now)
+        key = flow_key(s.in_ifindex, s.direction, s.proto, s.saddr, s.daddr, s.sport, s.dport)
+        mtu = self._link_mtu(s.out_ifindex)
+        self.ports.datapath.put_flow(
+            key, flow_val(off.sa_id, s.out_ifindex, s.eth_dst, s.eth_src, mtu=mtu)
+        )
+        rec = FlowRecord(
+            key=FlowKey(s.in_ifindex, s.direction, s.saddr, s.daddr, s.proto, s.sport, s.dport),
+            sa=ref,
+            egress_ifindex=s.out_ifindex,
+            src_mac=s.eth_src,
+            dst_mac=s.eth_dst,
+            policy_index=ok.policy.index,
+            neighbour=(ok.route.oif, ok.next_hop),
+            seen_ns=cand.ktime_rx,
+            installed_ns=time.monotonic_ns(),
+            dp_key=bytes(key),
+        )
+        st.flows.add(rec)
+        self.ports.metrics.observe_learn_latency(rec.learn_latency_s)
+        log.info(
+            "offloaded %s via SA 0x%08x (learned in %.2f ms)",
+            rec.key,
+            sa.spi,
+            (rec.learn_latency_s or 0) * 1e3,
+        )

@@ -1,0 +1,112 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The agent's status: what `xfrm-fastpath status`, `flows` and `sas` show, as a dict and as
+the status file in the namespace's run directory (written at every housekeeping tick,
+atomically: a reader never sees half a file).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from controller.agent.ports import Ports
+from controller.agent.state import AgentState
+from controller.config import Config
+from controller.core.state import SaRef
+from controller.paths import STATUS_FILE
+from controller.telemetry.metrics import snapshot_to_dict
+
+if TYPE_CHECKING:
+    from controller.telemetry.metrics import MetricsSnapshot
+
+log = logging.getLogger("xfrm-fastpath")
+
+
+def flows_status(state: AgentState) -> list[dict[str, Any]]:
+    return [
+        {
+            "direction": rec.key.direction.name.lower(),
+            "ifindex": rec.key.ifindex,
+            "saddr": rec.key.saddr,
+            "daddr": rec.key.daddr,
+            "proto": rec.key.proto,
+            "sport": rec.key.sport,
+            "dport": rec.key.dport,
+            "spi": f"0x{rec.sa.spi:08x}",
+            "egress_ifindex": rec.egress_ifindex,
+            "learn_latency_ms": round((rec.learn_latency_s or 0) * 1e3, 3),
+        }
+        for rec in sorted(state.flows.flows.values(), key=lambda r: r.key)
+    ]
+
+
+def sas_status(state: AgentState) -> list[dict[str, Any]]:
+    """The kernel's SAs (as last read), each with whether and why it is offloaded or not."""
+    sas = []
+    offloaded = {**state.sa_out, **state.sa_in}
+    for sa in state.view.sas:
+        ref = SaRef(str(sa.dst), sa.spi, sa.reqid)
+        ok, why = sa.fastpath_support()
+        off = offloaded.get(ref)
+        sas.append(
+            {
+                "spi": f"0x{sa.spi:08x}",
+                "src": str(sa.src),
+                "dst": str(sa.dst),
+                "reqid": sa.reqid,
+                "algorithm": sa.alg_name,
+                "offloaded": off is not None,
+                "direction": off.direction.name.lower() if off else None,
+                "supported": ok,
+                "reason": "offloaded"
+                if off
+                else (state.refused_sas.get(ref) or ("waiting for traffic" if ok else why)),
+                "flows": len(state.flows.flows_of_sa(ref)),
+            }
+        )
+    return sas
+
+
+def status(
+    cfg: Config,
+    state: AgentState,
+    ports: Ports,
+    *,
+    started: float,
+    snapshot: MetricsSnapshot | None,
+    loop_stalls: int,
+) -> dict[str, Any]:
+    return {
+        "pid": os.getpid(),
+        "started": started,
+        "interfaces": {"lan": list(cfg.lan), "wan": list(cfg.wan)},
+        "metrics": snapshot_to_dict(snapshot) if snapshot else None,
+        "flows": flows_status(state),
+        "sas": sas_status(state),
+        # Kernel-built ESP on offloaded SAs, as the TC program handled it (bpf/tc_reseq.c).
+        "resequencer": {k: v[0] for k, v in ports.reseq.stats().items()},
+        # Each removal: cause, flows, when the kernel event was read and when the flows
+        # were out of the maps (CLOCK_MONOTONIC ns; event_ns null for timer removals).
+        "invalidations": list(state.recent_invalidations),
+        # Main-loop steps that held it STALL_S or longer (each logged, naming the step).
+        "loop_stalls": loop_stalls,
+        "written_ns": time.monotonic_ns(),
+    }
+
+
+def write_status(run_dir: Path, make: Callable[[], dict[str, Any]]) -> None:
+    """The status file, replaced atomically (mode 0600: it names flows and SAs)."""
+    try:
+        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = run_dir / (STATUS_FILE + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(make(), f)
+        os.replace(tmp, run_dir / STATUS_FILE)
+    except OSError as e:
+        log.debug("status file: %s", e)
