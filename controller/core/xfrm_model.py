@@ -4,18 +4,19 @@
 Pure data, no netlink: the controller's state layer and its unit tests import this module
 without sockets or BPF. controller/netlink/xfrm.py converts netlink messages to and from it.
 
-Key material is wrapped in `Secret`, whose repr/str never show the bytes, so an SA can be
-logged, printed or put in an exception message without leaking its key.
+Key material is wrapped in `Secret` (controller/core/secret.py), whose repr/str never show the
+bytes, so an SA can be logged, printed or put in an exception message without leaking its key.
 """
 
 from __future__ import annotations
 
 import enum
-import hmac
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Union
+
+from controller.core.secret import Secret
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]  # noqa: UP007
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]  # noqa: UP007
@@ -34,48 +35,6 @@ FASTPATH_ICV_BITS = 128
 # AEAD constructions whose key material ends with a 4-byte salt (RFC 4106 §8.1, RFC 4309 §7.1,
 # RFC 4543 §8.1, RFC 7634 §2).
 _SALTED_AEAD_PREFIXES = ("rfc7539esp(", "rfc4106(", "rfc4309(", "rfc4543(")
-
-
-class Secret:
-    """Bytes that never show themselves in repr(), str() or f-strings. `reveal()` gets them."""
-
-    __slots__ = ("_b",)
-
-    def __init__(self, data: bytes = b"") -> None:
-        self._b = bytes(data)
-
-    def reveal(self) -> bytes:
-        return self._b
-
-    def __len__(self) -> int:
-        return len(self._b)
-
-    def __bool__(self) -> bool:
-        return bool(self._b)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Secret):
-            return hmac.compare_digest(self._b, other._b)
-        if isinstance(other, bytes | bytearray):
-            return hmac.compare_digest(self._b, bytes(other))
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(("Secret", len(self._b)))
-
-    def __repr__(self) -> str:
-        return f"<secret {len(self._b)} bytes>"
-
-    __str__ = __repr__
-
-    def __format__(self, spec: str) -> str:
-        return repr(self)
-
-    def __reduce__(self):  # pickling would be a way out of the box
-        raise TypeError("Secret cannot be pickled")
-
-    def __deepcopy__(self, memo: dict) -> Secret:
-        return self
 
 
 class Proto(enum.IntEnum):
