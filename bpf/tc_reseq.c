@@ -2,7 +2,7 @@
 /*
  * tc_reseq.c: TC egress on the WAN side. Renumbers the ESP packets the KERNEL builds for an SA
  * the fastpath has taken over, so that the SA has one sequence space with one owner
- * (DESIGN.md section 3, issue 5).
+ * (docs/design.md, issue 5).
  *
  * Why: once an outbound SA is offloaded, XDP sends most of its packets with numbers from the
  * SA entry's counter, which starts above the kernel's output sequence. The kernel still sends
@@ -25,6 +25,9 @@
  * long as the kernel uses the SA (until its hard deadline), or the sequence would go backwards.
  */
 #define XFP_CTX_SKB 1
+#define XFP_MAPS_DATAPATH
+#define XFP_MAPS_RESEQ
+#define XFP_MAPS_AEAD
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 #include "maps.h"
@@ -32,26 +35,7 @@
 #include "esp/esp.h"
 #include "aead/aead.h"
 
-/* Outbound SA by (SPI, outer daddr) -> sa_id: the kernel's frame names its SA by SPI only.
- * Written by the controller beside each xfp_sa_out entry (controller/datapath/reseq.py). */
-BPF_TABLE_PINNED("hash", struct xfp_sa_in_key, __u32, xfp_sa_out_spi, XFP_SA_MAX,
-		 XFP_PIN_DIR "/xfp_sa_out_spi");
-
-enum xfp_reseq_stat {
-	XFP_RESEQ_OK = 0,	 /* renumbered and re-sealed */
-	XFP_RESEQ_EXHAUSTED = 1, /* counter at its limit: dropped, never reused */
-	XFP_RESEQ_ERROR = 2,	 /* bounds or crypto failure after decrypting: dropped */
-	XFP_RESEQ_EXPIRED = 3,	 /* SA past its hard deadline: left as the kernel built it */
-	XFP_RESEQ_GSO = 4,	 /* a GSO super-frame: dropped (cannot renumber segments here) */
-	XFP_RESEQ_TOO_BIG = 5,	 /* longer than XFP_MAX_FRAME: dropped */
-	XFP_RESEQ_FRAGMENT = 6,	 /* the first fragment of a fragmented ESP packet: dropped */
-	XFP_RESEQ_MAX = 7,
-};
-
-/* Per-CPU counters of this program by enum xfp_reseq_stat; the controller sums them. */
-BPF_TABLE_PINNED("percpu_array", __u32, struct xfp_stat, xfp_reseq_stats, XFP_RESEQ_MAX,
-		 XFP_PIN_DIR "/xfp_reseq_stats");
-
+/* The map accessors: BCC rewrites map calls in the main file only (maps.h). */
 static __always_inline struct xfp_crypto_scratch *xfp_scratch(void)
 {
 	__u32 zero = 0;
@@ -59,14 +43,10 @@ static __always_inline struct xfp_crypto_scratch *xfp_scratch(void)
 	return xfp_crypto_scratch.lookup(&zero);
 }
 
+/* Count one frame under enum xfp_reseq_stat (xfp_defs.h). */
 static __always_inline void reseq_count(__u32 what, __u32 len)
 {
-	struct xfp_stat *st = xfp_reseq_stats.lookup(&what);
-
-	if (st) {
-		st->packets += 1;
-		st->bytes += len;
-	}
+	xfp_stat_add(xfp_reseq_stats.lookup(&what), len);
 }
 
 #define RESEQ_ENC_OFF (XFP_ETH_LEN + XFP_ENCAP_HEAD) /* 50: first encrypted byte */
@@ -157,16 +137,12 @@ int tc_reseq(struct __sk_buff *skb)
 
 	/* Take the next number under the same lock XDP takes it (xdp_encap.c). */
 	bpf_spin_lock(&sa->lock);
-	seq = sa->seq;
-	if (seq == 0)
-		seq = 1;
-	if (seq >= sa->seq_limit || (!(sa->flags & XFP_SA_F_ESN) && seq > 0xffffffffULL)) {
-		bpf_spin_unlock(&sa->lock);
+	seq = xfp_esp_seq_take(sa);
+	bpf_spin_unlock(&sa->lock);
+	if (!seq) {
 		reseq_count(XFP_RESEQ_EXHAUSTED, len);
 		return TC_ACT_SHOT;
 	}
-	sa->seq = seq + 1;
-	bpf_spin_unlock(&sa->lock);
 
 	/* ChaCha20 is a stream cipher: strip the kernel's keystream, then apply ours. The
 	 * kernel's ICV is not checked: this gateway built the packet a moment ago. */
@@ -178,9 +154,7 @@ int tc_reseq(struct __sk_buff *skb)
 	if (data + RESEQ_ENC_OFF > data_end)
 		goto shot;
 	esp = data + XFP_ETH_LEN + XFP_IP_LEN;
-	esp->seq = xfp_htonl(seq & 0xffffffff);
-	*(__u64 *)iv = xfp_htonll(seq ^ sa->iv_mask);
-	__builtin_memcpy(esp->iv, iv, 8);
+	xfp_esp_set_seq_iv(esp, iv, seq, sa->iv_mask);
 	aad_len = xfp_esp_aad(aad, sa->spi, seq, sa->flags & XFP_SA_F_ESN);
 	if (xfp_aead_seal(skb, RESEQ_ENC_OFF, clen, RESEQ_ENC_OFF + clen,
 			  (const struct xfp_aead_key *)sa->key, iv, aad, aad_len))

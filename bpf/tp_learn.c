@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0-only */
 /*
  * First-packet learning: watch the kernel forward a packet through the gateway's namespace and
- * report it as a candidate flow (DESIGN.md section 2).
+ * report it as a candidate flow (docs/design.md, first-packet learning).
  *
  *   net:netif_receive_skb    an skb enters a watched device: store a sighting keyed by the skb
  *                            pointer (inner 5-tuple if clear, SPI/seq if ESP). After ESP
@@ -37,24 +37,20 @@
  * BTF (controller/datapath/btf_offsets.py): no kernel-internal header is included. Packet bytes
  * are read with bpf_probe_read_kernel from the linear part of the skb only (len - data_len).
  */
+#define XFP_MAPS_LEARN
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
 
 #include "learn_defs.h"
+#include "maps.h"
 
 #ifndef SKB_HEAD_OFF
 #error "kernel offsets missing: build through controller/datapath/learner.py (btf_offsets.cflags())"
 #endif
 #ifndef HAVE_SECPATH
 #define HAVE_SECPATH 0
-#endif
-#ifndef LEARN_SIGHTINGS
-#define LEARN_SIGHTINGS 8192 /* skbs in flight between receive and xmit */
-#endif
-#ifndef LEARN_EMITTED
-#define LEARN_EMITTED 16384 /* flows recently reported */
 #endif
 #ifndef LEARN_REEMIT_NS
 #define LEARN_REEMIT_NS 100000000ULL /* 100 ms: one event per flow and window, not per packet */
@@ -66,30 +62,18 @@
 #define LEARN_FIB_WINDOW_NS 10000000ULL /* route lookup within 10 ms of its receive, same CPU */
 #endif
 
-#define IPPROTO_ESP_ 50
-#define ESP_HDR_IV_LEN 16 /* SPI, seq (RFC 4303 section 2), 8-byte IV (RFC 7634 section 2) */
+/* SPI, seq (RFC 4303 section 2), 8-byte IV (RFC 7634 section 2): 16 */
+#define ESP_HDR_IV_LEN (XFP_ESP_HDR_LEN + XFP_ESP_IV_LEN)
 
 /* The sizes of the fields read as fixed-width integers below. */
 _Static_assert(SKB_LEN_SZ == 4 && SKB_DATA_LEN_SZ == 4 && SKB_IIF_SZ == 4, "u32 skb fields");
 _Static_assert(SKB_PROTOCOL_SZ == 2, "skb->protocol is __be16");
 _Static_assert(DEV_IFINDEX_SZ == 4 && NET_NS_INUM_SZ == 4, "u32 ifindex, inum");
-_Static_assert(sizeof(struct learn_event) == 112, "learn_event layout (learn_defs.py)");
+_Static_assert(sizeof(struct learn_event) == 112, "learn_event layout (learn_abi.py)");
 _Static_assert(sizeof(struct learn_sighting) == 48, "learn_sighting layout");
 
-/* learn_cfg[0]: the gateway's netns inode; written once by the learner before traffic. */
-BPF_ARRAY(learn_cfg, struct learn_cfg, 1);
-/* Watched devices of that netns: ifindex -> LEARN_ROLE_*; written by the learner. */
-BPF_HASH(learn_ifaces, u32, u32, 64);
-/* skb pointer -> what it looked like when received; written at receive, taken at xmit. */
-BPF_TABLE("lru_hash", u64, struct learn_sighting, learn_sightings, LEARN_SIGHTINGS);
-/* The last sighting stored on this CPU, for the route lookup that follows it. */
-BPF_PERCPU_ARRAY(learn_last_rx, struct learn_last_rx, 1);
-/* Flow (+ SPI) -> ktime of its last event: re-emit suppression. */
-BPF_TABLE("lru_hash", struct learn_flow_key, u64, learn_emitted, LEARN_EMITTED);
-/* Per-CPU counters, indexed by LEARN_STAT_*; read by the learner for diagnostics. */
-BPF_PERCPU_ARRAY(learn_stats, u64, LEARN_STAT_MAX);
-/* Candidate events to the learner. */
-BPF_PERF_OUTPUT(learn_events);
+/* The maps (learn_cfg, learn_ifaces, learn_sightings, learn_last_rx, learn_emitted,
+ * learn_stats, learn_events) are in maps.h, section XFP_MAPS_LEARN. */
 
 struct tuple {
 	__u32 saddr;
@@ -181,15 +165,15 @@ static __always_inline int parse_ipv4(void *l3, __u32 avail, struct tuple *t)
 	 * since the datapath could not key its later fragments. */
 	if (ip.frag_off & bpf_htons(0x3fff))
 		return 0;
-	__u32 need = ip.protocol == IPPROTO_ESP_ ? ESP_HDR_IV_LEN : 8;
+	__u32 need = ip.protocol == IPPROTO_ESP ? ESP_HDR_IV_LEN : 8;
 	if (ip.protocol != IPPROTO_TCP && ip.protocol != IPPROTO_UDP &&
-	    ip.protocol != IPPROTO_ICMP && ip.protocol != IPPROTO_ESP_)
+	    ip.protocol != IPPROTO_ICMP && ip.protocol != IPPROTO_ESP)
 		return 0;
 	if (hlen > 60 || avail < hlen + need)
 		return 0;
 	if (bpf_probe_read_kernel(l4, ESP_HDR_IV_LEN, l3 + hlen))
 		return 0;
-	if (ip.protocol == IPPROTO_ESP_) {
+	if (ip.protocol == IPPROTO_ESP) {
 		__builtin_memcpy(&t->esp_spi, &l4[0], 4);
 		__builtin_memcpy(&t->esp_seq, &l4[4], 4);
 		__builtin_memcpy(t->esp_iv, &l4[8], 8);
@@ -268,7 +252,7 @@ TRACEPOINT_PROBE(net, netif_receive_skb)
 	s.ktime = now;
 	s.ifindex = ifindex;
 	s.flags = t.flags;
-	if (t.proto == IPPROTO_ESP_) {
+	if (t.proto == IPPROTO_ESP) {
 		if (!t.l4_ok) {
 			learn_sightings.delete(&key);
 			return 0;
@@ -423,7 +407,7 @@ TRACEPOINT_PROBE(net, net_dev_start_xmit)
 		ev.sport = s.sport;
 		ev.dport = s.dport;
 		ev.proto = s.proto;
-	} else if (in_role == LEARN_ROLE_WAN && tx.proto != IPPROTO_ESP_ && tx.l4_ok) {
+	} else if (in_role == LEARN_ROLE_WAN && tx.proto != IPPROTO_ESP && tx.l4_ok) {
 		/* Decap whose clear re-receive was not seen: the frame sent is the inner packet. */
 		ev.saddr = tx.saddr;
 		ev.daddr = tx.daddr;
@@ -437,7 +421,7 @@ TRACEPOINT_PROBE(net, net_dev_start_xmit)
 
 	__u32 spi = 0;
 	if (in_role == LEARN_ROLE_LAN) {
-		if (tx.proto == IPPROTO_ESP_ && tx.l4_ok) {
+		if (tx.proto == IPPROTO_ESP && tx.l4_ok) {
 			ev.direction = LEARN_DIR_ENCAP;
 			ev.flags |= LEARN_F_ESP_TX;
 			ev.esp_spi = tx.esp_spi;
@@ -448,7 +432,7 @@ TRACEPOINT_PROBE(net, net_dev_start_xmit)
 			ev.direction = LEARN_DIR_CLEAR_OUT;
 		}
 	} else {
-		if (tx.proto == IPPROTO_ESP_) { /* ESP in, ESP out: transit, not ours */
+		if (tx.proto == IPPROTO_ESP) { /* ESP in, ESP out: transit, not ours */
 			stat_inc(LEARN_STAT_TX_NOT_FORWARD);
 			return 0;
 		}

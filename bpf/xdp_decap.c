@@ -11,6 +11,8 @@
  *   eth(14) | outer IPv4(20) | SPI, seq(8) | IV(8) | inner IPv4 | pad | pad len | nh | ICV(16)
  *                                                  ^ XFP_DEC_OFF (50)
  */
+#define XFP_MAPS_DATAPATH
+#define XFP_MAPS_AEAD
 #include <uapi/linux/bpf.h>
 #include "maps.h"
 #include "pkt/parsing.h"
@@ -20,7 +22,7 @@
 
 #define XFP_DEC_OFF (XFP_ETH_LEN + XFP_ENCAP_HEAD) /* 50: first encrypted byte */
 
-/* aead.h's per-CPU scratch, defined here because BCC rewrites map calls in the main file only. */
+/* The map accessors: BCC rewrites map calls in the main file only (maps.h). */
 static __always_inline struct xfp_crypto_scratch *xfp_scratch(void)
 {
 	__u32 zero = 0;
@@ -28,17 +30,12 @@ static __always_inline struct xfp_crypto_scratch *xfp_scratch(void)
 	return xfp_crypto_scratch.lookup(&zero);
 }
 
-/* Here, not in maps.h: BCC rewrites map calls in the main file only.
- * Count one frame under (dir, reason); len is the frame length as received. */
+/* Count one frame under (dir, reason); len is the frame length as received. */
 static __always_inline void xfp_count(__u32 dir, __u32 reason, __u32 len)
 {
 	__u32 idx = dir * XFP_R_MAX + reason;
-	struct xfp_stat *st = xfp_stats.lookup(&idx);
 
-	if (st) {
-		st->packets += 1;
-		st->bytes += len;
-	}
+	xfp_stat_add(xfp_stats.lookup(&idx), len);
 }
 
 /* RFC 4303 section 2.4: the receiver checks the pad bytes are 1, 2, 3, ... Needs the payload

@@ -8,6 +8,8 @@
  *   eth(14) | outer IPv4(20) | SPI, seq(8) | IV(8) | inner IPv4 | pad 1,2,.. | pad len | 4 |
  * ICV(16) ^ data (after adjust_head(-36))                 ^ XFP_ENC_OFF (50): encrypted from here
  */
+#define XFP_MAPS_DATAPATH
+#define XFP_MAPS_AEAD
 #include <uapi/linux/bpf.h>
 #include "maps.h"
 #include "pkt/parsing.h"
@@ -15,7 +17,7 @@
 #include "esp/esp.h"
 #include "aead/aead.h"
 
-/* aead.h's per-CPU scratch, defined here because BCC rewrites map calls in the main file only. */
+/* The map accessors: BCC rewrites map calls in the main file only (maps.h). */
 static __always_inline struct xfp_crypto_scratch *xfp_scratch(void)
 {
 	__u32 zero = 0;
@@ -23,17 +25,12 @@ static __always_inline struct xfp_crypto_scratch *xfp_scratch(void)
 	return xfp_crypto_scratch.lookup(&zero);
 }
 
-/* Here, not in maps.h: BCC rewrites map calls in the main file only.
- * Count one frame under (dir, reason); len is the frame length as received. */
+/* Count one frame under (dir, reason); len is the frame length as received. */
 static __always_inline void xfp_count(__u32 dir, __u32 reason, __u32 len)
 {
 	__u32 idx = dir * XFP_R_MAX + reason;
-	struct xfp_stat *st = xfp_stats.lookup(&idx);
 
-	if (st) {
-		st->packets += 1;
-		st->bytes += len;
-	}
+	xfp_stat_add(xfp_stats.lookup(&idx), len);
 }
 
 #define XFP_ENC_OFF (XFP_ETH_LEN + XFP_ENCAP_HEAD) /* 50: first encrypted byte */
@@ -200,21 +197,18 @@ int xdp_encap(struct xdp_md *ctx)
 	}
 #endif
 
-	/* One sequence number per packet, never shared between CPUs and never past seq_limit;
-	 * the kernel's xfrm_replay_overflow() refuses to wrap 32 bits without ESN as well. */
+	/* One sequence number per packet, never past seq_limit (esp/esp.h). */
 	bpf_spin_lock(&sa->lock);
-	seq = sa->seq;
-	if (seq == 0)
-		seq = 1; /* RFC 4303 section 3.3.3: the first packet carries 1 */
-	if (seq >= sa->seq_limit || (!(sa->flags & XFP_SA_F_ESN) && seq > 0xffffffffULL)) {
-		bpf_spin_unlock(&sa->lock);
+	seq = xfp_esp_seq_take(sa);
+	if (seq) {
+		sa->packets += 1;
+		sa->bytes += ilen;
+	}
+	bpf_spin_unlock(&sa->lock);
+	if (!seq) {
 		r = XFP_R_PASS_SEQ_EXHAUSTED;
 		goto pass;
 	}
-	sa->seq = seq + 1;
-	sa->packets += 1;
-	sa->bytes += ilen;
-	bpf_spin_unlock(&sa->lock);
 
 	/* Read the inner header before the frame moves (RFC 4301 section 5.1.2.1 / the kernel's
 	 * xfrm4_tunnel_encap_add(): outer DSCP and DF from the inner header unless the SA says
@@ -288,12 +282,8 @@ int xdp_encap(struct xdp_md *ctx)
 	outer->daddr = sa->daddr;
 	outer->check = xfp_ipv4_csum(outer);
 
-	/* RFC 4303 section 2.2: the low 32 bits on the wire. IV as crypto/seqiv.c makes it: the
-	 * 64-bit sequence number, big endian, XOR a per-SA mask; unique because seq is. */
 	esp->spi = sa->spi;
-	esp->seq = xfp_htonl(seq & 0xffffffff);
-	*(__u64 *)iv = xfp_htonll(seq ^ sa->iv_mask);
-	__builtin_memcpy(esp->iv, iv, 8);
+	xfp_esp_set_seq_iv(esp, iv, seq, sa->iv_mask);
 
 	/* RFC 4303 section 2.4/2.6: pad 1, 2, .. plen, then pad length, then next header. The 8
 	 * stored bytes run at most 6 bytes into the ICV room, which the seal overwrites. */

@@ -1,11 +1,17 @@
 /* SPDX-License-Identifier: GPL-2.0-only */
 /*
- * Definitions shared by bpf/tp_learn.c and controller/datapath/learn_abi.py (ctypes mirror; a test
- * checks that sizes and offsets agree). Every multi-byte field marked "be" is in network byte
- * order, exactly as read from the packet; the others are host order.
+ * Definitions shared by bpf/tp_learn.c and controller/datapath/learn_abi.py (ctypes mirror;
+ * tests/bpf/test_abi.py checks that sizes, offsets and values agree). Every multi-byte field
+ * marked "be" is in network byte order, exactly as read from the packet; the others are host
+ * order.
  */
 #ifndef LEARN_DEFS_H
 #define LEARN_DEFS_H
+
+#ifndef __bpf__
+/* User space (the gcc layout check): BPF programs get these from BCC's helpers.h. */
+#include <linux/types.h>
+#endif
 
 /* Role of a watched device, the value in the learn_ifaces map. */
 #define LEARN_ROLE_LAN 1 /* clear side */
@@ -91,6 +97,7 @@ struct learn_sighting {
 	__u32 esp_seq;	 /* be */
 	__u32 fib_tb_id; /* host order */
 	__u32 fib_gw4;	 /* be */
+	__u32 pad1;	 /* always 0: the padding to 48 bytes, explicit */
 };
 
 /* The last sighting made on this CPU: fib_table_lookup carries no skb pointer, but the input

@@ -1,9 +1,9 @@
 /* SPDX-License-Identifier: GPL-2.0-only */
 /*
- * xfp_defs.h: THE definitions shared by the XDP datapath (bpf/xdp_encap.c, bpf/xdp_decap.c)
- * and the controller (controller/datapath/abi.py mirrors every struct and enum here with ctypes;
- * tests/bpf/test_defs.py compiles this header with gcc and checks that sizes, offsets and values
- * agree). Change both sides together.
+ * xfp_defs.h: THE definitions shared by the datapath (bpf/xdp_encap.c, bpf/xdp_decap.c,
+ * bpf/tc_reseq.c) and the controller (controller/datapath/abi.py mirrors every struct, enum and
+ * constant here with ctypes; tests/bpf/test_abi.py compiles this header with gcc and checks that
+ * sizes, offsets and values agree). Change both sides together.
  *
  * Byte order: fields marked "be" hold network byte order exactly as on the wire; all others
  * are host order. Times are bpf_ktime_get_ns() (CLOCK_MONOTONIC, ns).
@@ -88,7 +88,21 @@ enum xfp_reason {
 	XFP_R_MAX = 27,
 };
 
-/* One per-CPU counter slot (map xfp_stats, index dir * XFP_R_MAX + reason). */
+/* What the TC egress resequencer (bpf/tc_reseq.c) did with a kernel-built ESP frame of an
+ * offloaded SA: the index of its per-CPU counters (map xfp_reseq_stats). */
+enum xfp_reseq_stat {
+	XFP_RESEQ_OK = 0,	 /* renumbered and re-sealed */
+	XFP_RESEQ_EXHAUSTED = 1, /* counter at its limit: dropped, never reused */
+	XFP_RESEQ_ERROR = 2,	 /* bounds or crypto failure after decrypting: dropped */
+	XFP_RESEQ_EXPIRED = 3,	 /* SA past its hard deadline: left as the kernel built it */
+	XFP_RESEQ_GSO = 4,	 /* a GSO super-frame: dropped (cannot renumber segments here) */
+	XFP_RESEQ_TOO_BIG = 5,	 /* longer than XFP_MAX_FRAME: dropped */
+	XFP_RESEQ_FRAGMENT = 6,	 /* the first fragment of a fragmented ESP packet: dropped */
+	XFP_RESEQ_MAX = 7,
+};
+
+/* One per-CPU counter slot (map xfp_stats, index dir * XFP_R_MAX + reason; map
+ * xfp_reseq_stats, index enum xfp_reseq_stat). */
 struct xfp_stat {
 	__u64 packets;
 	__u64 bytes; /* frame length as received */

@@ -8,11 +8,13 @@
  * runs the operation in place and returns XDP_TX on success, XDP_DROP when the operation
  * returned -1 (bad tag, failed bound), XDP_ABORTED on a malformed header.
  */
+#define XFP_MAPS_AEAD
 #include <uapi/linux/bpf.h>
 
+#include "maps.h"
 #include "aead/aead.h"
 
-/* aead.h's scratch accessor: BCC rewrites map calls only in the main file. */
+/* aead.h's scratch accessor: BCC rewrites map calls in the main file only (maps.h). */
 static __always_inline struct xfp_crypto_scratch *xfp_scratch(void)
 {
 	__u32 zero = 0;

@@ -14,36 +14,14 @@
  * xdp_bench_sink: the traffic sink on the far host (or on gw1 itself to time the source
  * alone): counts frames and inner IPv4 bytes per CPU, then drops them.
  */
+#define XFP_MAPS_BENCH
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/udp.h>
+#include "maps.h" /* bench_cfg, bench_seq, bench_count */
 #include "pkt/csum.h"
 #include "pkt/parsing.h"
-
-#define BENCH_HDR_LEN (XFP_ETH_LEN + XFP_IP_LEN + 8) /* Ethernet + IPv4 + UDP: 42 */
-#define BENCH_SIZES 16				     /* size pattern slots (IMIX 7:4:1 = 12) */
-
-struct bench_cfg {
-	__u8 hdr[BENCH_HDR_LEN + 6]; /* template; the 6 bytes pad to 48 */
-	__u16 sizes[BENCH_SIZES];    /* IPv4 total length of packet i % nsizes */
-	__u32 nsizes;
-	__u32 nflows;	 /* source port = template's + i % nflows */
-	__u32 cpu_flows; /* 1: + CPU * nflows, so that each CPU sends flows of its own */
-	__u32 pad;
-};
-
-struct bench_count {
-	__u64 packets;
-	__u64 bytes; /* IPv4 bytes (frame minus Ethernet header) */
-};
-
-/* Generator configuration, one entry. Written by bench/e2e.py before a run. */
-BPF_ARRAY(bench_cfg, struct bench_cfg, 1);
-/* Per-CPU packet index of the generator (picks size and flow). Written by the generator. */
-BPF_PERCPU_ARRAY(bench_seq, __u64, 1);
-/* Per-CPU frames and bytes seen by the sink. Written by the sink, summed by bench/e2e.py. */
-BPF_PERCPU_ARRAY(bench_count, struct bench_count, 1);
 
 int xdp_bench_gen(struct xdp_md *ctx)
 {
@@ -94,11 +72,7 @@ int xdp_bench_sink(struct xdp_md *ctx)
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	__u32 zero = 0;
-	struct bench_count *c = bench_count.lookup(&zero);
 
-	if (c) {
-		c->packets++;
-		c->bytes += (data_end - data) - XFP_ETH_LEN;
-	}
+	xfp_stat_add(bench_count.lookup(&zero), (data_end - data) - XFP_ETH_LEN);
 	return XDP_DROP;
 }

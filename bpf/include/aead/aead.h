@@ -33,9 +33,10 @@
  *            builds it, in wire order. Packet pointer or any readable memory. aad_len 8 or 12.
  *   out      64 bytes, 8-byte aligned (BPF stack accesses must be aligned).
  *
- * Scratch state lives in the per-CPU array xfp_crypto_scratch (one entry), declared here
- * once: the ChaCha state and keystream (~130 B) do not belong on a 512 B stack. The including
- * .c file must define xfp_scratch() (4 lines, see below): BCC only rewrites map calls there.
+ * Scratch state lives in the per-CPU array xfp_crypto_scratch (one entry), declared in maps.h
+ * (section XFP_MAPS_AEAD): the ChaCha state and keystream (~130 B) do not belong on a 512 B
+ * stack. The including .c file must define xfp_scratch() (4 lines, see below): BCC only
+ * rewrites map calls there.
  *
  * Build knobs: -DXFP_MAX_FRAME=N (default 1600) bounds every offset; -DXFP_NATIVE compiles the
  * same code for the host (bench/native_aead.c) with a struct xdp_md of real pointers.
@@ -105,11 +106,6 @@ static __always_inline struct xfp_crypto_scratch *xfp_scratch(void)
 	return &xfp_native_scratch;
 }
 #else
-#ifndef XFP_CRYPTO_SCRATCH_DECLARED
-#define XFP_CRYPTO_SCRATCH_DECLARED
-/* Per-CPU scratch for the AEAD (one entry); written and read only by the functions below. */
-BPF_PERCPU_ARRAY(xfp_crypto_scratch, struct xfp_crypto_scratch, 1);
-#endif
 /*
  * BCC 0.26 rewrites map calls (`.lookup`) only in the main source file, never in an included
  * header, so each program that includes this header defines the accessor itself, verbatim:

@@ -63,6 +63,34 @@ static __always_inline __u32 xfp_esp_aad(__u8 aad[12], __u32 spi, __u64 seq, int
 	return 8;
 }
 
+/* The next outbound sequence number of an SA, or 0 when the SA may send no more: seq_limit
+ * reached, or 2^32 without ESN (the kernel's xfrm_replay_overflow() refuses to wrap 32 bits
+ * without ESN as well). RFC 4303 section 3.3.3: the first packet carries 1. One number per
+ * packet, never shared between CPUs or with the resequencer: needs sa->lock held. */
+static __always_inline __u64 xfp_esp_seq_take(struct xfp_sa_out *sa)
+{
+	__u64 seq = sa->seq;
+
+	if (seq == 0)
+		seq = 1;
+	if (seq >= sa->seq_limit || (!(sa->flags & XFP_SA_F_ESN) && seq > 0xffffffffULL))
+		return 0;
+	sa->seq = seq + 1;
+	return seq;
+}
+
+/* Write seq and the IV into an ESP header: RFC 4303 section 2.2, the low 32 bits on the wire;
+ * the IV as crypto/seqiv.c makes it, the 64-bit sequence number, big endian, XOR a per-SA mask
+ * (unique because seq is). iv receives a copy for the AEAD nonce. Needs esp bounds-checked for
+ * sizeof(struct xfp_esp_hdr). */
+static __always_inline void xfp_esp_set_seq_iv(struct xfp_esp_hdr *esp, __u8 iv[8], __u64 seq,
+					       __u64 iv_mask)
+{
+	esp->seq = xfp_htonl(seq & 0xffffffff);
+	*(__u64 *)iv = xfp_htonll(seq ^ iv_mask);
+	__builtin_memcpy(esp->iv, iv, 8);
+}
+
 /* RFC 4303 appendix A2.1: the full 64-bit sequence number of a packet that carries only the
  * low 32 bits `seql`, given the highest authenticated number `top` and the window size.
  * Returns 0 (never a valid number) when it would lie before the start of the sequence space. */
