@@ -251,7 +251,8 @@ class MemoryResequencer:
     kernel-built ESP packet from the outbound SA entry it indexes (the shared counter): not
     offloaded or not indexed, the kernel's number stands; past the entry's deadline_ns it
     stands too (counted "expired"); at seq_limit the packet is dropped ("exhausted"). The
-    watchdog is XDP's alone: a fenced SA is still renumbered (Agent._fence relies on it)."""
+    watchdog is XDP's alone: a fenced SA is still renumbered (the agent's fence,
+    controller/agent/invalidate.py, relies on it)."""
 
     def __init__(self, datapath: MemoryDatapath | None = None, *, sa_max: int = abi.SA_MAX):
         self.spi_map = HashMap("xfp_sa_out_spi", sa_max)
