@@ -1,7 +1,12 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """The Python mirror of bpf/include/xfp_defs.h: struct layouts (ctypes), enums and constants of
-the XDP datapath. The C struct is quoted beside each class; tests/bpf/test_defs.py compiles the
-header with gcc and checks sizes, offsets and values against this module. Change both together.
+the datapath (XDP programs and TC resequencer). The C struct is quoted beside each class.
+
+The end of this module is THE registry of everything C and Python share: STRUCTS, CONSTANTS and
+ENUMS, this module's and the learner's (controller/datapath/learn_abi.py, the mirror of
+bpf/include/learn_defs.h). tests/bpf/test_abi.py iterates it: gcc compiles the headers and checks
+sizes, offsets and values, BCC checks the BPF target's layout, and every #define and enum member
+of the headers must have its twin here. Change both sides together.
 
 Fields the header marks "be" hold network byte order: store them with `be32()` / `be16()` (an
 int whose in-memory bytes are the wire bytes) and read them back with `from_be32()`.
@@ -13,6 +18,8 @@ import ctypes
 import enum
 import ipaddress
 import struct
+
+from controller.datapath import learn_abi
 
 # ---- sizes ----------------------------------------------------------------------------------
 FLOWS_MAX = 65536
@@ -78,6 +85,24 @@ class Reason(enum.IntEnum):
     DROP_ERROR = 25
     PASS_LIVENESS = 26
     MAX = 27
+
+
+class ReseqStat(enum.IntEnum):
+    """enum xfp_reseq_stat: what bpf/tc_reseq.c did with a kernel-built ESP frame of an
+    offloaded SA; the index of its per-CPU counters (map xfp_reseq_stats)."""
+
+    OK = 0
+    EXHAUSTED = 1
+    ERROR = 2
+    EXPIRED = 3
+    GSO = 4
+    TOO_BIG = 5
+    FRAGMENT = 6
+    MAX = 7
+
+
+# The resequencer's counter names, by index: ("ok", "exhausted", ..., "fragment").
+RESEQ_STATS = tuple(s.name.lower() for s in ReseqStat if s is not ReseqStat.MAX)
 
 
 def stat_index(direction: Dir | int, reason: Reason | int) -> int:
@@ -245,6 +270,15 @@ class SaIn(ctypes.Structure):
     ]
 
 
+# ---- the registry (tests/bpf/test_abi.py) -------------------------------------------------------
+# The headers under bpf/include that the registry mirrors, in the order a C file includes them.
+HEADERS = ("xfp_defs.h", "learn_defs.h")
+
+# #defines of those headers with no Python twin, and why (include guards aside).
+UNMIRRORED = {
+    "XFP_LIVENESS_NS": "a -D tunable: the controller passes [timers] liveness when it compiles",
+}
+
 # C struct name -> ctypes class, for the layout test and for map type checks.
 STRUCTS: dict[str, type[ctypes.Structure]] = {
     "xfp_stat": Stat,
@@ -253,6 +287,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "xfp_sa_out": SaOut,
     "xfp_sa_in_key": SaInKey,
     "xfp_sa_in": SaIn,
+    **learn_abi.STRUCTS,
 }
 
 # C #define name -> Python value, for the layout test.
@@ -273,7 +308,12 @@ CONSTANTS: dict[str, int] = {
     "XFP_SA_F_NOECN": SA_F_NOECN,
     "XFP_SA_F_NOPMTUDISC": SA_F_NOPMTUDISC,
     "XFP_SA_F_DONT_ENCAP_DSCP": SA_F_DONT_ENCAP_DSCP,
+    **learn_abi.CONSTANTS,
 }
 
 # C enum prefix -> Python enum.
-ENUMS: dict[str, type[enum.IntEnum]] = {"XFP_DIR_": Dir, "XFP_R_": Reason}
+ENUMS: dict[str, type[enum.IntEnum]] = {
+    "XFP_DIR_": Dir,
+    "XFP_R_": Reason,
+    "XFP_RESEQ_": ReseqStat,
+}

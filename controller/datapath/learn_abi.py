@@ -1,9 +1,9 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """ctypes mirror of bpf/include/learn_defs.h (the learner's event and map layouts).
 
-The C header is the source of truth; tests/host/test_learner.py checks that the constants below
-match its #defines and that the compiled BPF program agrees on the struct sizes (tp_learn.c has
-_Static_asserts on the same numbers).
+The C header is the source of truth. STRUCTS and CONSTANTS below join the registry in
+controller/datapath/abi.py, which tests/bpf/test_abi.py checks against the header (gcc) and the
+BPF target's layout (BCC); tp_learn.c has _Static_asserts on the two sizes that matter most.
 """
 
 from __future__ import annotations
@@ -102,6 +102,7 @@ class LearnSighting(ct.Structure):
         ("esp_seq", ct.c_uint32),
         ("fib_tb_id", ct.c_uint32),
         ("fib_gw4", ct.c_uint32),
+        ("pad1", ct.c_uint32),
     )
 
 
@@ -111,4 +112,13 @@ class LearnCfg(ct.Structure):
     _fields_ = (("netns_ino", ct.c_uint32), ("pad", ct.c_uint32))
 
 
-SIZES = {"learn_event": 112, "learn_sighting": 48, "learn_cfg": 8}
+# The registry entries (controller/datapath/abi.py): C struct name -> ctypes class, and every
+# LEARN_* #define of the header -> its value here.
+STRUCTS: dict[str, type[ct.Structure]] = {
+    "learn_event": LearnEvent,
+    "learn_sighting": LearnSighting,
+    "learn_cfg": LearnCfg,
+}
+CONSTANTS: dict[str, int] = {
+    k: v for k, v in dict(globals()).items() if k.startswith("LEARN_") and isinstance(v, int)
+}

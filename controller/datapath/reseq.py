@@ -24,8 +24,8 @@ from controller.datapath import abi as defs
 from controller.datapath.abi import SaInKey, Stat
 from controller.datapath.xdp import BPF_DIR, DEFAULT_PIN_DIR, INCLUDE_DIR, MapHandle, ensure_bpffs
 
-# enum xfp_reseq_stat in bpf/tc_reseq.c
-RESEQ_STATS = ("ok", "exhausted", "error", "expired", "gso", "too_big", "fragment")
+# Counter names by index: enum xfp_reseq_stat (bpf/include/xfp_defs.h), mirrored in abi.py.
+RESEQ_STATS = defs.RESEQ_STATS
 TC_HANDLE = 0xF1F0  # our filter's handle on the clsact egress hook
 TC_PRIO = 1
 PINNED_MAPS = ("xfp_sa_out_spi", "xfp_reseq_stats")  # beside the datapath's (same pin dir)

@@ -25,12 +25,10 @@ import pytest
 from learner_util import Events, socket_in, tcp_exchange, udp_send, watch_gw1
 
 from controller.datapath import btf_offsets
-from controller.datapath import learn_abi as d
 from controller.datapath.learner import ROOT, Candidate, Learner, compile_cflags
 from testbed.bed import Testbed
 from testbed.bed import testbed as make_testbed
 
-HEADER = d.HEADER
 MAC = {
     "gw1_lan": "02:00:0a:01:00:01",
     "gw1_wan": "02:00:c0:00:02:01",
@@ -49,54 +47,7 @@ def learner() -> Iterator[Learner]:
         lrn.close()
 
 
-# -- layouts and offsets ------------------------------------------------------------------------
-def test_python_constants_match_the_c_header() -> None:
-    defines = dict(
-        re.findall(r"^#define (LEARN_[A-Z0-9_]+) (0x[0-9a-f]+|\d+)", HEADER.read_text(), re.M)
-    )
-    assert len(defines) >= 25, f"the header's #defines were parsed: {sorted(defines)}"
-    for name, text in defines.items():
-        assert getattr(d, name, None) == int(text, 0), f"{name}: C {text}, Python differs"
-
-
-def test_ctypes_layouts_match_what_bcc_compiles() -> None:
-    from bcc import BPF
-
-    # BCC turns the C struct of a map leaf into ctypes: compare field by field with ours.
-    b = BPF(
-        text=textwrap.dedent("""
-            #include <uapi/linux/bpf.h>
-            #include "learn_defs.h"
-            BPF_ARRAY(ev, struct learn_event, 1);
-            BPF_ARRAY(si, struct learn_sighting, 1);
-            BPF_ARRAY(cf, struct learn_cfg, 1);
-        """),
-        cflags=[f"-I{ROOT / 'bpf' / 'include'}"],
-    )
-    try:
-        for map_name, ours, c_name in (
-            ("ev", d.LearnEvent, "learn_event"),
-            ("si", d.LearnSighting, "learn_sighting"),
-            ("cf", d.LearnCfg, "learn_cfg"),
-        ):
-            theirs = b[map_name].Leaf
-            assert ct_sizeof(theirs) == ct_sizeof(ours) == d.SIZES[c_name], (
-                f"struct {c_name}: C {ct_sizeof(theirs)} bytes, ctypes {ct_sizeof(ours)}"
-            )
-            for fname, _ in ours._fields_:
-                assert getattr(theirs, fname).offset == getattr(ours, fname).offset, (
-                    f"struct {c_name}.{fname}: offset differs between C and ctypes"
-                )
-    finally:
-        b.cleanup()
-
-
-def ct_sizeof(t: type) -> int:
-    import ctypes
-
-    return ctypes.sizeof(t)
-
-
+# -- kernel offsets (learn_defs.h's layouts and values: tests/bpf/test_abi.py) --------------------
 @pytest.mark.skipif(not (shutil.which("bpftool") and shutil.which("gcc")), reason="bpftool, gcc")
 def test_btf_offsets_agree_with_a_compiler(tmp_path: Path) -> None:
     """Our BTF parser against gcc's offsetof over bpftool's C dump of the same BTF."""
