@@ -250,7 +250,8 @@ class FakeKernel:
     def get_ae(self, sa: Sa) -> AeState:
         self._call("get_ae")
         st = self._state(sa.dst, sa.spi)
-        return AeState(replay=st.replay, current=st.current, replay_thresh=0, etimer_thresh=10)
+        # The kernel's default thresholds (XFRM_AE_SEQT_SIZE, XFRM_AE_ETIME, include/net/xfrm.h)
+        return AeState(replay=st.replay, current=st.current, replay_thresh=2, etimer_thresh=10)
 
     def new_ae(
         self,

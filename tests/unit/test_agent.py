@@ -444,6 +444,17 @@ def test_sa_deleted_drops_its_flows_and_entry(bed: AgentBed) -> None:
     assert len(bed.dp.flow_map) == 1, "the encap flow stays"
 
 
+def test_sa_updated_is_handed_back(bed: AgentBed) -> None:
+    sa_id = _installed_both(bed)
+    dp_seq = (bed.dp.outbound_sa(sa_id) or SaOut()).seq
+    bed.agent.on_kernel_event(bed.kernel.update_sa(make_sa(SPI_OUT, GW1, GW2)))
+    assert out_entry(bed) is None, "an updated SA leaves the datapath"
+    assert bed.kernel.oseq_set == [(SPI_OUT, dp_seq - 1 + HANDBACK_MARGIN)], (
+        "its sequence goes back to the kernel, which still has the SA"
+    )
+    assert len(bed.dp.flow_map) == 1, "the other SA's flow stays"
+
+
 # -- shutdown and restart -------------------------------------------------------------------------
 def test_release_all_hands_everything_back(bed: AgentBed) -> None:
     sa_id = _installed_both(bed)
