@@ -14,7 +14,7 @@ module; the flow, SA and counter maps are pinned in bpffs under `pin_dir` (mode 
 modules share them and a restarted controller finds them again (BCC reopens a map already pinned
 at its path). Variants are chosen with -D cflags only. Map access goes through the raw bpf(2)
 wrappers of libbcc with the ctypes structs of controller/datapath/abi.py, so what is written is
-exactly what tests/bpf/test_defs.py checked against the C header.
+exactly what tests/bpf/test_abi.py checked against the C header.
 
 Limits worth knowing:
 - veth delivers an XDP-redirected frame only if the receiving peer runs an XDP program (or has
