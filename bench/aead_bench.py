@@ -61,10 +61,10 @@ def frame(op: int, n: int) -> bytes:
 
 
 def load_bpf() -> tuple[object, object]:
-    from bcc import BPF
+    from controller.datapath.loader import Prog, compile_bpf, load_program
 
-    b = BPF(src_file=str(SRC).encode(), cflags=[f"-I{INCLUDE}", "-Wno-unused-function"])
-    return b, b.load_func(b"xfp_aead_test", BPF.XDP)
+    b = compile_bpf(SRC.relative_to(ROOT / "bpf"), ["-Wno-unused-function"])
+    return b, load_program(b, "xfp_aead_test", Prog.XDP)
 
 
 def bpf_ns(fn: object, op: int, n: int, repeat: int) -> float:

@@ -7,8 +7,9 @@ packet as the program left it (after adjust_head/tail too), and the mean run tim
 bpf_prog_test_run_xdp()). XDP test runs give the program XDP_PACKET_HEADROOM (256 B) in front of
 the data and a page's tailroom behind it, so adjust_head/adjust_tail work as on a real driver.
 
-    fd = BPF(text=...).load_func("prog", BPF.XDP)
-    retval, out, ns = prog_test_run(fd, frame, repeat=1000)
+    b = compile_bpf("tests/test_aead.c")                 # controller/datapath/loader.py
+    fn = load_program(b, "xfp_aead_test", Prog.XDP)
+    retval, out, ns = prog_test_run(fn, frame, repeat=1000)
 """
 
 from __future__ import annotations

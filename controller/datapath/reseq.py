@@ -9,7 +9,8 @@ its SPI index beside the datapath's outbound SA entries.
     rs.stats()                               # {"ok": (packets, bytes), ...}
 
 The program shares the pinned maps of the datapath (same XFP_PIN_DIR), so it sees the same SA
-entries and takes sequence numbers from the same counters under the same lock.
+entries and takes sequence numbers from the same counters under the same lock. Compiling and
+attaching go through the one loader (controller/datapath/loader.py).
 """
 
 from __future__ import annotations
@@ -22,40 +23,40 @@ from pathlib import Path
 
 from controller.datapath import abi as defs
 from controller.datapath.abi import SaInKey, Stat
-from controller.datapath.xdp import BPF_DIR, DEFAULT_PIN_DIR, INCLUDE_DIR, MapHandle, ensure_bpffs
+from controller.datapath.loader import Loader, LoaderError, Prog
+from controller.datapath.xdp import DEFAULT_PIN_DIR, MapHandle
 
 # Counter names by index: enum xfp_reseq_stat (bpf/include/xfp_defs.h), mirrored in abi.py.
 RESEQ_STATS = defs.RESEQ_STATS
-TC_HANDLE = 0xF1F0  # our filter's handle on the clsact egress hook
-TC_PRIO = 1
 PINNED_MAPS = ("xfp_sa_out_spi", "xfp_reseq_stats")  # beside the datapath's (same pin dir)
 
 
-class ResequencerError(RuntimeError):
+class ResequencerError(LoaderError):
     pass
 
 
 @dataclass
 class Resequencer:
     pin_dir: Path | str = DEFAULT_PIN_DIR
-    cflags: Sequence[str] = ()
+    cflags: Sequence[str] = ()  # -D flags only
     bpf: object | None = None
     fn: object | None = None
-    attached: list[int] = field(default_factory=list)
     spi_map: MapHandle | None = None
     stat_map: MapHandle | None = None
+    loader: Loader = field(default_factory=Loader, repr=False)
+
+    @property
+    def attached(self) -> list[int]:
+        """ifindex of every device whose egress carries our filter."""
+        return [a.ifindex for a in self.loader.attachments if a.kind == "tc-egress"]
 
     def load(self) -> Resequencer:
-        from bcc import BPF
-
-        ensure_bpffs()
-        Path(self.pin_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
-        flags = [f"-I{INCLUDE_DIR}", f'-DXFP_PIN_DIR="{self.pin_dir}"', *self.cflags]
+        """Compile and load bpf/tc_reseq.c (maps pinned beside the datapath's, under pin_dir)."""
         try:
-            self.bpf = BPF(src_file=str(BPF_DIR / "tc_reseq.c").encode(), cflags=flags)
-            self.fn = self.bpf.load_func(b"tc_reseq", BPF.SCHED_CLS)
-        except Exception as e:  # BCC raises bare Exception
-            raise ResequencerError(f"compiling/loading bpf/tc_reseq.c: {e}") from e
+            self.bpf = self.loader.compile("tc_reseq.c", self.cflags, pin_dir=self.pin_dir)
+            self.fn = self.loader.load(self.bpf, "tc_reseq", Prog.SCHED_CLS)
+        except LoaderError as e:  # "compiling/loading bpf/tc_reseq.c: ..."
+            raise ResequencerError(str(e), e.errno) from e
         b = self.bpf
         self.spi_map = MapHandle(
             b[b"xfp_sa_out_spi"].map_fd, SaInKey, ctypes.c_uint32, "xfp_sa_out_spi"
@@ -71,61 +72,24 @@ class Resequencer:
         return self.fn.fd  # type: ignore[attr-defined]
 
     def attach(self, devices: Iterable[str]) -> None:
-        """clsact + a direct-action BPF filter on egress of each device. Idempotent (replaces
-        our filter), transactional (a failure undoes this call's attaches)."""
-        from pyroute2 import IPRoute
-
-        done: list[int] = []
-        with IPRoute() as ipr:
-            try:
+        """clsact + a direct-action BPF filter on egress of each device of the calling
+        thread's namespace. Idempotent (replaces our filter), transactional (a failure undoes
+        this call's attaches)."""
+        assert self.fn is not None, "load() first"
+        try:
+            with self.loader.transaction():
                 for dev in devices:
-                    idx = ipr.link_lookup(ifname=dev)
-                    if not idx:
-                        raise ResequencerError(f"no device {dev}")
-                    ifindex = idx[0]
-                    with contextlib.suppress(Exception):
-                        ipr.tc("add", "clsact", ifindex)
-                    ipr.tc(
-                        "replace-filter",
-                        "bpf",
-                        ifindex,
-                        TC_HANDLE,
-                        fd=self.fd,
-                        name="tc_reseq",
-                        parent="ffff:fff3",
-                        prio=TC_PRIO,
-                        direct_action=True,
-                        protocol=0x0003,
-                    )
-                    done.append(ifindex)
-            except Exception as e:
-                self._detach(ipr, done)
-                if isinstance(e, ResequencerError):
-                    raise
-                raise ResequencerError(f"attach tc egress: {e}") from e
-        self.attached += [i for i in done if i not in self.attached]
-
-    def _detach(self, ipr, ifindexes: Iterable[int]) -> None:
-        for ifindex in ifindexes:
-            with contextlib.suppress(Exception):
-                ipr.tc(
-                    "del-filter",
-                    "bpf",
-                    ifindex,
-                    TC_HANDLE,
-                    parent="ffff:fff3",
-                    prio=TC_PRIO,
-                    protocol=0x0003,
-                )
+                    self.loader.attach_tc_egress(dev, self.fn, "tc_reseq")
+        except LoaderError as e:  # "no device DEV" / "attach tc egress to DEV: ..."
+            raise ResequencerError(str(e), e.errno) from e
 
     def detach_all(self) -> None:
-        from pyroute2 import IPRoute
-
-        with IPRoute() as ipr:
-            self._detach(ipr, self.attached)
-        self.attached.clear()
+        """Remove our filter from every device it was attached to (in the calling thread's
+        namespace, as attach was; tolerant: a vanished device is fine)."""
+        self.loader.detach_all()
 
     def close(self) -> None:
+        """Detach everything (idempotent); the program and its maps stay loaded."""
         self.detach_all()
 
     def unpin(self) -> None:

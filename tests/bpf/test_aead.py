@@ -92,12 +92,13 @@ class AeadProg:
 
 def load_aead_prog(max_frame: int = 1600) -> tuple[object, object]:
     """Compile and load bpf/tests/test_aead.c with BCC; returns (BPF object, program)."""
-    bcc = pytest.importorskip("bcc")
-    b = bcc.BPF(
-        src_file=str(SRC).encode(),
-        cflags=[f"-I{INCLUDE}", f"-DXFP_MAX_FRAME={max_frame}", "-Wno-unused-function"],
+    pytest.importorskip("bcc")
+    from controller.datapath.loader import Prog, compile_bpf, load_program
+
+    b = compile_bpf(
+        SRC.relative_to(ROOT / "bpf"), [f"-DXFP_MAX_FRAME={max_frame}", "-Wno-unused-function"]
     )
-    return b, b.load_func(b"xfp_aead_test", bcc.BPF.XDP)
+    return b, load_program(b, "xfp_aead_test", Prog.XDP)
 
 
 @pytest.fixture(scope="module")

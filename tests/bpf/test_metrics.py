@@ -145,16 +145,13 @@ class CountingDatapath:
     counts into xfp_stats the way the XDP programs do."""
 
     def __init__(self) -> None:
-        from bcc import BPF
+        from controller.datapath.loader import Prog, compile_bpf, load_program
 
         self.pin_dir = Path(f"/sys/fs/bpf/xfp-metrics-test-{os.getpid()}-{id(self):x}")
         self.pin_dir.mkdir()
         try:
-            self.bpf = BPF(
-                text=COUNT_PROG.encode(),
-                cflags=[f"-I{INCLUDE}", f'-DXFP_PIN_DIR="{self.pin_dir}"', "-w"],
-            )
-            self.fn = self.bpf.load_func(b"xfp_count_test", BPF.XDP)
+            self.bpf = compile_bpf(text=COUNT_PROG, cflags=["-w"], pin_dir=self.pin_dir)
+            self.fn = load_program(self.bpf, "xfp_count_test", Prog.XDP)
             self.stats = self.bpf[b"xfp_stats"]
         except BaseException:
             self.close()

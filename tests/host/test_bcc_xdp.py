@@ -9,14 +9,16 @@ import subprocess
 import sys
 import textwrap
 
-from testbed.bed import Testbed
+from testbed.bed import ROOT, Testbed
 
 # Runs in a child entered with nsenter --net (so the XDP attach happens inside the namespace,
 # and this machine's /sys stays visible to BCC). It prints the packet count as JSON.
 CHILD = textwrap.dedent(r'''
     import json, sys, time
+    sys.path.insert(0, sys.argv[2])
     from bcc import BPF
-    b = BPF(text=r"""
+    from controller.datapath.loader import Prog, compile_bpf, load_program
+    b = compile_bpf(text=r"""
     #include <uapi/linux/bpf.h>
     #include <uapi/linux/if_ether.h>
     #include <uapi/linux/ip.h>
@@ -33,7 +35,7 @@ CHILD = textwrap.dedent(r'''
     }
     """)
     dev = sys.argv[1]
-    b.attach_xdp(dev, b.load_func("count_ipv4", BPF.XDP), 0)
+    b.attach_xdp(dev, load_program(b, "count_ipv4", Prog.XDP), 0)
     try:
         print("attached", flush=True)
         sys.stdin.readline()
@@ -45,7 +47,7 @@ CHILD = textwrap.dedent(r'''
 
 def test_bcc_xdp_in_namespace_sees_packets(bed: Testbed) -> None:
     child = subprocess.Popen(
-        [*bed.nsenter_argv("gw1"), sys.executable, "-c", CHILD, "lan"],
+        [*bed.nsenter_argv("gw1"), sys.executable, "-c", CHILD, "lan", str(ROOT)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -41,11 +41,11 @@ def test_in_netns_enters_and_comes_back(bed: Testbed) -> None:
 
 @pytest.fixture(scope="module")
 def xdp_prog() -> Iterator[tuple[object, object]]:
-    from bcc import BPF
+    from controller.datapath.loader import Prog, compile_bpf, load_program
 
-    b = BPF(text=XDP_COUNT)
+    b = compile_bpf(text=XDP_COUNT)
     try:
-        yield b, b.load_func("count_all", BPF.XDP)
+        yield b, load_program(b, "count_all", Prog.XDP)
     finally:
         b.cleanup()
 

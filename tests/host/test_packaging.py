@@ -492,16 +492,16 @@ int probe_fn(void *ctx) { return 0; }
 def pinned_reopen() -> None:
     """What bpf/include/maps.h does: a map pinned by one BCC module, reopened by the next (and by
     a restarted controller)."""
-    from bcc import BPF
+    from controller.datapath.loader import compile_bpf
 
     pin_dir = Path(f"/sys/fs/bpf/xfp-capprobe-{os.getpid()}")
     pin_dir.mkdir(mode=0o700)
     pin = pin_dir / "probe_pinned"
     try:
         cflags = [f'-DPIN_PATH="{pin}"']
-        first = BPF(text=PINNED_PROG, cflags=cflags)
+        first = compile_bpf(text=PINNED_PROG, cflags=cflags)
         assert pin.exists(), f"BCC did not pin {pin}"
-        second = BPF(text=PINNED_PROG, cflags=cflags)
+        second = compile_bpf(text=PINNED_PROG, cflags=cflags)
         second.cleanup()
         first.cleanup()
     finally:
@@ -514,13 +514,15 @@ def probe(steps: list[str]) -> int:
     compile serves the tracepoint and xdp steps (under qemu TCG a compile costs ~40 s)."""
     from bcc import BPF
 
+    from controller.datapath.loader import Prog, compile_bpf, load_program
+
     compiled: dict[str, object] = {}
 
     def module() -> BPF:
         # Compiling loads and attaches the TRACEPOINT_PROBE, so without CAP_BPF or CAP_PERFMON
         # this raises: that belongs to the tracepoint step.
         if "b" not in compiled:
-            compiled["b"] = BPF(text=PROBE_PROG)
+            compiled["b"] = compile_bpf(text=PROBE_PROG)
         return compiled["b"]  # type: ignore[return-value]
 
     failed = 0
@@ -535,7 +537,7 @@ def probe(steps: list[str]) -> int:
                     raise RuntimeError(f"(compile/tracepoint) {e}") from e
                 # A networking program type: needs CAP_NET_ADMIN besides CAP_BPF
                 # (kernel/bpf/syscall.c, bpf_prog_load).
-                fn = b.load_func("xdp_pass", BPF.XDP)
+                fn = load_program(b, "xdp_pass", Prog.XDP)
                 BPF.attach_xdp("lan", fn, XDP_FLAGS_SKB_MODE)
                 BPF.remove_xdp("lan", XDP_FLAGS_SKB_MODE)
             elif step == "xfrm":

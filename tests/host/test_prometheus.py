@@ -798,6 +798,7 @@ def test_tunnel_traffic_counts_through_prometheus(bed, tmp_path: Path) -> None:
         pytest.skip(f"tests/host/test_datapath_redirect.py's tunnel set-up is not available: {exc}")
     from bcc import BPF
 
+    from controller.datapath.loader import Prog, compile_bpf, load_program
     from controller.datapath.xdp import Datapath
     from controller.netns import in_netns
 
@@ -816,8 +817,8 @@ def test_tunnel_traffic_counts_through_prometheus(bed, tmp_path: Path) -> None:
         gw1.load()
         gw2.load()
         # veth delivers a redirected frame only to a peer that runs XDP: pass-all on the hosts.
-        xdp_pass = BPF(text=b"int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }")
-        fn = xdp_pass.load_func(b"xdp_pass", BPF.XDP)
+        xdp_pass = compile_bpf(text="int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }")
+        fn = load_program(xdp_pass, "xdp_pass", Prog.XDP)
         for role, dev in hosts:
             with in_netns(bed.ns(role)):
                 BPF.attach_xdp(dev, fn, 0)

@@ -106,9 +106,10 @@ def esp_frame_len(inner: int, icv: int = 16) -> int:
 @pytest.fixture(scope="session")
 def probe(esp_kernel: None) -> Iterator[object]:
     """The tracepoint program, compiled and attached once for the whole session."""
-    from bcc import BPF  # imported here: host runs that skip these tests need no BCC
+    # imported here: host runs that skip these tests need no BCC
+    from controller.datapath.loader import compile_bpf
 
-    b = BPF(text=PROG.encode())
+    b = compile_bpf(text=PROG)  # its TRACEPOINT_PROBEs are attached as it compiles
     try:
         yield b
     finally:
