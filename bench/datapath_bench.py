@@ -71,7 +71,7 @@ def measure(sizes: tuple[int, ...] = SIZES, runs: int = 400, with_aead: bool = T
     import test_datapath as T
     from bcc import BPF
 
-    from controller.datapath.abi import Dir
+    from controller.core.state import Direction
     from controller.datapath.xdp import Datapath, flow_key, flow_val
 
     floor_b = BPF(
@@ -89,9 +89,9 @@ def measure(sizes: tuple[int, ...] = SIZES, runs: int = 400, with_aead: bool = T
         dp.put_tx_port(T.LO)
         dp.put_outbound_sa(T.out_sa(mtu=1600))
         dp.put_inbound_sa(T.in_sa(replay_window=4096))
-        dp.put_flow(flow_key(T.LO, Dir.ENCAP, **T.ENCAP_KEY), flow_val(T.SA_OUT_ID))
+        dp.put_flow(flow_key(T.LO, Direction.ENCAP, **T.ENCAP_KEY), flow_val(T.SA_OUT_ID))
         dp.put_flow(
-            flow_key(T.LO, Dir.DECAP, **T.DECAP_KEY),
+            flow_key(T.LO, Direction.DECAP, **T.DECAP_KEY),
             flow_val(T.SA_IN_ID, egress_ifindex=T.LO, dmac=T.LAN_HOST_MAC, smac=T.GW1_LAN_MAC),
         )
         seq = 1

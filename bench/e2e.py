@@ -74,8 +74,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from controller.core.state import Direction  # noqa: E402
 from controller.datapath import abi as defs  # noqa: E402
-from controller.datapath.abi import Dir, Reason  # noqa: E402
+from controller.datapath.abi import Reason  # noqa: E402
 from controller.datapath.bpfsys import (  # noqa: E402
     BpfTestRunError,
     prog_run_live,
@@ -345,12 +346,12 @@ class E2EBed:
         g2_lan_if = bed.ifindex("gw2", "lan")
         for i in range(first, end):
             self.gw1.put_flow(
-                flow_key(g1_lan_if, Dir.ENCAP, IPPROTO_UDP, lan_host.addr, remote.addr,
+                flow_key(g1_lan_if, Direction.ENCAP, IPPROTO_UDP, lan_host.addr, remote.addr,
                          SPORT + i, DPORT),
                 flow_val(out_id),
             )  # fmt: skip
             self.gw2.put_flow(
-                flow_key(g2_wan_if, Dir.DECAP, IPPROTO_UDP, lan_host.addr, remote.addr,
+                flow_key(g2_wan_if, Direction.DECAP, IPPROTO_UDP, lan_host.addr, remote.addr,
                          SPORT + i, DPORT),
                 flow_val(out_id + 1, egress_ifindex=g2_lan_if, dmac=remote.mac,
                          smac=bed.iface("gw2", "lan").mac, mtu=1500),
@@ -543,7 +544,7 @@ def _setup_scale(dp: Datapath) -> None:
 
 def _fill(dp: Datapath, first: int, end: int) -> None:
     """Flows first..end-1 (see _scale_frame) on SA 1, ingress lo."""
-    key = defs.FlowKey(ifindex=socket.if_nametoindex("lo"), dir=int(Dir.ENCAP),
+    key = defs.FlowKey(ifindex=socket.if_nametoindex("lo"), dir=int(Direction.ENCAP),
                        proto=IPPROTO_UDP, saddr=defs.be32("10.1.0.2"),
                        dport=defs.be16(DPORT))  # fmt: skip
     val = flow_val(1)
@@ -653,7 +654,7 @@ def learn_burst(e2e: E2EBed, n: int, single: int = 100, timeout: float = 20.0) -
                 if c.proto != IPPROTO_UDP or c.forwarding != "clear-out" or c.dport in done:
                     continue
                 e2e.gw1.put_flow(
-                    flow_key(c.in_ifindex, Dir.ENCAP, IPPROTO_UDP, c.saddr, c.daddr, c.sport,
+                    flow_key(c.in_ifindex, Direction.ENCAP, IPPROTO_UDP, c.saddr, c.daddr, c.sport,
                              c.dport),
                     flow_val(1),
                 )  # fmt: skip
@@ -733,7 +734,7 @@ def invalidation(dp: Datapath, n: int = 100_000) -> InvalidationFigures:
         for i in range(n):
             k = FlowKey(lo, SDir.ENCAP, "10.1.0.2", f"10.2.{i >> 16}.1", IPPROTO_UDP,
                         i & 0xFFFF, DPORT)  # fmt: skip
-            dk = flow_key(lo, Dir.ENCAP, IPPROTO_UDP, k.saddr, k.daddr, k.sport, k.dport)
+            dk = flow_key(lo, Direction.ENCAP, IPPROTO_UDP, k.saddr, k.daddr, k.sport, k.dport)
             dp.put_flow(dk, flow_val(sa_id))
             st.add(FlowRecord(k, sa, 3, "02:00:00:00:00:01", "02:00:00:00:00:02", 1, (3, "x"),
                               dp_key=bytes(dk)))  # fmt: skip

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 
 
 class Direction(enum.IntEnum):
-    """Mirrors enum xfp_direction in bpf/include/xfp_defs.h."""
+    """Which way a flow crosses the gateway: enum xfp_dir of bpf/include/xfp_defs.h (its
+    XFP_DIR_MAX is controller/datapath/abi.py's DIR_MAX), the one direction type of the
+    controller. Labels, the status file and the CLI spell it `direction.name.lower()`."""
 
     ENCAP = 0
     DECAP = 1

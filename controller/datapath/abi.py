@@ -19,6 +19,7 @@ import enum
 import ipaddress
 import struct
 
+from controller.core.state import Direction
 from controller.datapath import learn_abi
 
 # ---- sizes ----------------------------------------------------------------------------------
@@ -45,12 +46,10 @@ SA_F_NOPMTUDISC = 0x8
 SA_F_DONT_ENCAP_DSCP = 0x10
 
 
-class Dir(enum.IntEnum):
-    """enum xfp_dir"""
-
-    ENCAP = 0
-    DECAP = 1
-    MAX = 2
+# enum xfp_dir is controller.core.state.Direction (ENCAP, DECAP): one direction type for the
+# agent, the metrics and the maps. Its count, XFP_DIR_MAX, is a constant here rather than a
+# member, so that iterating Direction gives the two directions only.
+DIR_MAX = len(Direction)
 
 
 class Reason(enum.IntEnum):
@@ -105,7 +104,7 @@ class ReseqStat(enum.IntEnum):
 RESEQ_STATS = tuple(s.name.lower() for s in ReseqStat if s is not ReseqStat.MAX)
 
 
-def stat_index(direction: Dir | int, reason: Reason | int) -> int:
+def stat_index(direction: Direction | int, reason: Reason | int) -> int:
     """Index of (direction, reason) in the per-CPU counter array xfp_stats."""
     return int(direction) * int(Reason.MAX) + int(reason)
 
@@ -308,12 +307,13 @@ CONSTANTS: dict[str, int] = {
     "XFP_SA_F_NOECN": SA_F_NOECN,
     "XFP_SA_F_NOPMTUDISC": SA_F_NOPMTUDISC,
     "XFP_SA_F_DONT_ENCAP_DSCP": SA_F_DONT_ENCAP_DSCP,
+    "XFP_DIR_MAX": DIR_MAX,
     **learn_abi.CONSTANTS,
 }
 
-# C enum prefix -> Python enum.
+# C enum prefix -> Python enum (a member named MAX may be a constant instead: XFP_DIR_MAX).
 ENUMS: dict[str, type[enum.IntEnum]] = {
-    "XFP_DIR_": Dir,
+    "XFP_DIR_": Direction,
     "XFP_R_": Reason,
     "XFP_RESEQ_": ReseqStat,
 }

@@ -10,8 +10,9 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
+from controller.core.state import Direction
 from controller.datapath import abi as defs
-from controller.datapath.abi import Dir, FlowKey, FlowVal, SaIn, SaInKey, SaOut
+from controller.datapath.abi import FlowKey, FlowVal, SaIn, SaInKey, SaOut
 
 # Outbound sequence limit without ESN: the kernel's xfrm_replay_overflow() refuses to wrap the
 # 32-bit counter, so 0xffffffff is the last number; the datapath punts at seq >= seq_limit.
@@ -121,7 +122,7 @@ class InboundSa:
 
 def flow_key(
     ifindex: int,
-    direction: Dir,
+    direction: Direction,
     proto: int,
     saddr: str,
     daddr: str,

@@ -7,7 +7,7 @@ attach them, and read and write their maps with the types of controller/datapath
         dp.put_tx_port(ifindex_of("wan"))
         dp.put_outbound_sa(OutboundSa(sa_id=1, spi=0x1000, ...))
         dp.put_flow(FlowKey(...), FlowVal(...))
-        dp.stats()                                               # {(Dir, Reason): (pkts, bytes)}
+        dp.stats()   # {(Direction, Reason): (packets, bytes)}
 
 bpf/xdp_encap.c runs on the LAN devices, bpf/xdp_decap.c on the WAN devices. Each is its own BCC
 module; the flow, SA and counter maps are pinned in bpffs under `pin_dir` (mode 0600), so both
@@ -44,8 +44,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from controller.core.state import Direction
 from controller.datapath import abi as defs
-from controller.datapath.abi import Dir, FlowKey, FlowVal, Reason, SaIn, SaInKey, SaOut, Stat
+from controller.datapath.abi import FlowKey, FlowVal, Reason, SaIn, SaInKey, SaOut, Stat
 
 # The entry builders live with no bcc import in entries.py; many callers import them from here.
 from controller.datapath.entries import (  # noqa: F401
@@ -501,10 +502,10 @@ class Datapath:
                 yield key, val
 
     # -- counters ---------------------------------------------------------------------------------
-    def stats(self) -> dict[tuple[Dir, Reason], tuple[int, int]]:
+    def stats(self) -> dict[tuple[Direction, Reason], tuple[int, int]]:
         """Per-CPU counters summed: (direction, reason) -> (packets, bytes), zeros included."""
         out = {}
-        for d in (Dir.ENCAP, Dir.DECAP):
+        for d in Direction:
             for r in Reason:
                 if r is Reason.MAX:
                     continue

@@ -25,7 +25,8 @@ import packets as P
 import pytest
 from cryptography.exceptions import InvalidTag
 
-from controller.datapath.abi import Dir, Reason
+from controller.core.state import Direction
+from controller.datapath.abi import Reason
 from controller.datapath.bpfsys import prog_test_run
 from controller.datapath.xdp import Datapath, InboundSa, OutboundSa, flow_key, flow_val
 
@@ -94,9 +95,9 @@ def env(dp: Datapath) -> Iterator[Datapath]:
     dp.put_tx_port(LO)
     dp.put_outbound_sa(out_sa())
     dp.put_inbound_sa(in_sa())
-    dp.put_flow(flow_key(LO, Dir.ENCAP, **ENCAP_KEY), flow_val(SA_OUT_ID))
+    dp.put_flow(flow_key(LO, Direction.ENCAP, **ENCAP_KEY), flow_val(SA_OUT_ID))
     dp.put_flow(
-        flow_key(LO, Dir.DECAP, **DECAP_KEY),
+        flow_key(LO, Direction.DECAP, **DECAP_KEY),
         flow_val(SA_IN_ID, egress_ifindex=LO, dmac=LAN_HOST_MAC, smac=GW1_LAN_MAC),
     )
     yield dp
@@ -131,7 +132,7 @@ class Counters:
         self.d = d
         self.before = d.stats()
 
-    def delta(self) -> dict[tuple[Dir, Reason], tuple[int, int]]:
+    def delta(self) -> dict[tuple[Direction, Reason], tuple[int, int]]:
         after = self.d.stats()
         return {
             k: (after[k][0] - self.before[k][0], after[k][1] - self.before[k][1])
@@ -187,9 +188,11 @@ def test_encap_udp_then_sequence_advances(env: Datapath) -> None:
     sa = env.outbound_sa(SA_OUT_ID)
     assert sa.seq == 4, "next sequence number 4 after three packets"
     assert (sa.packets, sa.bytes) == (3, 3 * (len(frame) - 14)), "SA lifetime counters"
-    fv = env.get_flow(flow_key(LO, Dir.ENCAP, **ENCAP_KEY))
+    fv = env.get_flow(flow_key(LO, Direction.ENCAP, **ENCAP_KEY))
     assert fv.packets == 3 and fv.last_seen_ns > 0, "flow counters and last seen"
-    assert c.delta() == {(Dir.ENCAP, Reason.ENCAP_OK): (3, 3 * len(frame))}, "3 encap hits only"
+    assert c.delta() == {(Direction.ENCAP, Reason.ENCAP_OK): (3, 3 * len(frame))}, (
+        "3 encap hits only"
+    )
 
 
 def test_encap_flow_carries_its_outer_next_hop(env: Datapath) -> None:
@@ -197,7 +200,7 @@ def test_encap_flow_carries_its_outer_next_hop(env: Datapath) -> None:
     neighbour or route change followed by a re-learn takes effect while the SA entry and its
     sequence counter stay) leaves with that L2 header and MTU, not the SA's."""
     other_mac = "02:00:00:00:00:99"
-    key = flow_key(LO, Dir.ENCAP, **ENCAP_KEY)
+    key = flow_key(LO, Direction.ENCAP, **ENCAP_KEY)
     env.put_flow(key, flow_val(SA_OUT_ID, LO, other_mac, GW1_WAN_MAC, mtu=1500))
     frame = clear_frame(b"next hop")
     ret, out = run(env.encap_fd, frame)
@@ -219,11 +222,11 @@ def test_encap_ce_iv_mask_and_ethernet_padding(env: Datapath) -> None:
 
 def test_encap_icmp_and_tcp_flows(env: Datapath) -> None:
     env.put_flow(
-        flow_key(LO, Dir.ENCAP, P.IPPROTO_ICMP, LAN_HOST, REMOTE_HOST, 0x4242, 8 << 8),
+        flow_key(LO, Direction.ENCAP, P.IPPROTO_ICMP, LAN_HOST, REMOTE_HOST, 0x4242, 8 << 8),
         flow_val(SA_OUT_ID),
     )
     env.put_flow(
-        flow_key(LO, Dir.ENCAP, P.IPPROTO_TCP, LAN_HOST, REMOTE_HOST, 5555, 80),
+        flow_key(LO, Direction.ENCAP, P.IPPROTO_TCP, LAN_HOST, REMOTE_HOST, 5555, 80),
         flow_val(SA_OUT_ID),
     )
     eth = P.eth(GW1_LAN_MAC, LAN_HOST_MAC)
@@ -316,7 +319,7 @@ ENCAP_PUNTS = [
         "flow disabled",
         clear_frame(),
         Reason.PASS_FLOW_DISABLED,
-        lambda d: d.put_flow(flow_key(LO, Dir.ENCAP, **ENCAP_KEY), flow_val(1, active=False)),
+        lambda d: d.put_flow(flow_key(LO, Direction.ENCAP, **ENCAP_KEY), flow_val(1, active=False)),
     ),
 ]
 
@@ -334,7 +337,7 @@ def test_encap_punts_untouched_and_counted(env: Datapath, case: Case) -> None:
     ret, out = run(env.encap_fd, frame)
     assert ret == XDP_PASS, f"{case.desc}: XDP_PASS (got {ret})"
     assert out == frame, f"{case.desc}: frame untouched"
-    assert c.delta() == {(Dir.ENCAP, case.reason): (1, len(frame))}, f"{case.desc}: counter"
+    assert c.delta() == {(Direction.ENCAP, case.reason): (1, len(frame))}, f"{case.desc}: counter"
 
 
 def test_encap_exact_mtu_fits(env: Datapath) -> None:
@@ -386,7 +389,7 @@ def test_decap_to_exact_inner_frame(env: Datapath) -> None:
     assert out == expected_decap(inner), "exactly the inner packet, TTL - 1, new L2"
     sa = env.inbound_sa(SPI_IN, GW1_WAN)
     assert (sa.seq_top, sa.packets) == (1, 1), "window top and SA counter moved"
-    assert c.delta() == {(Dir.DECAP, Reason.DECAP_OK): (1, len(frame))}, "one decap hit"
+    assert c.delta() == {(Direction.DECAP, Reason.DECAP_OK): (1, len(frame))}, "one decap hit"
 
 
 def test_decap_random_lengths_sealed_by_cryptography(env: Datapath) -> None:
@@ -433,7 +436,7 @@ def test_decap_ecn_rfc6040(env: Datapath, outer_tos: int, inner_tos: int, result
     ret, out = run(env.decap_fd, esp_frame(inner, 1, tos=outer_tos))
     if result is None:
         assert ret == XDP_DROP, "RFC 6040 section 4.2: CE over Not-ECT is dropped"
-        assert (Dir.DECAP, Reason.DROP_ECN) in c.delta(), "counted as DROP_ECN"
+        assert (Direction.DECAP, Reason.DROP_ECN) in c.delta(), "counted as DROP_ECN"
         return
     assert ret == XDP_REDIRECT, "forwarded"
     assert out == expected_decap(P.ip_set_tos(inner, result)), f"inner TOS {result:#x}"
@@ -520,7 +523,7 @@ DECAP_CASES = [
         lambda: esp_frame(inner_packet(), 1),
         Reason.PASS_SA_MISMATCH,
         lambda d: d.put_flow(
-            flow_key(LO, Dir.DECAP, **DECAP_KEY),
+            flow_key(LO, Direction.DECAP, **DECAP_KEY),
             flow_val(99, egress_ifindex=LO, dmac=LAN_HOST_MAC, smac=GW1_LAN_MAC),
         ),
     ),
@@ -529,7 +532,7 @@ DECAP_CASES = [
         lambda: esp_frame(inner_packet(b"b" * 100), 1),
         Reason.PASS_MTU,
         lambda d: d.put_flow(
-            flow_key(LO, Dir.DECAP, **DECAP_KEY),
+            flow_key(LO, Direction.DECAP, **DECAP_KEY),
             flow_val(SA_IN_ID, egress_ifindex=LO, dmac=LAN_HOST_MAC, smac=GW1_LAN_MAC, mtu=100),
         ),
     ),
@@ -572,7 +575,7 @@ def test_decap_punts_and_drops_counted(env: Datapath, case: Case) -> None:
     assert ret == verdict, f"{case.desc}: verdict {verdict} (got {ret})"
     if verdict == XDP_PASS:
         assert out == frame, f"{case.desc}: the kernel gets the untouched frame"
-    assert c.delta() == {(Dir.DECAP, case.reason): (1, len(frame))}, f"{case.desc}: counter"
+    assert c.delta() == {(Direction.DECAP, case.reason): (1, len(frame))}, f"{case.desc}: counter"
     if case.reason in (Reason.DROP_BAD_ICV, Reason.DROP_REPLAY) and top_before is not None:
         after = env.inbound_sa(SPI_IN, GW1_WAN)
         assert after.seq_top == top_before.seq_top, f"{case.desc}: window not moved"
@@ -626,7 +629,7 @@ def test_replay_esn_wrap_of_low_32_bits(env: Datapath) -> None:
     bad = esn.seal(0x7, inner_packet(b"r"))  # claims seq_hi 0 for low bits 7 -> hi inferred 1
     frame = P.eth(GW1_WAN_MAC, GW2_WAN_MAC) + P.ipv4(GW2_WAN, GW1_WAN, P.IPPROTO_ESP, bad)
     assert run(env.decap_fd, frame)[0] == XDP_DROP, "wrong high bits: not authentic"
-    assert c.delta() == {(Dir.DECAP, Reason.DROP_BAD_ICV): (1, len(frame))}, "bad ICV counted"
+    assert c.delta() == {(Direction.DECAP, Reason.DROP_BAD_ICV): (1, len(frame))}, "bad ICV counted"
 
 
 def test_inner_miss_still_moves_window(env: Datapath) -> None:
@@ -668,8 +671,8 @@ def test_lapsed_sa_still_drops_replays_of_what_xdp_accepted(env: Datapath) -> No
     sa = env.inbound_sa(SPI_IN, GW1_WAN)
     assert sa.seq_top == 6 and sa.replay_drops == 1, "window read, not moved"
     assert c.delta() == {
-        (Dir.DECAP, Reason.DROP_REPLAY): (1, len(replay)),
-        (Dir.DECAP, Reason.PASS_SA_EXPIRED): (2, 2 * len(fresh)),
+        (Direction.DECAP, Reason.DROP_REPLAY): (1, len(replay)),
+        (Direction.DECAP, Reason.PASS_SA_EXPIRED): (2, 2 * len(fresh)),
     }, "counted under their reasons"
 
 
@@ -679,7 +682,7 @@ def test_encap_output_decapsulates_on_the_mirror_sa(env: Datapath) -> None:
     redirect test), gives back the original packet (TTL - 2: two routers)."""
     env.put_inbound_sa(InboundSa(sa_id=3, spi=SPI_OUT, saddr=GW1_WAN, daddr=GW2_WAN, key=KEY_OUT))
     env.put_flow(
-        flow_key(LO, Dir.DECAP, **ENCAP_KEY),
+        flow_key(LO, Direction.DECAP, **ENCAP_KEY),
         flow_val(3, egress_ifindex=LO, dmac="02:00:0a:02:00:02", smac="02:00:0a:02:00:01"),
     )
     frame = clear_frame(b"round trip")
@@ -757,7 +760,9 @@ def test_replay_window_holds_across_cpus(env: Datapath) -> None:
     forwarded = sum(v.count(XDP_REDIRECT) for v in per_cpu)
     assert forwarded == 600, f"each sequence number forwarded once ({forwarded})"
     d = c.delta()
-    assert d[(Dir.DECAP, Reason.DROP_REPLAY)][0] == 600 * (len(per_cpu) - 1), "the rest: replays"
+    assert d[(Direction.DECAP, Reason.DROP_REPLAY)][0] == 600 * (len(per_cpu) - 1), (
+        "the rest: replays"
+    )
 
 
 # ---- invalidation at scale ----------------------------------------------------------------------
@@ -771,7 +776,7 @@ def test_fenced_sa_sends_its_flows_to_the_kernel_until_rearmed(env: Datapath) ->
     c = Counters(env)
     env.fence_sa(SA_OUT_ID)
     assert run(env.encap_fd, frame) == (XDP_PASS, frame), "fenced: untouched, to the kernel"
-    assert c.delta() == {(Dir.ENCAP, Reason.PASS_SA_EXPIRED): (1, len(frame))}, "counted"
+    assert c.delta() == {(Direction.ENCAP, Reason.PASS_SA_EXPIRED): (1, len(frame))}, "counted"
     seq = env.outbound_sa(SA_OUT_ID).seq
     env.refresh_watchdog(SA_OUT_ID, armed)
     ret, out = run(env.encap_fd, frame)
@@ -783,13 +788,15 @@ def test_batch_delete_skips_absent_flows(env: Datapath) -> None:
     """Datapath.delete_flows: one BPF_MAP_DELETE_BATCH for the lot; keys already gone (here
     one in front, some in the middle, one at the end) are skipped, no other entry is touched."""
     keys = [
-        flow_key(LO, Dir.ENCAP, P.IPPROTO_UDP, "10.1.0.2", f"10.3.{i >> 8}.{i & 255}", 1000, i)
+        flow_key(
+            LO, Direction.ENCAP, P.IPPROTO_UDP, "10.1.0.2", f"10.3.{i >> 8}.{i & 255}", 1000, i
+        )
         for i in range(3000)
     ]
     for k in keys:
         env.put_flow(k, flow_val(SA_OUT_ID))
     absent = [
-        flow_key(LO, Dir.ENCAP, P.IPPROTO_UDP, "10.1.0.9", "10.3.0.1", 7, j) for j in range(4)
+        flow_key(LO, Direction.ENCAP, P.IPPROTO_UDP, "10.1.0.9", "10.3.0.1", 7, j) for j in range(4)
     ]
     doomed = [absent[0], *keys[:1000], absent[1], absent[2], *keys[1000:2000], absent[3]]
     assert env.delete_flows(doomed) == 2000, "every present key deleted, the absent skipped"
@@ -797,7 +804,9 @@ def test_batch_delete_skips_absent_flows(env: Datapath) -> None:
     left = {bytes(k) for k, _ in env.flows()}
     assert {bytes(k) for k in keys[2000:]} <= left, "the others stay"
     assert not {bytes(k) for k in keys[:2000]} & left, "the deleted are gone"
-    assert env.get_flow(flow_key(LO, Dir.ENCAP, **ENCAP_KEY)) is not None, "the fixture's flow"
+    assert env.get_flow(flow_key(LO, Direction.ENCAP, **ENCAP_KEY)) is not None, (
+        "the fixture's flow"
+    )
 
 
 # ---- key hygiene ---------------------------------------------------------------------------------
@@ -845,7 +854,9 @@ def test_pinned_maps_survive_a_reload(env: Datapath) -> None:
     try:
         sa = again.outbound_sa(SA_OUT_ID)
         assert sa is not None and sa.seq == 2, "the reloaded datapath sees the SA, seq moved"
-        assert again.get_flow(flow_key(LO, Dir.ENCAP, **ENCAP_KEY)) is not None, "and the flow"
+        assert again.get_flow(flow_key(LO, Direction.ENCAP, **ENCAP_KEY)) is not None, (
+            "and the flow"
+        )
         again.put_tx_port(LO)
         ret, out = run(again.encap_fd, clear_frame())
         assert ret == XDP_REDIRECT, "the new program forwards with the old state"
@@ -871,9 +882,9 @@ def live_dp() -> Iterator[Datapath]:
         d.put_tx_port(LO)
         d.put_outbound_sa(out_sa())
         d.put_inbound_sa(in_sa())
-        d.put_flow(flow_key(LO, Dir.ENCAP, **ENCAP_KEY), flow_val(SA_OUT_ID))
+        d.put_flow(flow_key(LO, Direction.ENCAP, **ENCAP_KEY), flow_val(SA_OUT_ID))
         d.put_flow(
-            flow_key(LO, Dir.DECAP, **DECAP_KEY),
+            flow_key(LO, Direction.DECAP, **DECAP_KEY),
             flow_val(SA_IN_ID, egress_ifindex=LO, dmac=LAN_HOST_MAC, smac=GW1_LAN_MAC),
         )
         yield d
@@ -903,9 +914,9 @@ def test_liveness_packet_takes_the_kernel_path(live_dp: Datapath) -> None:
     assert run(d.decap_fd, live)[0] == XDP_DROP, "already in XDP's window: its replay dropped"
     assert run(d.decap_fd, esp_frame(inner_packet(b"r"), 4))[0] == XDP_REDIRECT, "XDP again"
     delta = c.delta()
-    assert delta[(Dir.ENCAP, Reason.PASS_LIVENESS)][0] == 1, f"counted: {delta}"
-    assert delta[(Dir.DECAP, Reason.PASS_LIVENESS)][0] == 1, f"counted: {delta}"
-    assert delta[(Dir.ENCAP, Reason.ENCAP_OK)][0] == 3, f"the rest by XDP: {delta}"
-    assert delta[(Dir.DECAP, Reason.DECAP_OK)][0] == 3, f"the rest by XDP: {delta}"
+    assert delta[(Direction.ENCAP, Reason.PASS_LIVENESS)][0] == 1, f"counted: {delta}"
+    assert delta[(Direction.DECAP, Reason.PASS_LIVENESS)][0] == 1, f"counted: {delta}"
+    assert delta[(Direction.ENCAP, Reason.ENCAP_OK)][0] == 3, f"the rest by XDP: {delta}"
+    assert delta[(Direction.DECAP, Reason.DECAP_OK)][0] == 3, f"the rest by XDP: {delta}"
     mode = os.stat(f"{d.pin_dir}/xfp_liveness").st_mode & 0o777
     assert mode == 0o600, f"xfp_liveness pinned root-only, not {oct(mode)}"

@@ -42,7 +42,8 @@ import test_datapath as T
 from cryptography.exceptions import InvalidTag
 from test_datapath import LO, XDP_DROP, XDP_PASS, XDP_REDIRECT, dp  # noqa: F401 (fixture)
 
-from controller.datapath.abi import Dir, Reason
+from controller.core.state import Direction
+from controller.datapath.abi import Reason
 from controller.datapath.bpfsys import BpfTestRunError, prog_test_run
 from controller.datapath.xdp import PINNED_MAPS, Datapath, flow_key, flow_val
 
@@ -216,7 +217,7 @@ def reason_class(r: Reason) -> int:
 
 
 def check_counters(
-    before: dict, after: dict, direction: Dir, verdicts: Counter, nbytes: int, rep: Report
+    before: dict, after: dict, direction: Direction, verdicts: Counter, nbytes: int, rep: Report
 ) -> None:
     """Counter deltas of one batch against its verdicts: one count per frame, under a reason
     of the verdict's class, in this direction only; bytes = the frames' lengths."""
@@ -295,7 +296,7 @@ def run_campaign(d: Datapath, fuzzer: Fuzzer, n: int, batch: int = BATCH) -> Rep
 
 class Fuzzer:
     program: str
-    direction: Dir
+    direction: Direction
     fd: int
 
     def next(self) -> tuple[str, bytes]:
@@ -335,7 +336,7 @@ def encap_flow_of(frame: bytes) -> tuple:
 class EncapFuzzer(Fuzzer):
     """Clear LAN frames of the three offloaded flows (UDP, TCP, ICMP echo), mutated."""
 
-    program, direction = "xdp_encap", Dir.ENCAP
+    program, direction = "xdp_encap", Direction.ENCAP
 
     def __init__(self, d: Datapath, rng: random.Random) -> None:
         self.d, self.rng, self.fd = d, rng, d.encap_fd
@@ -447,7 +448,7 @@ class DecapFuzzer(Fuzzer):
     numbers (RFC 4303 appendix A) and is put back every ESN_RESET frames with its window just
     below a 2^32 boundary, so that the window keeps crossing sub-spaces."""
 
-    program, direction = "xdp_decap", Dir.DECAP
+    program, direction = "xdp_decap", Direction.DECAP
     SEQ_RESET = (1 << 32) - (1 << 20)  # start the SA afresh before the 32-bit space runs out
     ESN_RESET = 2000
 
@@ -692,8 +693,8 @@ class DecapFuzzer(Fuzzer):
 @pytest.fixture
 def fuzz_env(env: Datapath) -> Iterator[Datapath]:
     """test_datapath's SA and flow each way, plus TCP and ICMP echo flows on the outbound SA."""
-    env.put_flow(flow_key(LO, Dir.ENCAP, **TCP_KEY), flow_val(T.SA_OUT_ID))
-    env.put_flow(flow_key(LO, Dir.ENCAP, **ICMP_KEY), flow_val(T.SA_OUT_ID))
+    env.put_flow(flow_key(LO, Direction.ENCAP, **TCP_KEY), flow_val(T.SA_OUT_ID))
+    env.put_flow(flow_key(LO, Direction.ENCAP, **ICMP_KEY), flow_val(T.SA_OUT_ID))
     yield env
 
 

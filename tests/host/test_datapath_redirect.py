@@ -23,7 +23,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from controller.datapath.abi import Dir, Reason
+from controller.core.state import Direction
+from controller.datapath.abi import Reason
 from controller.datapath.xdp import (
     Datapath,
     DatapathError,
@@ -109,11 +110,15 @@ def configure(bed: Testbed, d: Datapath, me: str, peer: str) -> None:
     )
     udp = 17
     d.put_flow(
-        flow_key(lan_if, Dir.ENCAP, udp, local_host.addr, far_host.addr, local_port, far_port),
+        flow_key(
+            lan_if, Direction.ENCAP, udp, local_host.addr, far_host.addr, local_port, far_port
+        ),
         flow_val(1),
     )
     d.put_flow(
-        flow_key(wan_if, Dir.DECAP, udp, far_host.addr, local_host.addr, far_port, local_port),
+        flow_key(
+            wan_if, Direction.DECAP, udp, far_host.addr, local_host.addr, far_port, local_port
+        ),
         flow_val(2, egress_ifindex=lan_if, dmac=local_host.mac, smac=my_lan.mac, mtu=1500),
     )
 
@@ -201,7 +206,7 @@ def test_xdp_to_xdp_tunnel_carries_udp_both_ways(
         gw1.detach_all()
         gw2.detach_all()
 
-    def moved(i: int, d: Dir, r: Reason) -> int:
+    def moved(i: int, d: Direction, r: Reason) -> int:
         return after[i][(d, r)][0] - before[i][(d, r)][0]
 
     deltas = [
@@ -210,16 +215,18 @@ def test_xdp_to_xdp_tunnel_carries_udp_both_ways(
     ]
     assert result == {"ok": N_PACKETS, "bad": []}, f"every datagram echoed intact: {result}"
     for i, name in enumerate(("gw1", "gw2")):
-        assert moved(i, Dir.ENCAP, Reason.ENCAP_OK) == N_PACKETS, (
+        assert moved(i, Direction.ENCAP, Reason.ENCAP_OK) == N_PACKETS, (
             f"{name}: XDP encapsulated all {deltas}"
         )
-        assert moved(i, Dir.DECAP, Reason.DECAP_OK) == N_PACKETS, (
+        assert moved(i, Direction.DECAP, Reason.DECAP_OK) == N_PACKETS, (
             f"{name}: XDP decapsulated all {deltas}"
         )
     # veth cuts XDP buffers to the frame (64-byte aligned): some sizes have no tailroom for
     # the ESP trailer and take the slide path in bpf/xdp_encap.c; none may be punted.
     for i in (0, 1):
-        assert moved(i, Dir.ENCAP, Reason.PASS_NO_ROOM) == 0, f"no punt for lack of room {deltas}"
+        assert moved(i, Direction.ENCAP, Reason.PASS_NO_ROOM) == 0, (
+            f"no punt for lack of room {deltas}"
+        )
     sa = gw2.inbound_sa(SPI_A, bed.iface("gw2", "wan").addr)
     assert sa.seq_top == N_PACKETS, "gw2's window saw gw1's sequence 1..N"
     assert gw1.outbound_sa(1).seq == N_PACKETS + 1, "gw1's next sequence number"

@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 
+from controller.core.state import Direction
 from controller.core.validate import (
     NUD_PERMANENT,
     Accepted,
@@ -66,7 +67,7 @@ POLICIES = [
 ]
 DEFAULT = DefaultPolicy()
 ENCAP = Sighting(
-    "encap",
+    Direction.ENCAP,
     LAN_IF,
     WAN_IF,
     "10.1.0.2",
@@ -81,7 +82,7 @@ ENCAP = Sighting(
     GW2_MAC,
 )
 DECAP = Sighting(
-    "decap",
+    Direction.DECAP,
     WAN_IF,
     LAN_IF,
     "10.2.0.2",

@@ -490,12 +490,13 @@ def encap_hits_per_cpu() -> list[int]:
     """XDP encap hits on each CPU, from the controller's pinned per-CPU counters."""
     import ctypes
 
+    from controller.core.state import Direction
     from controller.datapath import abi as defs
     from controller.datapath.xdp import DEFAULT_PIN_DIR, open_pinned_map
 
     h = open_pinned_map(DEFAULT_PIN_DIR / "xfp_stats", ctypes.c_uint32, defs.Stat, percpu=True)
     try:
-        per_cpu = h.get(ctypes.c_uint32(defs.stat_index(defs.Dir.ENCAP, defs.Reason.ENCAP_OK)))
+        per_cpu = h.get(ctypes.c_uint32(defs.stat_index(Direction.ENCAP, defs.Reason.ENCAP_OK)))
         return [s.packets for s in per_cpu or []]
     finally:
         os.close(h.fd)

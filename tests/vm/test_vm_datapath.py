@@ -23,7 +23,8 @@ from collections.abc import Iterator
 import pytest
 import test_datapath_redirect as R
 
-from controller.datapath.abi import Dir, Reason
+from controller.core.state import Direction
+from controller.datapath.abi import Reason
 from controller.datapath.xdp import Datapath, InboundSa, OutboundSa, flow_key, flow_val
 from controller.netns import in_netns
 from testbed.bed import Testbed
@@ -93,9 +94,11 @@ def test_xdp_gw1_interoperates_with_kernel_esp_on_gw2(
     )
     udp = 17
     lp, rp = R.UDP_LAN_PORT, R.UDP_REMOTE_PORT
-    d.put_flow(flow_key(lan_if, Dir.ENCAP, udp, lan_host.addr, remote.addr, lp, rp), flow_val(1))
     d.put_flow(
-        flow_key(wan_if, Dir.DECAP, udp, remote.addr, lan_host.addr, rp, lp),
+        flow_key(lan_if, Direction.ENCAP, udp, lan_host.addr, remote.addr, lp, rp), flow_val(1)
+    )
+    d.put_flow(
+        flow_key(wan_if, Direction.DECAP, udp, remote.addr, lan_host.addr, rp, lp),
         flow_val(2, egress_ifindex=lan_if, dmac=lan_host.mac, smac=bed.iface("gw1", "lan").mac),
     )
     # Receivers of XDP-redirected frames on veth need an XDP program: gw2's wan (ESP from gw1's
@@ -118,8 +121,8 @@ def test_xdp_gw1_interoperates_with_kernel_esp_on_gw2(
 
     moved = {k: after[k][0] - before[k][0] for k in after if after[k] != before[k]}
     assert result == {"ok": N_PACKETS, "bad": []}, f"every datagram echoed intact: {result}"
-    assert moved.get((Dir.ENCAP, Reason.ENCAP_OK)) == N_PACKETS, f"XDP encapsulated: {moved}"
-    assert moved.get((Dir.DECAP, Reason.DECAP_OK)) == N_PACKETS, f"XDP decapsulated: {moved}"
+    assert moved.get((Direction.ENCAP, Reason.ENCAP_OK)) == N_PACKETS, f"XDP encapsulated: {moved}"
+    assert moved.get((Direction.DECAP, Reason.DECAP_OK)) == N_PACKETS, f"XDP decapsulated: {moved}"
     counters = tun.counters("gw2")
     assert counters[tun.out.spi].packets == N_PACKETS, (
         f"gw2's kernel accepted every XDP-built packet: {counters}"

@@ -129,7 +129,7 @@ def _mac(raw: Any) -> str:
 @dataclass(frozen=True)
 class DpFlow:
     ifindex: int
-    direction: int  # defs.Dir: 0 encap, 1 decap
+    direction: int  # Direction: 0 encap, 1 decap
     proto: int
     saddr: str
     daddr: str

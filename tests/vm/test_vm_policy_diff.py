@@ -59,6 +59,7 @@ from typing import Any
 
 import pytest
 
+from controller.core.state import Direction
 from controller.core.xfrm_model import Dir, Flow, policy_decision, policy_matches
 from controller.datapath import abi as defs
 from controller.datapath.xdp import DEFAULT_PIN_DIR, MapHandle, flow_key, open_pinned_map
@@ -358,11 +359,11 @@ class Maps:
 
     def encap(self, lan_ifindex: int, f: UFlow) -> defs.FlowVal | None:
         return self.flows.get(
-            flow_key(lan_ifindex, defs.Dir.ENCAP, 17, f.src, f.dst, f.sport, f.dport)
+            flow_key(lan_ifindex, Direction.ENCAP, 17, f.src, f.dst, f.sport, f.dport)
         )
 
     def encap_flows(self) -> list[tuple[Any, Any]]:
-        return [(k, v) for k, v in self._items(self.flows) if k.dir == int(defs.Dir.ENCAP)]
+        return [(k, v) for k, v in self._items(self.flows) if k.dir == int(Direction.ENCAP)]
 
     def consistency(self, kernel_sas: set[tuple[int, str]]) -> list[str]:
         """What is half-installed: flows naming no SA entry, SPI index / watchdog / liveness
@@ -372,7 +373,7 @@ class Maps:
         inb = {v.sa_id: v for _, v in self._items(self.sa_in)}
         ids = set(out) | set(inb)
         for k, v in self._items(self.flows):
-            table = out if k.dir == int(defs.Dir.ENCAP) else inb
+            table = out if k.dir == int(Direction.ENCAP) else inb
             if v.sa_id not in table:
                 bad.append(
                     f"flow {defs.ip_of(k.saddr)}->{defs.ip_of(k.daddr)} dir {k.dir} names "
