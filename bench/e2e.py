@@ -718,11 +718,10 @@ class InvalidationFigures:
 
 
 def invalidation(dp: Datapath, n: int = 100_000) -> InvalidationFigures:
-    """An outbound SA carrying `n` flows is deleted: what the controller's _drop_sa does
-    (controller/agent/daemon.py): fence the SA, flows_of_sa + FlowState.remove, then one batch
+    """An outbound SA carrying `n` flows is deleted: what the agent's Invalidator.drop_sa does
+    (controller/agent/invalidate.py): fence the SA, flows_of_sa + FlowState.remove, then one batch
     delete of the flow entries (their datapath keys kept since they were written)."""
     from controller.core.state import Cause, FlowKey, FlowRecord, FlowState, SaRef
-    from controller.core.state import Direction as SDir
 
     lo = socket.if_nametoindex("lo")
     _clear_flows(dp)
@@ -732,7 +731,7 @@ def invalidation(dp: Datapath, n: int = 100_000) -> InvalidationFigures:
         st = FlowState(capacity=2 * n)
         sa = SaRef("192.0.2.2", SPI_A, sa_id)
         for i in range(n):
-            k = FlowKey(lo, SDir.ENCAP, "10.1.0.2", f"10.2.{i >> 16}.1", IPPROTO_UDP,
+            k = FlowKey(lo, Direction.ENCAP, "10.1.0.2", f"10.2.{i >> 16}.1", IPPROTO_UDP,
                         i & 0xFFFF, DPORT)  # fmt: skip
             dk = flow_key(lo, Direction.ENCAP, IPPROTO_UDP, k.saddr, k.daddr, k.sport, k.dport)
             dp.put_flow(dk, flow_val(sa_id))

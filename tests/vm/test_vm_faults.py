@@ -77,7 +77,7 @@ WRONG_MAC = "02:00:00:00:00:99"
 # Peer errors a repeated or out-of-window sequence number, or a wrong IV/key, would cause
 # (net/xfrm/xfrm_input.c): replay/sequence and ICV. Must stay 0 in every step and scenario.
 SEQ_ICV_ERRORS = ("XfrmInStateSeqError", "XfrmInStateProtoError")
-# Found by this fuzzer, not fixed yet (controller/agent/daemon.py): an outbound SA entry keeps the
+# Found by this fuzzer, not fixed yet (controller/agent/offload.py): an outbound SA entry keeps the
 # next-hop MAC it was offloaded with. A neighbour change removes the flows, but flows learned
 # afterwards reuse the entry, so the fastpath sends to the old MAC while the kernel sends to the
 # new one. While True, the oracle counts this (printed) instead of failing on it, and
