@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "bpf"))  # test_datapath.py's frames and SAs
 
 from controller.datapath.bpfsys import prog_test_run  # noqa: E402
 
@@ -69,16 +69,13 @@ def _best(fd: int, frames: list[bytes], want: int) -> float:
 
 def measure(sizes: tuple[int, ...] = SIZES, runs: int = 400, with_aead: bool = True) -> list[Row]:
     import test_datapath as T
-    from bcc import BPF
 
     from controller.core.state import Direction
+    from controller.datapath.loader import Prog, compile_bpf, load_program
     from controller.datapath.xdp import Datapath, flow_key, flow_val
 
-    floor_b = BPF(
-        src_file=str(ROOT / "bpf" / "tests" / "xdp_floor.c").encode(),
-        cflags=[f"-I{ROOT / 'bpf' / 'include'}"],
-    )
-    floor_fd = floor_b.load_func(b"xdp_floor", BPF.XDP).fd
+    floor_b = compile_bpf("tests/xdp_floor.c")
+    floor_fd = load_program(floor_b, "xdp_floor", Prog.XDP).fd
     aead = {}
     if with_aead and (mod := _aead_bench()) is not None:
         aead = {r.size: r for r in mod.measure(sizes)}

@@ -82,6 +82,7 @@ from controller.datapath.bpfsys import (  # noqa: E402
     prog_run_live,
     prog_test_run,
 )
+from controller.datapath.loader import Loader, Prog, compile_bpf, load_program  # noqa: E402
 from controller.datapath.xdp import (  # noqa: E402
     Datapath,
     InboundSa,
@@ -128,11 +129,9 @@ class Traffic:
     """The generator and the sink (one BCC module)."""
 
     def __init__(self) -> None:
-        from bcc import BPF
-
-        self.bpf = BPF(src_file=str(BENCH_C).encode(), cflags=[f"-I{ROOT / 'bpf' / 'include'}"])
-        self.gen = self.bpf.load_func(b"xdp_bench_gen", BPF.XDP)
-        self.sink = self.bpf.load_func(b"xdp_bench_sink", BPF.XDP)
+        self.bpf = compile_bpf(BENCH_C.relative_to(ROOT / "bpf"))
+        self.gen = load_program(self.bpf, "xdp_bench_gen", Prog.XDP)
+        self.sink = load_program(self.bpf, "xdp_bench_sink", Prog.XDP)
 
     def configure(
         self, header: bytes, sizes: Sequence[int], nflows: int, cpu_flows: bool = False
@@ -233,11 +232,9 @@ def live_frames_refusal() -> str | None:
     namespace of its own (unshare(2) in a thread of its own: it vanishes with the thread), so
     nothing leaves the program and no namespace of this machine sees it. Errors other than
     LIVE_REFUSALS propagate."""
-    from bcc import BPF
-
     frame = bytes.fromhex("ffffffffffff02000000000108004500") + bytes(48)
-    with BPF(text=b"int live_probe(struct xdp_md *ctx) { return XDP_DROP; }") as b:
-        fd = b.load_func(b"live_probe", BPF.XDP).fd
+    with compile_bpf(text="int live_probe(struct xdp_md *ctx) { return XDP_DROP; }") as b:
+        fd = load_program(b, "live_probe", Prog.XDP).fd
         box: list[BaseException | None] = []
 
         def body() -> None:
@@ -282,7 +279,7 @@ class E2EBed:
         self.gw1 = Datapath(pin_dir=f"/sys/fs/bpf/xfp-bench-{pid}-gw1", cflags=cflags)
         self.gw2 = Datapath(pin_dir=f"/sys/fs/bpf/xfp-bench-{pid}-gw2", cflags=cflags)
         self.traffic: Traffic | None = None
-        self.sinks: list[tuple[str, str]] = []
+        self.sinks = Loader()  # the sink program on the receiving hosts' devices
         self.mode = ""
         self.last_cpu_s = 0.0  # CPU time the generator threads got in the last run
         self.tun: Any = None  # the static kernel ESP tunnel while in mode "kernel-esp"
@@ -359,25 +356,16 @@ class E2EBed:
 
     # -- modes ---------------------------------------------------------------------------------
     def _detach(self) -> None:
-        from bcc import BPF
-
         self.gw1.detach_all()
         self.gw2.detach_all()
         if self.tun is not None:
             self.tun.remove()
             self.tun = None
-        for role, dev in self.sinks:
-            with contextlib.suppress(Exception), in_netns(self.bed.ns(role)):
-                BPF.remove_xdp(dev.encode(), 0)
-        self.sinks.clear()
+        self.sinks.detach_all()  # tolerant: a device already gone is fine
 
     def _sink_on(self, role: str, dev: str) -> None:
-        from bcc import BPF
-
         assert self.traffic is not None
-        with in_netns(self.bed.ns(role)):
-            BPF.attach_xdp(dev.encode(), self.traffic.sink, 0)
-        self.sinks.append((role, dev))
+        self.sinks.attach_xdp(dev, self.traffic.sink, netns=self.bed.ns(role))
 
     def set_mode(self, mode: str) -> None:
         if mode == self.mode:

@@ -35,15 +35,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from controller.core.state import Direction
 from controller.datapath import btf_offsets
 from controller.datapath import learn_abi as d
-
-ROOT = Path(__file__).resolve().parents[2]
-BPF_SRC = ROOT / "bpf" / "tp_learn.c"
-BPF_INCLUDE = ROOT / "bpf" / "include"
+from controller.datapath.loader import ROOT, Loader, LoaderError  # noqa: F401 (ROOT: tests)
 
 # How the kernel forwarded a flow (tp_learn.c's LEARN_DIR_*), as Candidate.forwarding spells it.
 DIRECTIONS = {
@@ -58,7 +54,7 @@ ROLES = {"lan": d.LEARN_ROLE_LAN, "wan": d.LEARN_ROLE_WAN}
 PROTO_ICMP = 1
 
 
-class LearnerError(RuntimeError):
+class LearnerError(LoaderError):
     """The learner could not be set up (BTF, BPF compile, bad interface)."""
 
 
@@ -210,9 +206,10 @@ def netns_inode(path: str | os.PathLike[str] = "/proc/self/ns/net") -> int:
 
 
 def compile_cflags(**overrides: int) -> list[str]:
-    """BCC cflags: include path, the running kernel's struct offsets, optional tunables
-    (LEARN_REEMIT_NS, LEARN_MAX_AGE_NS, LEARN_SIGHTINGS, ...)."""
-    flags = [f"-I{BPF_INCLUDE}", *btf_offsets.cflags()]
+    """The -D flags of tp_learn.c: the running kernel's struct offsets, optional tunables
+    (LEARN_REEMIT_NS, LEARN_MAX_AGE_NS, LEARN_SIGHTINGS, ...). The loader adds the include
+    root."""
+    flags = btf_offsets.cflags()
     flags += [f"-D{k}={int(v)}" for k, v in sorted(overrides.items())]
     return flags
 
@@ -225,8 +222,15 @@ class Learner:
     it when it drops or refuses a flow and wants to hear about it again).
     """
 
-    def __init__(self, bpf: object, holddown: float = 5.0, max_tracked: int = 65536) -> None:
+    def __init__(
+        self,
+        bpf: object,
+        holddown: float = 5.0,
+        max_tracked: int = 65536,
+        loader: Loader | None = None,
+    ) -> None:
         self.bpf = bpf
+        self.loader = loader  # the one that compiled `bpf` and holds its tracepoints
         self.holddown_ns = int(holddown * 1e9)
         self.max_tracked = max_tracked
         self._pending: list[Candidate] = []
@@ -253,16 +257,19 @@ class Learner:
         **tunables: int,
     ) -> Learner:
         """Compile and attach tp_learn.c, then watch `ifaces` ({ifindex: "lan"|"wan"}) of the
-        namespace whose inode is netns_ino."""
+        namespace whose inode is netns_ino. Transactional: when anything fails, the
+        tracepoints attached so far are detached again before LearnerError is raised."""
+        loader = Loader()
         try:
-            from bcc import BPF
-        except ImportError as e:  # pragma: no cover - set-up error
-            raise LearnerError("BCC (python3-bpfcc) is not importable") from e
-        try:
-            bpf = BPF(src_file=str(BPF_SRC).encode(), cflags=compile_cflags(**tunables))
-        except Exception as e:
-            raise LearnerError(f"cannot load {BPF_SRC.name}: {e}") from e
-        learner = cls(bpf, holddown=holddown)
+            # Its TRACEPOINT_PROBEs are attached as BCC compiles it; the loader records them.
+            bpf = loader.compile("tp_learn.c", compile_cflags(**tunables))
+            learner = cls(bpf, holddown=holddown, loader=loader)
+        except LoaderError as e:  # "compiling/loading bpf/tp_learn.c: ..."
+            loader.close()
+            raise LearnerError(str(e), e.errno) from e
+        except BaseException:
+            loader.close()
+            raise
         try:
             learner.watch(netns_ino, ifaces)
         except BaseException:
@@ -390,7 +397,10 @@ class Learner:
         if self.bpf is not None:
             with contextlib.suppress(Exception):
                 self._epoll.close()
-            self.bpf.cleanup()  # type: ignore[attr-defined]
+            if self.loader is not None:
+                self.loader.close()  # the tracepoints, then the module
+            else:
+                self.bpf.cleanup()  # type: ignore[attr-defined]
             self.bpf = None
 
 

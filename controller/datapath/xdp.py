@@ -27,6 +27,9 @@ Limits worth knowing:
 - Rewriting a live SA entry (put_outbound_sa / put_inbound_sa on an sa_id in use) resets its
   sequence number or replay window; extend an SA with refresh_watchdog instead.
 
+Compiling, loading and attaching go through the one loader (controller/datapath/loader.py):
+attach() is idempotent and transactional, and close() detaches what this object attached.
+
 Namespaces: attach/detach act on devices of the calling thread's network namespace. A process
 started with `nsenter --net=/run/netns/NAME` works as is; `netns=` on attach/detach enters a
 named namespace around the call (controller/netns.py), so one compile can serve several.
@@ -39,7 +42,6 @@ import ctypes
 import errno
 import os
 import socket
-import subprocess
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,10 +60,19 @@ from controller.datapath.entries import (  # noqa: F401
     flow_val,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
-BPF_DIR = ROOT / "bpf"
-INCLUDE_DIR = BPF_DIR / "include"
-BPFFS = Path("/sys/fs/bpf")
+# Paths and ensure_bpffs are the loader's; importable from here as before.
+from controller.datapath.loader import (  # noqa: F401
+    BPF_DIR,
+    BPFFS,
+    INCLUDE_DIR,
+    ROOT,
+    Loader,
+    LoaderError,
+    Prog,
+    ensure_bpffs,
+    netns_scope,
+)
+
 DEFAULT_PIN_DIR = BPFFS / "xfrm-fastpath"
 PINNED_MAPS = (
     "xfp_flows",
@@ -81,21 +92,12 @@ XDP_FLAGS_DRV_MODE = 4
 XDP_MODES = {"auto": 0, "generic": XDP_FLAGS_SKB_MODE, "native": XDP_FLAGS_DRV_MODE}
 
 
-class DatapathError(RuntimeError):
+class DatapathError(LoaderError):
     """Compiling, loading, attaching or a map operation failed; the message says which, and
     `errno` the system error of a failed map operation (E2BIG: the map is full)."""
 
     def __init__(self, msg: str, errno: int = 0) -> None:
-        super().__init__(msg)
-        self.errno = errno
-
-
-def ensure_bpffs() -> None:
-    """Mount bpffs on /sys/fs/bpf when nothing is mounted there (pinning needs it)."""
-    with open("/proc/self/mounts") as f:
-        if any(line.split()[1] == str(BPFFS) and line.split()[2] == "bpf" for line in f):
-            return
-    subprocess.run(["mount", "-t", "bpf", "bpf", str(BPFFS)], check=True, capture_output=True)
+        super().__init__(msg, errno)
 
 
 def _lib():  # bcc.libbcc.lib, imported late: importing bcc is slow
@@ -247,32 +249,34 @@ class Datapath:
     xdp_mode: str = "auto"
     encap: _Loaded | None = None
     decap: _Loaded | None = None
-    attached: list[tuple[str | None, str, int]] = field(default_factory=list)
     maps: dict[str, MapHandle] = field(default_factory=dict)
+    loader: Loader = field(default_factory=Loader, repr=False)
+
+    @property
+    def attached(self) -> list[tuple[str | None, str, int]]:
+        """(netns, device, XDP flags) of every attachment this object holds."""
+        return [(a.netns, a.target, a.flags) for a in self.loader.attachments if a.kind == "xdp"]
 
     # -- load ----------------------------------------------------------------------------------
     def _cflags(self) -> list[str]:
         for flag in self.cflags:
             if not flag.startswith("-D"):
                 raise DatapathError(f"only -D cflags select variants, not {flag!r}")
-        return [f"-I{INCLUDE_DIR}", f'-DXFP_PIN_DIR="{self.pin_dir}"', *self.cflags]
+        return list(self.cflags)
 
     def _load_one(self, name: str) -> _Loaded:
-        from bcc import BPF
-
-        try:
-            b = BPF(src_file=str(BPF_DIR / f"{name}.c").encode(), cflags=self._cflags())
-            fn = b.load_func(name.encode(), BPF.XDP)
-        except Exception as e:  # BCC raises bare Exception
-            raise DatapathError(f"compiling/loading bpf/{name}.c: {e}") from e
+        try:  # the loader adds -I bpf/include and -DXFP_PIN_DIR (maps.h pins the maps there)
+            b = self.loader.compile(f"{name}.c", self._cflags(), pin_dir=self.pin_dir)
+            fn = self.loader.load(b, name, Prog.XDP)
+        except LoaderError as e:  # "compiling/loading bpf/NAME.c: ..."
+            raise DatapathError(str(e), e.errno) from e
         tx = b[b"xfp_tx_ports"]
         return _Loaded(b, fn, MapHandle(tx.map_fd, ctypes.c_uint32, ctypes.c_int32, "tx_ports"))
 
     def load(self) -> Datapath:
-        """Compile and load both programs (maps pinned under pin_dir, created if absent)."""
-        ensure_bpffs()
+        """Compile and load both programs (maps pinned under pin_dir, created if absent;
+        bpffs mounted if it is not)."""
         pin = Path(self.pin_dir)
-        pin.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.encap = self._load_one("xdp_encap")
         self.decap = self._load_one("xdp_decap")
         t = self.encap.bpf
@@ -306,59 +310,29 @@ class Datapath:
         return self.decap.fn.fd
 
     # -- attach ---------------------------------------------------------------------------------
-    def _netns(self, netns: str | None) -> contextlib.AbstractContextManager:
-        if netns is None:
-            return contextlib.nullcontext()
-        from controller.netns import in_netns
-
-        return in_netns(netns)
-
     def attach(
         self, lan: Iterable[str] = (), wan: Iterable[str] = (), netns: str | None = None
     ) -> None:
         """Attach encap to every LAN device and decap to every WAN device. Idempotent (a device
         already carrying our program is replaced in place); transactional: when one attach
         fails, the ones made by this call are undone and DatapathError raised."""
-        from bcc import BPF
-
         assert self.encap is not None and self.decap is not None, "load() first"
         flags = XDP_MODES[self.xdp_mode]
-        done: list[tuple[str | None, str, int]] = []
         try:
-            with self._netns(netns):
+            with self.loader.transaction():
                 for devs, loaded in ((lan, self.encap), (wan, self.decap)):
                     for dev in devs:
-                        try:
-                            BPF.attach_xdp(dev.encode(), loaded.fn, flags)
-                        except Exception as e:
-                            raise DatapathError(f"attach XDP to {dev}: {e}") from e
-                        entry = (netns, dev, flags)
-                        done.append(entry)
-        except BaseException:
-            self._detach(done)
-            raise
-        for entry in done:
-            if entry not in self.attached:
-                self.attached.append(entry)
-
-    def _detach(self, entries: Iterable[tuple[str | None, str, int]]) -> list[str]:
-        from bcc import BPF
-
-        errors = []
-        for netns, dev, flags in reversed(list(entries)):
-            try:
-                with self._netns(netns):
-                    BPF.remove_xdp(dev.encode(), flags)
-            except Exception as e:  # keep going: detach everything we can
-                errors.append(f"{netns or ''}:{dev}: {e}")
-        return errors
+                        self.loader.attach_xdp(dev, loaded.fn, flags, netns=netns)
+        except LoaderError as e:  # "attach XDP to DEV: ..."
+            raise DatapathError(str(e), e.errno) from e
 
     def detach_all(self) -> None:
         """Detach every program this object attached (tolerant: a vanished device is fine)."""
-        self._detach(self.attached)
-        self.attached.clear()
+        self.loader.detach_all()
 
     def close(self) -> None:
+        """Detach everything (idempotent). The programs and maps stay loaded: the map
+        handles still work, e.g. for unpin() or a last read of the counters."""
         self.detach_all()
 
     def __enter__(self) -> Datapath:
@@ -392,7 +366,7 @@ class Datapath:
         device lives elsewhere."""
         if not 0 < ifindex < defs.DEVMAP_SIZE:
             raise DatapathError(f"ifindex {ifindex} outside the devmap (< {defs.DEVMAP_SIZE})")
-        with self._netns(netns):
+        with netns_scope(netns):
             for loaded in (self.encap, self.decap):
                 assert loaded is not None, "load() first"
                 loaded.tx_ports.put(ctypes.c_uint32(ifindex), ctypes.c_int32(ifindex))

@@ -62,10 +62,10 @@ def gateways() -> Iterator[tuple[Datapath, Datapath]]:
 @pytest.fixture(scope="module")
 def xdp_pass():
     """A program that passes everything, for the veth peers of redirect targets."""
-    from bcc import BPF
+    from controller.datapath.loader import Prog, compile_bpf, load_program
 
-    b = BPF(text=b"int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }")
-    return b.load_func(b"xdp_pass", BPF.XDP)
+    b = compile_bpf(text="int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }")
+    return load_program(b, "xdp_pass", Prog.XDP)
 
 
 def _clear(d: Datapath) -> None:

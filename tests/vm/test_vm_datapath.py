@@ -48,10 +48,10 @@ def gw1_datapath(esp_kernel: None) -> Iterator[Datapath]:
 
 @pytest.fixture(scope="module")
 def xdp_pass(esp_kernel: None):
-    from bcc import BPF
+    from controller.datapath.loader import Prog, compile_bpf, load_program
 
-    b = BPF(text=b"int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }")
-    return b.load_func(b"xdp_pass", BPF.XDP)
+    b = compile_bpf(text="int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }")
+    return load_program(b, "xdp_pass", Prog.XDP)
 
 
 def xfrm_stat(bed: Testbed, role: str) -> dict[str, int]:
