@@ -97,7 +97,9 @@ class InboundSa:
         if len(self.key) != 36:
             raise ValueError(f"rfc7539esp key is 32 + 4 bytes, not {len(self.key)}")
         if not 0 <= self.replay_window <= defs.REPLAY_MAX_WINDOW:
-            raise ValueError(f"replay window {self.replay_window} not in 0..4096")
+            raise ValueError(
+                f"replay window {self.replay_window} not in 0..{defs.REPLAY_MAX_WINDOW}"
+            )
         c = SaIn()
         c.sa_id = self.sa_id
         c.spi = defs.be32(self.spi)

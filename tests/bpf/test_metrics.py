@@ -106,17 +106,13 @@ COUNT_PROG = r"""
 #include <uapi/linux/bpf.h>
 #include "maps.h"
 
-/* Index and fields as documented in xfp_defs.h ("indexed by dir * XFP_R_MAX + reason") and as
- * bpf/xdp_encap.c and bpf/xdp_decap.c count. */
+/* Index as documented in xfp_defs.h ("indexed by dir * XFP_R_MAX + reason"), the bump maps.h's
+ * xfp_stat_add(): as bpf/xdp_encap.c and bpf/xdp_decap.c count. */
 static __always_inline void count(__u32 dir, __u32 reason, __u32 len)
 {
 	__u32 idx = dir * XFP_R_MAX + reason;
-	struct xfp_stat *st = xfp_stats.lookup(&idx);
 
-	if (st) {
-		st->packets += 1;
-		st->bytes += len;
-	}
+	xfp_stat_add(xfp_stats.lookup(&idx), len);
 }
 
 /* Count the frame under the (dir, reason) its first 8 bytes name; XDP_PASS. Frames with an
