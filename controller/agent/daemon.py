@@ -31,7 +31,7 @@ from controller.config import Config, check_interfaces
 from controller.core.state import Direction
 from controller.datapath.learner import Learner, netns_inode
 from controller.datapath.reseq import Resequencer
-from controller.datapath.xdp import Datapath
+from controller.datapath.xdp import DEFAULT_PIN_DIR, Datapath
 from controller.netlink.routing import Routing
 from controller.netlink.watch import KernelWatch
 from controller.netlink.xfrm import XfrmSocket
@@ -120,13 +120,10 @@ class Daemon:
             sa_max,
             f"-DXFP_FLOWS_MAX={sizes['xfp_flows']}",
         )
-
-        kw: dict[str, object] = {"xdp_mode": cfg.xdp_mode, "cflags": cflags}
-        if self.pin_dir:
-            kw["pin_dir"] = self.pin_dir
+        pin_dir = self.pin_dir or DEFAULT_PIN_DIR
 
         def load_programs() -> tuple[Datapath, Resequencer]:
-            self.dp = Datapath(**kw).load()  # type: ignore[arg-type]
+            self.dp = Datapath(pin_dir=pin_dir, xdp_mode=cfg.xdp_mode, cflags=cflags).load()
             self.reseq = Resequencer(pin_dir=self.dp.pin_dir, cflags=(sa_max,)).load()
             return self.dp, self.reseq
 
@@ -145,24 +142,6 @@ class Daemon:
             dp, reseq = load_programs()
         return dp, reseq
 
-    def _ports(
-        self,
-        dp: Datapath,
-        reseq: Resequencer,
-        xfrm: XfrmSocket,
-        routing: Routing,
-        metrics: MetricsSource,
-    ) -> Ports:
-        return Ports(
-            datapath=dp,
-            reseq=reseq,
-            xfrm=xfrm,
-            routing=routing,
-            metrics=metrics,
-            learner=self.learner,
-            events=self.watch,
-        )
-
     def _start_agent(
         self, dp: Datapath, reseq: Resequencer, xfrm: XfrmSocket, routing: Routing
     ) -> Agent:
@@ -174,7 +153,15 @@ class Daemon:
             datapath=lambda: datapath_parts(dp, lan_wan, agent.reqids()),
             flow_capacity=cfg.flow_table_size,
         )
-        ports = self._ports(dp, reseq, xfrm, routing, self.metrics)
+        ports = Ports(
+            datapath=dp,
+            reseq=reseq,
+            xfrm=xfrm,
+            routing=routing,
+            metrics=self.metrics,
+            learner=self.learner,
+            events=self.watch,
+        )
         agent = self.agent = Agent(cfg, ports, run_dir=self.run_dir, ifindex=self.ifindex)
         self.metrics.flows = agent.flows
         self.metrics.set_health(up=True, bpf_programs_attached=len(dp.attached))

@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:  # types only: the ports import nothing at run time
     from controller.core.validate import NeighInfo, RouteInfo
-    from controller.core.xfrm_model import AeState, DefaultPolicy, LifetimeCur, Policy, Sa
+    from controller.core.xfrm_model import (
+        AeState,
+        DefaultPolicy,
+        LifetimeCur,
+        Policy,
+        ReplayState,
+        Sa,
+    )
     from controller.datapath import abi
     from controller.datapath.entries import InboundSa, OutboundSa
     from controller.datapath.learner import Candidate
@@ -71,8 +78,8 @@ class XfrmPort(Protocol):
     def get_sa(self, daddr: str, spi: int) -> Sa | None: ...
     def get_ae(self, sa: Sa) -> AeState: ...
     def new_ae(self, sa: Sa, *, lifetime_cur: LifetimeCur | None = None) -> None: ...
-    def set_oseq(self, sa: Sa, oseq64: int) -> object: ...
-    def set_replay_top(self, sa: Sa, seq64: int) -> object: ...
+    def set_oseq(self, sa: Sa, oseq64: int) -> ReplayState: ...
+    def set_replay_top(self, sa: Sa, seq64: int) -> ReplayState: ...
     def send_expire(self, sa: Sa, hard: bool = False) -> None: ...
 
 
