@@ -31,7 +31,7 @@ from controller.core.state import Cause, Direction, FlowState
 
 if TYPE_CHECKING:
     from controller.datapath.learner import Candidate
-    from controller.telemetry.metrics import MetricsSnapshot
+    from controller.telemetry import MetricsSnapshot
 
 log = logging.getLogger("xfrm-fastpath")
 

@@ -36,7 +36,7 @@ from controller.netlink.routing import Routing
 from controller.netlink.watch import KernelWatch
 from controller.netlink.xfrm import XfrmSocket
 from controller.paths import RUN_DIR, STATUS_FILE, netns_run_dir
-from controller.telemetry.metrics import Exporter, MetricsSource, datapath_parts
+from controller.telemetry import Exporter, MetricsSource, datapath_parts
 
 log = logging.getLogger("xfrm-fastpath")
 

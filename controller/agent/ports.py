@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # types only: the ports import nothing at run time
     from controller.datapath import abi
     from controller.datapath.entries import InboundSa, OutboundSa
     from controller.datapath.learner import Candidate
-    from controller.telemetry.metrics import MetricsSnapshot
+    from controller.telemetry import MetricsSnapshot
 
 
 class DatapathPort(Protocol):

@@ -19,10 +19,10 @@ from controller.agent.state import AgentState
 from controller.config import Config
 from controller.core.state import SaRef
 from controller.paths import STATUS_FILE
-from controller.telemetry.metrics import snapshot_to_dict
+from controller.telemetry import snapshot_to_dict
 
 if TYPE_CHECKING:
-    from controller.telemetry.metrics import MetricsSnapshot
+    from controller.telemetry import MetricsSnapshot
 
 log = logging.getLogger("xfrm-fastpath")
 
