@@ -86,7 +86,7 @@ def ensure_bpffs() -> None:
 
 
 def check_cflags(cflags: Sequence[str]) -> list[str]:
-    """Variants are chosen with -D flags only (never by editing C text, STYLE.md item 3);
+    """Variants are chosen with -D flags only (never by editing C text, docs/design.md §6);
     -W/-w flags only silence warnings. Anything else (-I, -include, -O...) is refused: the
     loader owns the include root."""
     for flag in cflags:

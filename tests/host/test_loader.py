@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: GPL-2.0-only
-"""controller/datapath/loader.py: one loader, idempotent and transactional (STYLE.md item 6).
+"""controller/datapath/loader.py: one loader, idempotent and transactional (docs/design.md §6).
 A failed attach on one device undoes the attachments made before it in the same transaction,
 checked on the devices themselves (`ip -j link`, `tc -j filter` inside a test bed namespace;
 nothing is attached in this machine's own namespace)."""
