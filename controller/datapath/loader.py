@@ -18,7 +18,7 @@ Compiling: the source is named relative to bpf/ (or given as `text`); the includ
 programs that pin their maps (bpf/include/maps.h). Callers choose variants with -D flags only
 (-W/-w flags, which change no code, are let through for test programs).
 
-Attaching (what xdp-tools' libxdp does, STYLE.md item 6):
+Attaching (what xdp-tools' libxdp does, docs/design.md §6):
 - idempotent: attaching a program where this loader already attached one (same kind, device,
   namespace, mode) replaces it in place and is recorded once;
 - transactional: inside `transaction()`, every attachment is recorded as it is made; when
