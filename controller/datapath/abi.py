@@ -3,10 +3,11 @@
 the datapath (XDP programs and TC resequencer). The C struct is quoted beside each class.
 
 The end of this module is THE registry of everything C and Python share: STRUCTS, CONSTANTS and
-ENUMS, this module's and the learner's (controller/datapath/learn_abi.py, the mirror of
-bpf/include/learn_defs.h). tests/bpf/test_abi.py iterates it: gcc compiles the headers and checks
-sizes, offsets and values, BCC checks the BPF target's layout, and every #define and enum member
-of the headers must have its twin here. Change both sides together.
+ENUMS, this module's, the learner's (controller/datapath/learn_abi.py, the mirror of
+bpf/include/learn_defs.h) and the kernel crypto module's (controller/datapath/kcrypto_abi.py,
+the mirror of bpf/include/kcrypto_defs.h). tests/bpf/test_abi.py iterates it: gcc compiles the
+headers and checks sizes, offsets and values, BCC checks the BPF target's layout, and every
+#define and enum member of the headers must have its twin here. Change both sides together.
 
 Fields the header marks "be" hold network byte order: store them with `be32()` / `be16()` (an
 int whose in-memory bytes are the wire bytes) and read them back with `from_be32()`.
@@ -20,7 +21,7 @@ import ipaddress
 import struct
 
 from controller.core.state import Direction
-from controller.datapath import learn_abi
+from controller.datapath import kcrypto_abi, learn_abi
 
 # ---- sizes ----------------------------------------------------------------------------------
 FLOWS_MAX = 65536
@@ -271,7 +272,7 @@ class SaIn(ctypes.Structure):
 
 # ---- the registry (tests/bpf/test_abi.py) -------------------------------------------------------
 # The headers under bpf/include that the registry mirrors, in the order a C file includes them.
-HEADERS = ("xfp_defs.h", "learn_defs.h")
+HEADERS = ("xfp_defs.h", "learn_defs.h", kcrypto_abi.HEADER)
 
 # #defines of those headers with no Python twin, and why (include guards aside).
 UNMIRRORED = {
@@ -287,6 +288,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "xfp_sa_in_key": SaInKey,
     "xfp_sa_in": SaIn,
     **learn_abi.STRUCTS,
+    **kcrypto_abi.STRUCTS,
 }
 
 # C #define name -> Python value, for the layout test.
@@ -309,6 +311,7 @@ CONSTANTS: dict[str, int] = {
     "XFP_SA_F_DONT_ENCAP_DSCP": SA_F_DONT_ENCAP_DSCP,
     "XFP_DIR_MAX": DIR_MAX,
     **learn_abi.CONSTANTS,
+    **kcrypto_abi.CONSTANTS,
 }
 
 # C enum prefix -> Python enum (a member named MAX may be a constant instead: XFP_DIR_MAX).
@@ -316,4 +319,5 @@ ENUMS: dict[str, type[enum.IntEnum]] = {
     "XFP_DIR_": Direction,
     "XFP_R_": Reason,
     "XFP_RESEQ_": ReseqStat,
+    **kcrypto_abi.ENUMS,
 }
