@@ -7,7 +7,8 @@ STAMP   := .venv/.setup-done
 
 .PHONY: setup test test-host test-vm demo lint bench bench-e2e fuzz clean
 
-$(STAMP): scripts/setup.sh scripts/fetch-kernel.sh pyproject.toml vm/kernel.env
+$(STAMP): scripts/setup.sh scripts/fetch-kernel.sh pyproject.toml vm/kernel.env \
+		scripts/build-kmod.sh kmod/xfp_crypto.c kmod/Kbuild bpf/include/kcrypto_defs.h
 	bash scripts/setup.sh
 	touch $@
 

@@ -4,6 +4,7 @@
 #  - Debian packages: BCC, bpftool, iproute2, qemu, strongSwan, tools for the test beds;
 #  - kernel headers BCC can compile with, also for a host kernel that has no headers package;
 #  - the pinned Debian kernel for the real-kernel VM test bed (scripts/fetch-kernel.sh);
+#  - the xfp_crypto kernel module built for that kernel (scripts/build-kmod.sh);
 #  - the virtualenv .venv, made from the system Python with system site packages (for `import bcc`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,9 @@ PKGS=(
   qemu-system-x86 kmod udev busybox-static
   charon-systemd strongswan-swanctl strongswan-pki libstrongswan-standard-plugins
   clang-format shellcheck
+  # the xfp_crypto kernel module (scripts/build-kmod.sh): module BTF needs pahole, and
+  # resolve_btfids, built from the kernel source, needs libelf-dev
+  make dwarves libelf-dev linux-source-6.1 xz-utils
   # `vagrant validate` of vagrant/Vagrantfile; with the libvirt plugin it checks provider blocks
   vagrant vagrant-libvirt
   prometheus
@@ -58,6 +62,9 @@ if [ ! -e "/lib/modules/$host_rel/build/Makefile" ]; then
   ln -sfn "/usr/src/linux-headers-$KERNEL_ABI" "/lib/modules/$host_rel/build"
   ln -sfn "/usr/src/linux-headers-${KERNEL_ABI%-amd64}-common" "/lib/modules/$host_rel/source"
 fi
+
+# The xfp_crypto module for the VM kernel, with module BTF (cached; make only rebuilds changes).
+scripts/build-kmod.sh "$KERNEL_ABI"
 
 # tracefs, where the tracepoints live (some minimal systems do not mount it).
 if [ ! -d /sys/kernel/tracing/events ]; then
