@@ -57,6 +57,8 @@ RUNNER_ENV = "XFRM_FASTPATH_RUNNER"
 # Loaded up front in the guest so a missing one is reported once, at boot, by name (the tests
 # would otherwise fail later with "Requested AEAD algorithm not found"). chacha20poly1305 is the
 # rfc7539esp template (crypto/chacha20poly1305.c); chacha_generic/poly1305_generic back it.
+# chacha_x86_64, poly1305_x86_64 and aesni_intel are what the xfp_crypto module (kmod/) calls
+# into (tests/vm/test_vm_kcrypto.py inserts it); the crypto API would autoload them anyway.
 GUEST_MODULES = (
     "veth",
     "xfrm_user",
@@ -66,6 +68,9 @@ GUEST_MODULES = (
     "chacha_generic",
     "poly1305_generic",
     "xfrm_interface",
+    "chacha_x86_64",
+    "poly1305_x86_64",
+    "aesni_intel",
 )
 
 PYTEST_HOST = ["-m", "not vm and not bench", "tests"]
