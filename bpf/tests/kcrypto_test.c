@@ -41,7 +41,8 @@ int xfp_kc_test_xdp(struct xdp_md *ctx)
 		ret = xfp_kc_xdp_open(ctx, h->id, h->esp_off, h->len, h->seq_hi);
 	else
 		return XDP_ABORTED;
-	/* The kfunc does not move the packet, but re-read the pointers anyway (STYLE.md item 4). */
+	/* The kfunc does not move the packet, but re-read the pointers anyway, as after any call
+	 * that writes to it. */
 	h = (void *)(long)ctx->data;
 	if ((void *)(h + 1) > (void *)(long)ctx->data_end)
 		return XDP_ABORTED;

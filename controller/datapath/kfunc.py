@@ -46,6 +46,7 @@ PROG_TYPES = {Prog.XDP: 6, Prog.SCHED_CLS: 3}
 BPF_JMP_CALL = 0x85  # BPF_JMP | BPF_CALL
 BPF_PSEUDO_KFUNC_CALL = 2
 MODULE_BTF_FD_INDEX = 1  # fd_array[0] stays 0 (vmlinux)
+BPF_F_XDP_HAS_FRAGS = 1 << 5  # the program accepts multi-buffer frames
 
 # include/uapi/linux/btf.h: BTF_KIND_FUNC, and the bytes each kind carries after struct
 # btf_type (12 bytes), as a function of vlen.
@@ -248,6 +249,8 @@ class KfuncProgram:
             os.close(self.fd)
             self.fd = -1
 
+    cleanup = close  # as BCC's module object spells it (Loader.close() calls it)
+
     def __enter__(self) -> KfuncProgram:
         return self
 
@@ -259,9 +262,15 @@ class KfuncProgram:
 
 
 def prog_load(
-    prog: Prog, insns: bytes, name: str, fd_array: list[int], log_size: int = 1 << 22
+    prog: Prog,
+    insns: bytes,
+    name: str,
+    fd_array: list[int],
+    prog_flags: int = 0,
+    log_size: int = 1 << 22,
 ) -> int:
-    """BPF_PROG_LOAD with fd_array; on refusal, again with the verifier's log for the error."""
+    """BPF_PROG_LOAD with fd_array (and BPF_F_* `prog_flags`); on refusal, again with the
+    verifier's log for the error."""
     buf = ctypes.create_string_buffer(insns, len(insns))
     lic = ctypes.create_string_buffer(b"GPL")
     fds = (ctypes.c_int32 * len(fd_array))(*fd_array)
@@ -271,6 +280,7 @@ def prog_load(
         insns=ctypes.addressof(buf),
         license=ctypes.addressof(lic),
         prog_name=name.encode()[:15],
+        prog_flags=prog_flags,
         fd_array=ctypes.addressof(fds),
     )
     try:
@@ -293,9 +303,11 @@ def load_with_kfuncs(
     prog: Prog,
     module: str = "xfp_crypto",
     placeholders: Mapping[int, str] = kcrypto_abi.KFUNCS,
+    prog_flags: int = 0,
 ) -> KfuncProgram:
     """Load function `name` of BCC module `bpf` as a `prog` program, its placeholder calls
-    turned into calls of `module`'s kfuncs (see the module docstring)."""
+    turned into calls of `module`'s kfuncs (see the module docstring). `prog_flags`: BPF_F_*
+    load flags (e.g. BPF_F_XDP_HAS_FRAGS for a multi-buffer XDP program)."""
     if prog not in PROG_TYPES:
         raise KfuncError(f"kfunc programs are XDP or SCHED_CLS, not {prog.value}")
     try:
@@ -306,7 +318,7 @@ def load_with_kfuncs(
     insns, n = rewrite_kfunc_calls(insns, placeholders, btf_ids)
     btf_fd = module_btf_fd(module)
     try:
-        fd = prog_load(prog, insns, name, [0, btf_fd])
+        fd = prog_load(prog, insns, name, [0, btf_fd], prog_flags)
     finally:
         os.close(btf_fd)  # the program holds its own reference on the BTF and the module
     return KfuncProgram(fd, name, n)

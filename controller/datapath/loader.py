@@ -241,6 +241,15 @@ class Loader:
         """load_program()."""
         return load_program(bpf, name, prog)
 
+    def load_kfunc(self, bpf, name: str, prog: Prog, module: str = "xfp_crypto"):
+        """A program whose placeholder calls become calls of `module`'s kfuncs, loaded by
+        controller/datapath/kfunc.py (BCC cannot emit kfunc calls); released by close()."""
+        from controller.datapath.kfunc import load_with_kfuncs  # kfunc.py imports this module
+
+        fn = load_with_kfuncs(bpf, name, prog, module)
+        self.modules.append(fn)  # its cleanup() closes it
+        return fn
+
     # -- attach ---------------------------------------------------------------------------------
     def _record(self, a: Attachment) -> None:
         if a in self.attachments:

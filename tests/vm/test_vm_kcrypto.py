@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import random
 import struct
 import subprocess
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from controller.datapath import kfunc
 from controller.datapath.bpfsys import prog_test_run
 from controller.datapath.kcrypto import DEVICE, MODULE, KcryptoDevice, module_loaded
 from controller.datapath.kcrypto_abi import Alg, KcRet
-from controller.datapath.loader import Prog, compile_bpf
+from controller.datapath.loader import Loader, Prog
 from testbed.vmrun import KERNEL_CACHE
 
 pytestmark = pytest.mark.vm
@@ -43,6 +44,7 @@ TC_ACT_OK = 0
 OP_SEAL, OP_OPEN = 1, 2
 HDR = struct.Struct("<IIIIIi8x")  # struct xfp_kc_test_hdr (bpf/tests/kcrypto_test.c)
 ESP_OFF = HDR.size  # the ESP header right after the test header
+FUZZ_CASES = 200  # per program type: about 10 s under TCG
 
 # RFC 8439 section 2.8.2: its AAD is SPI || seq_hi || seq_lo of an ESN SA (RFC 7634 section 2.1),
 # its nonce salt || IV.
@@ -73,6 +75,7 @@ class Kc:
     dev: KcryptoDevice
     xdp: kfunc.KfuncProgram
     tc: kfunc.KfuncProgram
+    xdp_frags: kfunc.KfuncProgram  # the XDP program again, loaded with BPF_F_XDP_HAS_FRAGS
 
 
 @pytest.fixture(scope="module")
@@ -89,18 +92,20 @@ def kc() -> Iterator[Kc]:
         dev_path = Path("/run/xfp_crypto")
         if not dev_path.exists():
             os.mknod(dev_path, 0o600 | 0o020000, os.makedev(int(major), int(minor)))
-    bpf = compile_bpf("tests/kcrypto_test.c")
-    xdp = kfunc.load_with_kfuncs(bpf, "xfp_kc_test_xdp", Prog.XDP)
-    tc = kfunc.load_with_kfuncs(bpf, "xfp_kc_test_tc", Prog.SCHED_CLS)
-    dev = KcryptoDevice(dev_path)
-    dev.flush()
-    try:
-        yield Kc(dev, xdp, tc)
-    finally:
-        dev.close()
-        xdp.close()
-        tc.close()
-        bpf.cleanup()
+    with Loader() as ld:
+        bpf = ld.compile("tests/kcrypto_test.c")
+        xdp = ld.load_kfunc(bpf, "xfp_kc_test_xdp", Prog.XDP)
+        tc = ld.load_kfunc(bpf, "xfp_kc_test_tc", Prog.SCHED_CLS)
+        frags = kfunc.load_with_kfuncs(
+            bpf, "xfp_kc_test_xdp", Prog.XDP, prog_flags=kfunc.BPF_F_XDP_HAS_FRAGS
+        )
+        dev = KcryptoDevice(dev_path)
+        dev.flush()
+        try:
+            yield Kc(dev, xdp, tc, frags)
+        finally:
+            dev.close()
+            frags.close()
 
 
 def esp_frame(op: int, ctx_id: int, spi: int, seq: int, iv: bytes, body: bytes, **kw: int) -> bytes:
@@ -116,9 +121,9 @@ def esp_frame(op: int, ctx_id: int, spi: int, seq: int, iv: bytes, body: bytes, 
     return hdr + struct.pack(">II", spi, seq) + iv + body
 
 
-def run(kc: Kc, frame: bytes, tc: bool = False) -> tuple[KcRet, bytes]:
+def run(kc: Kc, frame: bytes, tc: bool = False, prog=None) -> tuple[KcRet, bytes]:
     """Run the XDP (or TC) test program on `frame`: (the kfunc's return code, the frame after)."""
-    retval, out, _ = prog_test_run(kc.tc if tc else kc.xdp, frame)
+    retval, out, _ = prog_test_run(prog or (kc.tc if tc else kc.xdp), frame)
     assert retval == (TC_ACT_OK if tc else XDP_TX), f"test program verdict {retval}"
     assert len(out) == len(frame), "the kfunc does not change the frame's length"
     return KcRet(HDR.unpack_from(out)[5]), out
@@ -260,6 +265,47 @@ def test_bounds_are_refused(kc: Kc, tc: bool) -> None:
         kc.dev.destroy(3)
 
 
+@pytest.mark.parametrize("tc", [False, True], ids=["xdp", "tc"])
+def test_bounds_fuzz(kc: Kc, tc: bool) -> None:
+    """Random esp_off and len around the end of random-sized frames: refused exactly when the
+    ESP header, payload and ICV do not fit, and then the frame is untouched."""
+    rng = random.Random(17)
+    kc.dev.create(3, Alg.AES_GCM, os.urandom(20))
+    try:
+        for _ in range(FUZZ_CASES):
+            size = rng.randrange(ESP_OFF + 1, 1600)
+            frame = bytearray(os.urandom(size))
+            esp_off = rng.choice([rng.randrange(0, size + 40), rng.getrandbits(32)])
+            length = rng.choice([rng.randrange(0, size + 40), rng.getrandbits(32)])
+            frame[: HDR.size] = HDR.pack(OP_SEAL, 3, esp_off, length, 0, -1)
+            fits = esp_off >= ESP_OFF and esp_off + 32 + length <= size
+            if esp_off < ESP_OFF and esp_off + 32 + length <= size:
+                continue  # it would seal over the test header itself
+            rc, out = run(kc, bytes(frame), tc)
+            case = f"size {size} esp_off {esp_off} len {length}"
+            assert rc is (KcRet.OK if fits else KcRet.BOUNDS), case
+            if not fits:
+                assert out[HDR.size :] == frame[HDR.size :], f"{case}: untouched"
+    finally:
+        kc.dev.destroy(3)
+
+
+def test_multi_buffer_frame_is_refused(kc: Kc) -> None:
+    """A frame larger than a test run's linear buffer (4096 - 256 headroom - 320 tailroom, see
+    net/bpf/test_run.c) arrives with fragments: the kfunc refuses it even when the range it is
+    given lies in the linear part."""
+    kc.dev.create(3, Alg.CHACHA20_POLY1305, os.urandom(36))
+    try:
+        frame = esp_frame(OP_SEAL, 3, 7, 9, bytes(8), bytes(64 + 16)) + os.urandom(6000)
+        rc, out = run(kc, frame, prog=kc.xdp_frags)
+        assert rc is KcRet.FRAGS, "multi-buffer frame refused"
+        assert out[ESP_OFF:] == frame[ESP_OFF:], "the frame is untouched"
+        rc, _ = run(kc, frame[:200], prog=kc.xdp_frags)
+        assert rc is KcRet.OK, "the same program seals a single-buffer frame"
+    finally:
+        kc.dev.destroy(3)
+
+
 def test_contexts_refuse_what_they_do_not_support(kc: Kc) -> None:
     chacha = Alg.CHACHA20_POLY1305
     # fmt: off
@@ -316,6 +362,7 @@ def test_unload_is_refused_while_in_use(kc: Kc) -> None:
     assert proc.returncode != 0, "rmmod refused: programs that call the kfuncs are loaded"
     kc.xdp.close()
     kc.tc.close()
+    kc.xdp_frags.close()
     proc = _rmmod()
     assert proc.returncode == 0, f"rmmod once nothing uses the module: {proc.stderr.strip()}"
     assert not module_loaded(), "the module is gone"
