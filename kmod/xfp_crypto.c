@@ -498,4 +498,7 @@ module_init(xfp_kc_init);
 module_exit(xfp_kc_exit);
 MODULE_LICENSE("GPL");
 MODULE_DESCRIPTION("xfrm-fastpath: ESP ChaCha20-Poly1305 and AES-GCM kfuncs for XDP and TC");
-MODULE_SOFTDEP("pre: chacha-x86_64 poly1305-x86_64 aesni-intel");
+/* The ChaCha20 and Poly1305 libraries are hard dependencies (symbols). aesni-intel is not: the
+ * AES-GCM AEAD is looked up by name when a context is made, and a CPU without AES-NI (where
+ * aesni-intel refuses to load) still gets ChaCha20-Poly1305. Load it before making AES-GCM
+ * contexts (modprobe aesni_intel). */
