@@ -185,6 +185,35 @@ class MapHandle:
             _check(-1, f"delete from {self.name}")
         return True
 
+    def put_batch(self, items: Sequence[tuple[object, object]]) -> None:
+        """Write many (key, value) pairs (structs, or their bytes) with BPF_MAP_UPDATE_BATCH:
+        one bpf(2) call instead of one per pair (what lets the learner install a burst of new
+        flows at line rate). In order; an error raises DatapathError with the pairs before it
+        written (the kernel stops at the first). BPF_ANY (libbcc's wrapper passes no element
+        flags). A kernel without batch ops for the map gets one update per pair."""
+        n = len(items)
+        if n == 0:
+            return
+        ksize, vsize = ctypes.sizeof(self.key_type), ctypes.sizeof(self.value_type)
+        kraw = b"".join(k if isinstance(k, bytes) else bytes(k) for k, _ in items)  # type: ignore[call-overload]
+        vraw = b"".join(v if isinstance(v, bytes) else bytes(v) for _, v in items)  # type: ignore[call-overload]
+        if len(kraw) != n * ksize or len(vraw) != n * vsize:
+            raise ValueError(f"{self.name}: keys of {ksize} and values of {vsize} bytes expected")
+        if self.percpu:
+            raise ValueError(f"{self.name}: put_batch writes one value per key, not per CPU")
+        keys = (self.key_type * n).from_buffer_copy(kraw)
+        vals = (self.value_type * n).from_buffer_copy(vraw)
+        count = ctypes.c_uint32(n)
+        if _lib().bpf_update_batch(self.fd, keys, vals, ctypes.byref(count)) >= 0:
+            return
+        err = ctypes.get_errno()
+        if err in (errno.EINVAL, errno.EOPNOTSUPP, ENOTSUPP) and count.value == 0:
+            for k, v in zip(keys, vals, strict=True):
+                self.put(k, v)
+            return
+        ctypes.set_errno(err)
+        _check(-1, f"batch update of {self.name} ({count.value} of {n} written)")
+
     def delete_batch(self, keys: Sequence) -> int:
         """Delete many keys (key structs, or their bytes) with BPF_MAP_DELETE_BATCH: one
         bpf(2) call where nothing is amiss. How many were deleted. The kernel deletes in order
@@ -456,6 +485,11 @@ class Datapath:
     # -- flows ------------------------------------------------------------------------------------
     def put_flow(self, key: FlowKey, val: FlowVal) -> None:
         self.maps["flows"].put(key, val)
+
+    def put_flows(self, items: Sequence[tuple[FlowKey, FlowVal]]) -> None:
+        """Write many flow entries in one bpf(2) call (MapHandle.put_batch): in order; an error
+        raises with the entries before the failing one written."""
+        self.maps["flows"].put_batch(items)
 
     def get_flow(self, key: FlowKey) -> FlowVal | None:
         return self.maps["flows"].get(key)

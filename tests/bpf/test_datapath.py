@@ -920,3 +920,22 @@ def test_liveness_packet_takes_the_kernel_path(live_dp: Datapath) -> None:
     assert delta[(Direction.DECAP, Reason.DECAP_OK)][0] == 3, f"the rest by XDP: {delta}"
     mode = os.stat(f"{d.pin_dir}/xfp_liveness").st_mode & 0o777
     assert mode == 0o600, f"xfp_liveness pinned root-only, not {oct(mode)}"
+
+
+def test_batch_put_writes_every_flow_in_order(env: Datapath) -> None:
+    """Datapath.put_flows: one BPF_MAP_UPDATE_BATCH writes every entry as put_flow would (a
+    key given twice keeps the later value); an empty batch writes nothing."""
+    keys = [
+        flow_key(LO, Direction.ENCAP, P.IPPROTO_UDP, "10.1.0.2", f"10.4.{i >> 8}.{i & 255}", 9, i)
+        for i in range(1500)
+    ]
+    env.put_flows([(k, flow_val(SA_OUT_ID, mtu=1000 + i % 7)) for i, k in enumerate(keys)])
+    env.put_flows(
+        [(keys[0], flow_val(SA_OUT_ID, mtu=600)), (keys[0], flow_val(SA_OUT_ID, mtu=700))]
+    )
+    env.put_flows([])
+    for i, k in enumerate(keys):
+        got = env.get_flow(k)
+        assert got is not None, f"flow {i} written"
+        assert got.mtu == (700 if i == 0 else 1000 + i % 7), f"flow {i}: its own value"
+    assert env.delete_flows(keys) == 1500, "and the batch delete takes them all back"

@@ -110,6 +110,13 @@ class MemoryDatapath:
         self.flow_map.put(bytes(key), _copy(val))
         self.journal.append(("put_flow", bytes(key)))
 
+    def put_flows(self, items: Sequence[tuple[FlowKey, FlowVal]]) -> None:
+        """MapHandle.put_batch: in order, one journal entry for the batch; a failing element
+        raises with the ones before it written (the kernel's BPF_MAP_UPDATE_BATCH)."""
+        self.journal.append(("put_flows", len(items)))
+        for key, val in items:
+            self.flow_map.put(bytes(key), _copy(val))
+
     def get_flow(self, key: FlowKey) -> FlowVal | None:
         return self.flow_map.get(bytes(key))  # type: ignore[return-value]
 
