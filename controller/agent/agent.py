@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -83,6 +83,10 @@ class Agent:
     # -- events ------------------------------------------------------------------------------
     def on_candidate(self, cand: Candidate) -> None:
         self.learn.on_candidate(cand)
+
+    def on_candidates(self, cands: Iterable[Candidate]) -> None:
+        """Every candidate waiting, their flow entries written in one batch (learn.py)."""
+        self.learn.on_candidates(cands)
 
     def on_kernel_event(self, ev: object) -> None:
         self.invalidate.on_kernel_event(ev)

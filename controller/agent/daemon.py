@@ -21,15 +21,16 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from controller.agent.agent import Agent
 from controller.agent.offload import recover_pinned_state
 from controller.agent.ports import Ports
 from controller.config import Config, check_interfaces
+from controller.core.reasons import RejectReason
 from controller.core.state import Direction
-from controller.datapath.learner import Learner, netns_inode
+from controller.datapath.learner import Candidate, Learner, netns_inode
 from controller.datapath.reseq import Resequencer
 from controller.datapath.xdp import DEFAULT_PIN_DIR, Datapath
 from controller.netlink.routing import Routing
@@ -205,15 +206,22 @@ class Daemon:
         poller.register(watch.fileno(), select.EPOLLIN)
         poller.register(self._wake_r, select.EPOLLIN)
         next_tick = 0.0
+        shed_seen = 0
         try:
             while not self._stop.is_set():
                 poller.poll(TICK_S)
                 for ev in watch.read_events():
                     with self._timed(lambda ev=ev: f"kernel event {type(ev).__name__}"):
                         agent.on_kernel_event(ev)
-                for cand in learner.poll(0):
-                    with self._timed(lambda cand=cand: f"learning {_dir(cand.direction)} flow"):
-                        agent.on_candidate(cand)
+                # Every waiting candidate at once: one batch map write per turn (learn.py).
+                cands = learner.poll(0)
+                if cands:
+                    with self._timed(lambda c=cands: _learning(c)):
+                        agent.on_candidates(cands)
+                shed = learner.shed + learner.lost  # first packets the learner had no room for
+                if shed > shed_seen:
+                    agent.ports.metrics.reject(RejectReason.LEARN_SHED, shed - shed_seen)
+                    shed_seen = shed
                 now = time.monotonic()
                 if now >= next_tick:
                     with self._timed(lambda: "housekeeping tick"):
@@ -237,6 +245,13 @@ class Daemon:
                 if self.agent is not None:
                     self.agent.loop_stalls += 1
                 log.warning("main loop held %.1f s by %s", took, what())
+
+
+def _learning(cands: Sequence[Candidate]) -> str:
+    """A learning step as the stall warning names it."""
+    if len(cands) == 1:
+        return f"learning {_dir(cands[0].direction)} flow"
+    return f"learning {len(cands)} flows"
 
 
 def _dir(direction: Direction | None) -> str:

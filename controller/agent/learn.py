@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from controller.agent.offload import Offload
@@ -29,6 +31,8 @@ from controller.core.validate import (
 from controller.datapath.entries import flow_key, flow_val
 
 if TYPE_CHECKING:
+    from controller.datapath.abi import FlowKey as DpFlowKey
+    from controller.datapath.abi import FlowVal
     from controller.datapath.learner import Candidate
 
 log = logging.getLogger("xfrm-fastpath")
@@ -56,6 +60,18 @@ def sighting_of(cand: Candidate, direction: Direction) -> Sighting:
     )
 
 
+@dataclass
+class _Ready:
+    """A validated flow whose entry waits for the batch write (Learning._flush)."""
+
+    cand: Candidate
+    sighting: Sighting
+    ok: Accepted
+    dp_key: DpFlowKey
+    dp_val: FlowVal
+    rec: FlowRecord
+
+
 class Learning:
     """Candidates in, flow entries out (or a counted refusal)."""
 
@@ -64,13 +80,32 @@ class Learning:
         self.state = state
         self.ports = ports
         self.offload = offload
+        self._ready: dict[FlowKey, _Ready] = {}  # validated, entry not yet written
 
     def on_candidate(self, cand: Candidate) -> None:
+        self.on_candidates((cand,))
+
+    def on_candidates(self, cands: Iterable[Candidate]) -> None:
+        """Every candidate the learner had waiting (the daemon's loop turn), each validated as
+        before; the flow entries of those accepted are written together, one
+        DatapathPort.put_flows (BPF_MAP_UPDATE_BATCH) instead of one bpf(2) call per flow.
+        What must find the earlier flows in place writes the batch first: a second sighting
+        of the same flow, an SA offloaded for the first time, the table's last free entries.
+        So the outcome (entries, refusals, logs) is that of one candidate at a time."""
+        try:
+            for cand in cands:
+                self._learn(cand)
+        finally:
+            self._flush()
+
+    def _learn(self, cand: Candidate) -> None:
         st = self.state
         if cand.direction is None:
             return  # clear forwarding (no tunnel): the kernel keeps it
         s = sighting_of(cand, cand.direction)
         key = FlowKey(s.in_ifindex, s.direction, s.saddr, s.daddr, s.proto, s.sport, s.dport)
+        if key in self._ready or len(st.flows) + len(self._ready) >= st.flows.capacity:
+            self._flush()
         known = st.flows.flows.get(key)
         if known is not None and known.sa.spi == s.spi:
             return  # already on the fastpath: its liveness packet (XFP_LIVENESS_NS), or in flight
@@ -158,6 +193,8 @@ class Learning:
         st, sa = self.state, ok.sa
         ref = SaRef(str(sa.dst), sa.spi, sa.reqid)
         now = time.monotonic_ns()
+        if (st.sa_out if s.direction is Direction.ENCAP else st.sa_in).get(ref) is None:
+            self._flush()  # offloading may remove flows: the earlier ones are in place first
         if s.direction is Direction.ENCAP:
             # The outer next hop as validated now: after a neighbour or route change the
             # flows are learned again with the new one (the SA entry keeps the first).
@@ -176,9 +213,7 @@ class Learning:
             off = st.sa_in.get(ref) or self.offload.offload_inbound(sa, now)
         key = flow_key(s.in_ifindex, s.direction, s.proto, s.saddr, s.daddr, s.sport, s.dport)
         mtu = self._link_mtu(s.out_ifindex)
-        self.ports.datapath.put_flow(
-            key, flow_val(off.sa_id, s.out_ifindex, s.eth_dst, s.eth_src, mtu=mtu)
-        )
+        val = flow_val(off.sa_id, s.out_ifindex, s.eth_dst, s.eth_src, mtu=mtu)
         rec = FlowRecord(
             key=FlowKey(s.in_ifindex, s.direction, s.saddr, s.daddr, s.proto, s.sport, s.dport),
             sa=ref,
@@ -188,14 +223,40 @@ class Learning:
             policy_index=ok.policy.index,
             neighbour=(ok.route.oif, ok.next_hop),
             seen_ns=cand.ktime_rx,
-            installed_ns=time.monotonic_ns(),
+            installed_ns=0,  # set when the entry is written (_flush)
             dp_key=bytes(key),
         )
-        st.flows.add(rec)
+        self._ready[rec.key] = _Ready(cand, s, ok, key, val, rec)
+
+    def _flush(self) -> None:
+        """Write the waiting flow entries (one batch), then index them. If the batch fails,
+        each is written alone, so each failure is the flow's own (_install_failed)."""
+        ready = list(self._ready.values())
+        self._ready.clear()
+        if not ready:
+            return
+        dp = self.ports.datapath
+        try:
+            dp.put_flows([(r.dp_key, r.dp_val) for r in ready])
+        except Exception:
+            for r in ready:
+                try:
+                    dp.put_flow(r.dp_key, r.dp_val)
+                except Exception as e:
+                    self._install_failed(r.cand, r.sighting, r.ok, e)
+                else:
+                    self._written(r.rec)
+            return
+        for r in ready:
+            self._written(r.rec)
+
+    def _written(self, rec: FlowRecord) -> None:
+        rec.installed_ns = time.monotonic_ns()
+        self.state.flows.add(rec)
         self.ports.metrics.observe_learn_latency(rec.learn_latency_s)
         log.info(
             "offloaded %s via SA 0x%08x (learned in %.2f ms)",
             rec.key,
-            sa.spi,
+            rec.sa.spi,
             (rec.learn_latency_s or 0) * 1e3,
         )

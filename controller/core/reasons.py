@@ -41,3 +41,7 @@ class RejectReason(enum.StrEnum):
     NO_IV_MASK = "no_iv_mask"  # no kernel-sent IV seen yet to learn the seqiv mask from
     SEQ_EXHAUSTED = "seq_exhausted"  # no room left in the sequence space
     KERNEL_RACED = "kernel_raced"  # the kernel sent past the datapath's start meanwhile
+    # A first packet the learner had no room for (a full perf ring, or Learner.max_pending
+    # events already waiting): shed, so a flood costs bounded memory; the flow stays on the
+    # kernel path and is seen again after LEARN_REEMIT_NS (bpf/tp_learn.c).
+    LEARN_SHED = "learn_shed"
