@@ -25,6 +25,7 @@ from controller.agent.invalidate import Invalidator, Remover
 from controller.agent.learn import Learning
 from controller.agent.offload import Offload, recover_pinned_state
 from controller.agent.ports import Ports
+from controller.agent.routing_cache import CachedRouting
 from controller.agent.state import AgentState, KernelView
 from controller.config import Config, check_interfaces
 from controller.core.state import Cause, Direction, FlowState
@@ -67,7 +68,11 @@ class Agent:
         self.remover = Remover(self.state, ports)
         self.offload = Offload(cfg, self.state, ports, self.remover)
         self.invalidate = Invalidator(self.state, ports, self.remover, self.offload)
-        self.learn = Learning(cfg, self.state, ports, self.offload)
+        # Routes, neighbours, addresses and links as validation last read them, dropped by the
+        # kernel events that change them (on_kernel_event): a burst of new flows behind one
+        # next hop asks the kernel once.
+        self.routing = CachedRouting(ports.routing)
+        self.learn = Learning(cfg, self.state, ports, self.offload, routing=self.routing)
         self.started = time.time()
         self.loop_stalls = 0  # main-loop steps that took STALL_S or longer (the daemon counts)
         self.snapshot: MetricsSnapshot | None = None  # the metrics as of the last tick
@@ -89,6 +94,7 @@ class Agent:
         self.learn.on_candidates(cands)
 
     def on_kernel_event(self, ev: object) -> None:
+        self.routing.on_event(ev)  # first: nothing validated from here on uses a stale answer
         self.invalidate.on_kernel_event(ev)
 
     def tick(self) -> None:

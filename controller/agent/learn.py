@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from controller.agent.offload import Offload
-from controller.agent.ports import Ports
+from controller.agent.ports import Ports, RoutingPort
 from controller.agent.state import AgentState
 from controller.config import Config
 from controller.core.reasons import RejectReason
@@ -75,11 +75,21 @@ class _Ready:
 class Learning:
     """Candidates in, flow entries out (or a counted refusal)."""
 
-    def __init__(self, cfg: Config, state: AgentState, ports: Ports, offload: Offload):
+    def __init__(
+        self,
+        cfg: Config,
+        state: AgentState,
+        ports: Ports,
+        offload: Offload,
+        routing: RoutingPort | None = None,
+    ):
         self.cfg = cfg
         self.state = state
         self.ports = ports
         self.offload = offload
+        # What validation reads routes, neighbours, addresses and links through: the agent
+        # passes its event-invalidated cache (routing_cache.py); by default the port itself.
+        self.routing = routing if routing is not None else ports.routing
         self._ready: dict[FlowKey, _Ready] = {}  # validated, entry not yet written
 
     def on_candidate(self, cand: Candidate) -> None:
@@ -163,7 +173,7 @@ class Learning:
                 self.state.refused_sas[SaRef(str(sa.dst), sa.spi, sa.reqid)] = why.detail
 
     def _validate(self, s: Sighting) -> Accepted | Rejected:
-        view, routing = self.state.view, self.ports.routing
+        view, routing = self.state.view, self.routing
         view.refresh()
         if s.spi is None:
             return Rejected(RejectReason.NO_SPI, "the sighting carries no SPI")
@@ -183,7 +193,7 @@ class Learning:
     def _link_mtu(self, ifindex: int) -> int:
         """The link's MTU, remembered with its MAC in link_seen (flow entries are written with
         both; a LinkChanged with other values takes those flows off)."""
-        link = self.ports.routing.link(ifindex)
+        link = self.routing.link(ifindex)
         if link is None:
             return DEFAULT_MTU
         self.state.link_seen[ifindex] = link
