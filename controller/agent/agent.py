@@ -28,6 +28,7 @@ from controller.agent.ports import Ports
 from controller.agent.routing_cache import CachedRouting
 from controller.agent.state import AgentState, KernelView
 from controller.config import Config, check_interfaces
+from controller.core.reasons import RejectReason
 from controller.core.state import Cause, Direction, FlowState
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ class Agent:
         self.loop_stalls = 0  # main-loop steps that took STALL_S or longer (the daemon counts)
         self.snapshot: MetricsSnapshot | None = None  # the metrics as of the last tick
         self._next_lifetime_sync = 0
+        self._shed_seen = 0  # the learner's shed count already reported
 
     @property
     def flows(self) -> FlowState:
@@ -92,6 +94,13 @@ class Agent:
     def on_candidates(self, cands: Iterable[Candidate]) -> None:
         """Every candidate waiting, their flow entries written in one batch (learn.py)."""
         self.learn.on_candidates(cands)
+
+    def learner_shed(self, total: int) -> None:
+        """The learner's running count of first packets it had no room for (Learner.shed plus
+        lost perf samples): what it grew by is counted as rejections{reason=learn_shed}."""
+        if total > self._shed_seen:
+            self.ports.metrics.reject(RejectReason.LEARN_SHED, total - self._shed_seen)
+        self._shed_seen = total
 
     def on_kernel_event(self, ev: object) -> None:
         self.routing.on_event(ev)  # first: nothing validated from here on uses a stale answer

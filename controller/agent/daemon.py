@@ -28,7 +28,6 @@ from controller.agent.agent import Agent
 from controller.agent.offload import recover_pinned_state
 from controller.agent.ports import Ports
 from controller.config import Config, check_interfaces
-from controller.core.reasons import RejectReason
 from controller.core.state import Direction
 from controller.datapath.learner import Candidate, Learner, netns_inode
 from controller.datapath.reseq import Resequencer
@@ -206,7 +205,6 @@ class Daemon:
         poller.register(watch.fileno(), select.EPOLLIN)
         poller.register(self._wake_r, select.EPOLLIN)
         next_tick = 0.0
-        shed_seen = 0
         try:
             while not self._stop.is_set():
                 poller.poll(TICK_S)
@@ -218,10 +216,7 @@ class Daemon:
                 if cands:
                     with self._timed(lambda c=cands: _learning(c)):
                         agent.on_candidates(cands)
-                shed = learner.shed + learner.lost  # first packets the learner had no room for
-                if shed > shed_seen:
-                    agent.ports.metrics.reject(RejectReason.LEARN_SHED, shed - shed_seen)
-                    shed_seen = shed
+                agent.learner_shed(learner.shed + learner.lost)
                 now = time.monotonic()
                 if now >= next_tick:
                     with self._timed(lambda: "housekeeping tick"):

@@ -81,3 +81,11 @@ def test_a_failed_batch_is_written_flow_by_flow(ab: AgentBed) -> None:
     assert len(bed.dp.flow_map) == 5 and len(bed.agent.flows) == 5, "4 + the first installed"
     assert bed.dp.get_flow(bad) is None, "the failing flow is not in the map"
     assert bed.metrics.rejects == {RejectReason.INSTALL_FAILED: 1}, "and is refused, counted"
+
+
+def test_shed_first_packets_are_counted(ab: AgentBed) -> None:
+    """The daemon hands the agent the learner's running shed count each turn; what it grew by
+    is counted once under learn_shed (status metrics, Prometheus)."""
+    for total in (0, 3, 3, 10):
+        ab.agent.learner_shed(total)
+    assert ab.metrics.rejects == {RejectReason.LEARN_SHED: 10}, "10 shed, each counted once"
