@@ -42,6 +42,10 @@ log = logging.getLogger("xfrm-fastpath")
 
 MIN_FLOW_MAP = 1024  # the flow map's least size, whatever [tables] flows says
 TICK_S = 0.2  # housekeeping period: idle sweep, watchdog refresh, status
+# Candidates learned per loop turn at most: a flood of first packets never holds kernel events
+# or the tick (watchdog refresh: the offloaded flows' liveness) for long; the rest wait in the
+# learner, within its bound (Learner.max_pending; beyond it they are shed and counted).
+LEARN_BATCH = 1024
 STALL_S = 1.0  # a main-loop step this long is logged
 
 
@@ -207,12 +211,12 @@ class Daemon:
         next_tick = 0.0
         try:
             while not self._stop.is_set():
-                poller.poll(TICK_S)
+                poller.poll(0 if learner.waiting else TICK_S)
                 for ev in watch.read_events():
                     with self._timed(lambda ev=ev: f"kernel event {type(ev).__name__}"):
                         agent.on_kernel_event(ev)
                 # Every waiting candidate at once: one batch map write per turn (learn.py).
-                cands = learner.poll(0)
+                cands = learner.poll(0, limit=LEARN_BATCH)
                 if cands:
                     with self._timed(lambda c=cands: _learning(c)):
                         agent.on_candidates(cands)

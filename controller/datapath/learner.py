@@ -382,9 +382,16 @@ class Learner:
         """An fd that is readable when events are waiting (an epoll over the per-CPU rings)."""
         return self._epoll.fileno()
 
-    def poll(self, timeout: float = 0.0) -> list[Candidate]:
+    @property
+    def waiting(self) -> int:
+        """Events read from the rings and not yet returned (poll with a `limit` leaves them;
+        fileno() does not show them)."""
+        return len(self._pending)
+
+    def poll(self, timeout: float = 0.0, limit: int | None = None) -> list[Candidate]:
         """Read waiting events (waiting at most `timeout` seconds for the first) and return the
-        new candidates, deduplicated."""
+        new candidates, deduplicated: of at most `limit` events, the oldest; the rest wait for
+        the next call (`waiting`), within max_pending."""
         ms = int(timeout * 1000)
         if ms > 0:
             self.bpf.perf_buffer_poll(ms)  # type: ignore[attr-defined]
@@ -392,6 +399,8 @@ class Learner:
             self.bpf.perf_buffer_consume()  # type: ignore[attr-defined]
         out: list[Candidate] = []
         pending, self._pending = self._pending, []
+        if limit is not None and len(pending) > limit:
+            pending, self._pending = pending[:limit], pending[limit:]
         recent, holddown = self._recent, self.holddown_ns
         for seen, raw in pending:
             cand = Candidate.from_raw(raw, seen)
