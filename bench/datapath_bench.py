@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "bpf"))  # test_datapath.py's frames and SAs
+sys.path.insert(0, str(ROOT / "tests" / "lib"))  # packets.py, which test_datapath.py imports
 
 from controller.datapath.bpfsys import prog_test_run  # noqa: E402
 

@@ -22,6 +22,24 @@
 
 #define XFP_DEC_OFF (XFP_ETH_LEN + XFP_ENCAP_HEAD) /* 50: first encrypted byte */
 
+/* Stage breakdown (bench/stages.py): built with -DXFP_STOP_AT=n, the program ends with XDP_DROP
+ * right after stage n, so that the time of stage n is the difference of two builds. 0, the
+ * default, is the whole program (the tests below compile away); after the last stage come the
+ * counters and the redirect. */
+#ifndef XFP_STOP_AT
+#define XFP_STOP_AT 0
+#endif
+#define XFP_DEC_STAGE_PARSE 1	/* Ethernet/IPv4/ESP checks */
+#define XFP_DEC_STAGE_SA 2	/* SA and watchdog lookups */
+#define XFP_DEC_STAGE_REPLAY 3	/* replay check before authentication */
+#define XFP_DEC_STAGE_ICV 4	/* AEAD: Poly1305 over the packet, ICV compared */
+#define XFP_DEC_STAGE_WINDOW 5	/* replay window moved */
+#define XFP_DEC_STAGE_PEEK 6	/* AEAD: first keystream block, inner header checks */
+#define XFP_DEC_STAGE_FLOW 7	/* inner flow lookup, liveness */
+#define XFP_DEC_STAGE_DECRYPT 8 /* AEAD: ChaCha20 over the packet */
+#define XFP_DEC_STAGE_TRAILER 9 /* trailer and pad check */
+#define XFP_DEC_STAGE_HDR 10	/* checksum, ECN/TTL, Ethernet header, strip */
+
 /* The map accessors: BCC rewrites map calls in the main file only (maps.h). */
 static __always_inline struct xfp_crypto_scratch *xfp_scratch(void)
 {
@@ -117,6 +135,8 @@ int xdp_decap(struct xdp_md *ctx)
 		r = XFP_R_PASS_MALFORMED_IP; /* not even an SPI: the kernel judges */
 		goto pass;
 	}
+	if (XFP_STOP_AT == XFP_DEC_STAGE_PARSE)
+		return XDP_DROP;
 	sk.spi = esp->spi;
 	sk.daddr = iph->daddr;
 	sa = xfp_sa_in.lookup(&sk);
@@ -143,6 +163,8 @@ int xdp_decap(struct xdp_md *ctx)
 		r = XFP_R_PASS_SA_EXPIRED;
 		goto pass;
 	}
+	if (XFP_STOP_AT == XFP_DEC_STAGE_SA)
+		return XDP_DROP;
 	/* Tunnel mode carries at least an inner IPv4 header and the 2-byte trailer. */
 	if (olen < XFP_ENCAP_HEAD + XFP_IP_LEN + 2 + XFP_ESP_ICV_LEN) {
 		r = XFP_R_DROP_MALFORMED_ESP;
@@ -158,6 +180,8 @@ int xdp_decap(struct xdp_md *ctx)
 		r = XFP_R_DROP_REPLAY;
 		goto drop;
 	}
+	if (XFP_STOP_AT == XFP_DEC_STAGE_REPLAY)
+		return XDP_DROP;
 	aad_len = xfp_esp_aad(aad, sk.spi, seq, sa->flags & XFP_SA_F_ESN);
 	if (xfp_aead_verify(ctx, XFP_DEC_OFF, clen, XFP_DEC_OFF + clen,
 			    (const struct xfp_aead_key *)sa->key, iv, aad, aad_len)) {
@@ -165,6 +189,8 @@ int xdp_decap(struct xdp_md *ctx)
 		r = XFP_R_DROP_BAD_ICV;
 		goto drop;
 	}
+	if (XFP_STOP_AT == XFP_DEC_STAGE_ICV)
+		return XDP_DROP;
 	/* Authenticated: only now may the window move (RFC 4303 section 3.4.3). Every
 	 * authenticated packet counts, punted or not, so that a replay of a packet XDP forwarded
 	 * cannot slip through the kernel's window, which never saw it. */
@@ -182,6 +208,8 @@ int xdp_decap(struct xdp_md *ctx)
 		r = XFP_R_DROP_REPLAY;
 		goto drop;
 	}
+	if (XFP_STOP_AT == XFP_DEC_STAGE_WINDOW)
+		return XDP_DROP;
 
 	/* Peek: ChaCha20 is a stream cipher, so the first block tells the inner header and ports
 	 * without writing anything; a packet we do not forward reaches the kernel untouched. */
@@ -219,6 +247,8 @@ int xdp_decap(struct xdp_md *ctx)
 		r = XFP_R_DROP_ECN;
 		goto drop;
 	}
+	if (XFP_STOP_AT == XFP_DEC_STAGE_PEEK)
+		return XDP_DROP;
 	fk.dir = XFP_DIR_DECAP;
 	fk.proto = blk[9];
 	fk.saddr = *(__u32 *)&blk[12];
@@ -260,11 +290,15 @@ int xdp_decap(struct xdp_md *ctx)
 		goto pass;
 	}
 #endif
+	if (XFP_STOP_AT == XFP_DEC_STAGE_FLOW)
+		return XDP_DROP;
 
 	if (xfp_aead_decrypt(ctx, XFP_DEC_OFF, clen, (const struct xfp_aead_key *)sa->key, iv)) {
 		r = XFP_R_DROP_ERROR;
 		goto drop;
 	}
+	if (XFP_STOP_AT == XFP_DEC_STAGE_DECRYPT)
+		return XDP_DROP;
 	/* RFC 4303 sections 2.4-2.6: ... pad | pad length | next header, and the pad must make up
 	 * exactly what the inner IPv4 total length leaves over. */
 	if (bpf_xdp_load_bytes(ctx, XFP_DEC_OFF + clen - 2, tr, 2)) {
@@ -277,6 +311,8 @@ int xdp_decap(struct xdp_md *ctx)
 		r = XFP_R_DROP_BAD_TRAILER;
 		goto drop;
 	}
+	if (XFP_STOP_AT == XFP_DEC_STAGE_TRAILER)
+		return XDP_DROP;
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
 	if (data + XFP_DEC_OFF + XFP_IP_LEN > data_end) {
@@ -313,6 +349,8 @@ int xdp_decap(struct xdp_md *ctx)
 		r = XFP_R_DROP_ERROR;
 		goto drop;
 	}
+	if (XFP_STOP_AT == XFP_DEC_STAGE_HDR)
+		return XDP_DROP;
 
 	fv->last_seen_ns = now;
 	__sync_fetch_and_add(&fv->packets, 1);
