@@ -85,7 +85,10 @@ enum xfp_reason {
 	XFP_R_DROP_ECN = 24,	       /* RFC 6040 section 4.2: outer CE over inner Not-ECT */
 	XFP_R_DROP_ERROR = 25,	       /* an adjust or helper failed after the frame was changed */
 	XFP_R_PASS_LIVENESS = 26, /* this SA's periodic packet for the kernel (XFP_LIVENESS_NS) */
-	XFP_R_MAX = 27,
+	/* -DXFP_KCRYPTO: the xfp_crypto kfunc refused (no SIMD right now, multi-buffer frame, no
+	 * context, bounds; bpf/include/kcrypto_defs.h): the frame goes to the kernel as it came */
+	XFP_R_PASS_KCRYPTO = 27,
+	XFP_R_MAX = 28,
 };
 
 /* What the TC egress resequencer (bpf/tc_reseq.c) did with a kernel-built ESP frame of an
@@ -144,6 +147,10 @@ struct xfp_flow_val {
 #define XFP_SA_F_NOECN 0x4	      /* kernel XFRM_STATE_NOECN: outer ECN 0 */
 #define XFP_SA_F_NOPMTUDISC 0x8	      /* kernel XFRM_STATE_NOPMTUDISC: outer DF 0 */
 #define XFP_SA_F_DONT_ENCAP_DSCP 0x10 /* kernel XFRM_SA_XFLAG_DONT_ENCAP_DSCP: outer DSCP 0 */
+/* Kernel crypto backend (issue 17): the AEAD is the xfp_crypto module's context kc_id, key and
+ * salt are zero here (the key lives in the module only). Programs built with -DXFP_KCRYPTO
+ * punt an SA without it (XFP_R_PASS_SA_NOT_OFFLOADED); the BPF AEAD build never sees it set. */
+#define XFP_SA_F_KCRYPTO 0x20
 
 struct xfp_sa_out {
 	struct bpf_spin_lock lock; /* guards seq, packets, bytes (the datapath's; user space
@@ -167,6 +174,8 @@ struct xfp_sa_out {
 	__u8 pad0;
 	__u8 dmac[6]; /* outer next hop */
 	__u8 smac[6];
+	__u32 kc_id; /* XFP_SA_F_KCRYPTO: the xfp_crypto context that seals */
+	__u32 pad1;  /* always 0 */
 };
 
 /* ---- inbound SAs (key: struct xfp_sa_in_key) ---------------------------------------------- */
@@ -192,6 +201,8 @@ struct xfp_sa_in {
 	__u64 replay_drops;
 	__u64 icv_fails;
 	__u64 bitmap[XFP_REPLAY_WORDS]; /* bit (s & 63) of word (s >> 6) % WORDS: seq s seen */
+	__u32 kc_id;			/* XFP_SA_F_KCRYPTO: the xfp_crypto context that opens */
+	__u32 pad1;			/* always 0 */
 };
 
 #endif /* XFP_DEFS_H */

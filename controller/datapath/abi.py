@@ -45,6 +45,7 @@ SA_F_ESN = 0x2
 SA_F_NOECN = 0x4
 SA_F_NOPMTUDISC = 0x8
 SA_F_DONT_ENCAP_DSCP = 0x10
+SA_F_KCRYPTO = 0x20  # the AEAD is the xfp_crypto context kc_id; key and salt zero
 
 
 # enum xfp_dir is controller.core.state.Direction (ENCAP, DECAP): one direction type for the
@@ -84,7 +85,8 @@ class Reason(enum.IntEnum):
     DROP_ECN = 24
     DROP_ERROR = 25
     PASS_LIVENESS = 26
-    MAX = 27
+    PASS_KCRYPTO = 27
+    MAX = 28
 
 
 class ReseqStat(enum.IntEnum):
@@ -209,6 +211,7 @@ class SaOut(ctypes.Structure):
         __u64 seq; __u64 seq_limit; __u64 iv_mask; __u64 deadline_ns;
         __u64 packets; __u64 bytes;
         __u16 mtu; __u8 ttl; __u8 pad0; __u8 dmac[6]; __u8 smac[6];
+        __u32 kc_id; __u32 pad1;
     };"""
 
     _fields_ = [
@@ -232,6 +235,8 @@ class SaOut(ctypes.Structure):
         ("pad0", ctypes.c_uint8),
         ("dmac", Mac),
         ("smac", Mac),
+        ("kc_id", ctypes.c_uint32),
+        ("pad1", ctypes.c_uint32),
     ]
 
 
@@ -248,6 +253,7 @@ class SaIn(ctypes.Structure):
         __u8 key[32]; __u8 salt[4]; __u32 replay_window;
         __u64 deadline_ns; __u64 seq_top; __u64 packets; __u64 bytes;
         __u64 replay_drops; __u64 icv_fails; __u64 bitmap[XFP_REPLAY_WORDS];
+        __u32 kc_id; __u32 pad1;
     };"""
 
     _fields_ = [
@@ -267,6 +273,8 @@ class SaIn(ctypes.Structure):
         ("replay_drops", ctypes.c_uint64),
         ("icv_fails", ctypes.c_uint64),
         ("bitmap", ctypes.c_uint64 * REPLAY_WORDS),
+        ("kc_id", ctypes.c_uint32),
+        ("pad1", ctypes.c_uint32),
     ]
 
 
@@ -309,6 +317,7 @@ CONSTANTS: dict[str, int] = {
     "XFP_SA_F_NOECN": SA_F_NOECN,
     "XFP_SA_F_NOPMTUDISC": SA_F_NOPMTUDISC,
     "XFP_SA_F_DONT_ENCAP_DSCP": SA_F_DONT_ENCAP_DSCP,
+    "XFP_SA_F_KCRYPTO": SA_F_KCRYPTO,
     "XFP_DIR_MAX": DIR_MAX,
     **learn_abi.CONSTANTS,
     **kcrypto_abi.CONSTANTS,

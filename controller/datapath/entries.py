@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from controller.core.state import Direction
 from controller.datapath import abi as defs
+from controller.datapath import kcrypto_abi
 from controller.datapath.abi import FlowKey, FlowVal, SaIn, SaInKey, SaOut
 
 # Outbound sequence limit without ESN: the kernel's xfrm_replay_overflow() refuses to wrap the
@@ -45,10 +46,12 @@ class OutboundSa:
     ttl: int = 64
     offload: bool = True
     extra_flags: int = 0  # defs.SA_F_NOECN | SA_F_NOPMTUDISC | SA_F_DONT_ENCAP_DSCP
+    # Kernel crypto backend: the xfp_crypto context that seals (SA_F_KCRYPTO); `key` is then
+    # empty and the entry's key and salt stay zero, the key lives in the module only.
+    kc_id: int | None = None
 
     def to_c(self) -> SaOut:
-        if len(self.key) != 36:
-            raise ValueError(f"rfc7539esp key is 32 + 4 bytes, not {len(self.key)}")
+        _check_key(self.key, self.kc_id)
         c = SaOut()
         c.sa_id = self.sa_id
         c.spi = defs.be32(self.spi)
@@ -59,8 +62,7 @@ class OutboundSa:
             | (defs.SA_F_ESN if self.esn else 0)
             | self.extra_flags
         )
-        ctypes.memmove(c.key, self.key[:32], 32)
-        ctypes.memmove(c.salt, self.key[32:], 4)
+        _put_key(c, self.key, self.kc_id)
         c.egress_ifindex = self.egress_ifindex
         c.seq = self.seq
         c.seq_limit = self.seq_limit
@@ -91,13 +93,13 @@ class InboundSa:
     seq_top: int = 0
     offload: bool = True
     extra_flags: int = 0  # defs.SA_F_NOECN
+    kc_id: int | None = None  # as OutboundSa.kc_id: the context that opens
 
     def c_key(self) -> SaInKey:
         return SaInKey(spi=defs.be32(self.spi), daddr=defs.be32(self.daddr))
 
     def to_c(self) -> tuple[SaInKey, SaIn]:
-        if len(self.key) != 36:
-            raise ValueError(f"rfc7539esp key is 32 + 4 bytes, not {len(self.key)}")
+        _check_key(self.key, self.kc_id)
         if not 0 <= self.replay_window <= defs.REPLAY_MAX_WINDOW:
             raise ValueError(
                 f"replay window {self.replay_window} not in 0..{defs.REPLAY_MAX_WINDOW}"
@@ -112,8 +114,7 @@ class InboundSa:
             | (defs.SA_F_ESN if self.esn else 0)
             | self.extra_flags
         )
-        ctypes.memmove(c.key, self.key[:32], 32)
-        ctypes.memmove(c.salt, self.key[32:], 4)
+        _put_key(c, self.key, self.kc_id)
         c.replay_window = self.replay_window
         c.deadline_ns = self.deadline_ns
         c.seq_top = self.seq_top
@@ -122,6 +123,23 @@ class InboundSa:
             for seq in range(max(1, self.seq_top - self.replay_window + 1), self.seq_top + 1):
                 c.bitmap[(seq >> 6) % defs.REPLAY_WORDS] |= 1 << (seq & 63)
         return self.c_key(), c
+
+
+def _check_key(key: bytes, kc_id: int | None) -> None:
+    if kc_id is None and len(key) != 36:
+        raise ValueError(f"rfc7539esp key is 32 + 4 bytes, not {len(key)}")
+    if kc_id is not None and (key or not 0 <= kc_id < kcrypto_abi.CTX_MAX):
+        raise ValueError(f"kernel crypto context {kc_id}: no key in the entry, id below CTX_MAX")
+
+
+def _put_key(c: SaOut | SaIn, key: bytes, kc_id: int | None) -> None:
+    """The BPF AEAD's key and salt, or (kernel backend) the context id and SA_F_KCRYPTO."""
+    if kc_id is not None:
+        c.flags |= defs.SA_F_KCRYPTO
+        c.kc_id = kc_id
+        return
+    ctypes.memmove(c.key, key[:32], 32)
+    ctypes.memmove(c.salt, key[32:], 4)
 
 
 def flow_key(
