@@ -16,6 +16,7 @@
 #include "pkt/csum.h"
 #include "esp/esp.h"
 #include "aead/aead.h"
+#include "kcrypto/esp_kc.h"
 
 /* The map accessors: BCC rewrites map calls in the main file only (maps.h). */
 static __always_inline struct xfp_crypto_scratch *xfp_scratch(void)
@@ -161,7 +162,7 @@ int xdp_encap(struct xdp_md *ctx)
 		r = XFP_R_PASS_NO_SA;
 		goto pass;
 	}
-	if (!(sa->flags & XFP_SA_F_OFFLOAD)) {
+	if (!(sa->flags & XFP_SA_F_OFFLOAD) || XFP_KC_UNSERVED_OUT(sa)) {
 		r = XFP_R_PASS_SA_NOT_OFFLOADED;
 		goto pass;
 	}
@@ -317,8 +318,15 @@ int xdp_encap(struct xdp_md *ctx)
 	if (XFP_STOP_AT == XFP_ENC_STAGE_HDR)
 		return XDP_DROP;
 	aad_len = xfp_esp_aad(aad, sa->spi, seq, sa->flags & XFP_SA_F_ESN);
-	if (xfp_aead_seal(ctx, XFP_ENC_OFF, clen, XFP_ENC_OFF + clen,
-			  (const struct xfp_aead_key *)sa->key, iv, aad, aad_len)) {
+	/* Kernel crypto: the frame is built already, so a refusal (no SIMD now) cannot hand it
+	 * back as it came: an error after the frame changed, dropped and counted. */
+	if (XFP_KC_OUT(sa)) {
+		if (xfp_kc_xdp_seal(ctx, sa->kc_id, XFP_KC_ESP_OFF, clen, seq >> 32)) {
+			r = XFP_R_DROP_ERROR;
+			goto drop;
+		}
+	} else if (xfp_aead_seal(ctx, XFP_ENC_OFF, clen, XFP_ENC_OFF + clen,
+				 (const struct xfp_aead_key *)sa->key, iv, aad, aad_len)) {
 		r = XFP_R_DROP_ERROR;
 		goto drop;
 	}

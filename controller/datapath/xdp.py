@@ -276,6 +276,10 @@ class Datapath:
     pin_dir: Path | str = DEFAULT_PIN_DIR
     cflags: Sequence[str] = ()  # extra -D flags only, e.g. ("-DXFP_MAX_FRAME=9100",)
     xdp_mode: str = "auto"
+    # The kernel crypto backend (issue 17): built with -DXFP_KCRYPTO, SAs flagged SA_F_KCRYPTO
+    # are sealed and opened by the xfp_crypto module's kfuncs (bpf/include/kcrypto/esp_kc.h),
+    # so the programs load through Loader.load_kfunc (the module must be loaded).
+    kcrypto: bool = False
     encap: _Loaded | None = None
     decap: _Loaded | None = None
     maps: dict[str, MapHandle] = field(default_factory=dict)
@@ -295,8 +299,10 @@ class Datapath:
 
     def _load_one(self, name: str) -> _Loaded:
         try:  # the loader adds -I bpf/include and -DXFP_PIN_DIR (maps.h pins the maps there)
-            b = self.loader.compile(f"{name}.c", self._cflags(), pin_dir=self.pin_dir)
-            fn = self.loader.load(b, name, Prog.XDP)
+            variant = ["-DXFP_KCRYPTO"] if self.kcrypto else []
+            b = self.loader.compile(f"{name}.c", self._cflags() + variant, pin_dir=self.pin_dir)
+            load = self.loader.load_kfunc if self.kcrypto else self.loader.load
+            fn = load(b, name, Prog.XDP)
         except LoaderError as e:  # "compiling/loading bpf/NAME.c: ..."
             raise DatapathError(str(e), e.errno) from e
         tx = b[b"xfp_tx_ports"]
