@@ -77,6 +77,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(st["metrics"], indent=2))
         return 0
     print(format_status(snapshot_from_json(json.dumps(st["metrics"]))))
+    if st.get("crypto"):  # the backend chosen at start (controller/core/crypto.py)
+        print(f"crypto backend: {st['crypto']['backend']} ({st['crypto']['why']})")
     return 0
 
 
@@ -130,12 +132,16 @@ def cmd_sas(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(sas, indent=2))
         return 0
-    print(f"{'spi':10} {'src':>15} {'dst':>15} {'reqid':>5} {'offloaded':>9} {'flows':>5}  why")
+    print(
+        f"{'spi':10} {'src':>15} {'dst':>15} {'reqid':>5} {'offloaded':>9} {'flows':>5} "
+        f"{'crypto':>6}  why"
+    )
     for s in sas:
+        crypto = f" ({s['crypto_why']})" if s.get("crypto") else ""
         print(
             f"{s['spi']:10} {s['src']:>15} {s['dst']:>15} {s['reqid']:>5} "
-            f"{'yes' if s['offloaded'] else 'no':>9} {s['flows']:>5}  "
-            f"{s['algorithm'] or '-'}: {s['reason']}"
+            f"{'yes' if s['offloaded'] else 'no':>9} {s['flows']:>5} {s.get('crypto') or '-':>6}  "
+            f"{s['algorithm'] or '-'}: {s['reason']}{crypto}"
         )
     return 0
 

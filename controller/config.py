@@ -28,6 +28,13 @@
     [datapath]
     xdp_mode = "auto"        # auto | native | generic
 
+    [crypto]
+    backend = "auto"         # auto | bpf | kernel: who seals and opens ESP on the fastpath.
+                             # kernel: the xfp_crypto module's kfuncs (kmod/; SIMD ChaCha20-
+                             # Poly1305 and AES-GCM), refused at start when it is not loaded;
+                             # bpf: the BPF ChaCha20-Poly1305 (AES-GCM SAs stay on the kernel
+                             # path); auto: kernel when the module is loaded and usable
+
 Every key has a default; an unknown key, a wrong type or an out-of-range value is an error that
 names the key. Interfaces are checked against the running system by `check_interfaces`.
 """
@@ -43,6 +50,7 @@ from typing import Any
 DEFAULT_METRICS_PORT = 9478
 LOG_LEVELS = ("debug", "info", "warning", "error")
 XDP_MODES = ("auto", "native", "generic")
+CRYPTO_BACKENDS = ("auto", "bpf", "kernel")
 
 
 class ConfigError(ValueError):
@@ -62,6 +70,7 @@ class Config:
     metrics_port: int = DEFAULT_METRICS_PORT
     log_level: str = "info"
     xdp_mode: str = "auto"
+    crypto_backend: str = "auto"
     source: str = field(default="<defaults>", compare=False)
 
     @property
@@ -124,6 +133,7 @@ SCHEMA: dict[tuple[str, str], tuple[str, type | tuple[type, ...], Any]] = {
     ("metrics", "address"): ("metrics_address", str, _address),
     ("log", "level"): ("log_level", str, _one_of(LOG_LEVELS)),
     ("datapath", "xdp_mode"): ("xdp_mode", str, _one_of(XDP_MODES)),
+    ("crypto", "backend"): ("crypto_backend", str, _one_of(CRYPTO_BACKENDS)),
 }
 
 

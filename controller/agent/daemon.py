@@ -28,7 +28,9 @@ from controller.agent.agent import Agent
 from controller.agent.offload import recover_pinned_state
 from controller.agent.ports import Ports
 from controller.config import Config, check_interfaces
+from controller.core.crypto import Backend, CryptoChoice, choose_backend
 from controller.core.state import Direction
+from controller.datapath import kcrypto
 from controller.datapath.learner import Candidate, Learner, netns_inode
 from controller.datapath.reseq import Resequencer
 from controller.datapath.xdp import DEFAULT_PIN_DIR, Datapath
@@ -70,6 +72,8 @@ class Daemon:
         self.routing: Routing | None = None
         self.metrics: MetricsSource | None = None
         self.exporter: Exporter | None = None
+        self.crypto = CryptoChoice()
+        self.kcrypto: kcrypto.KcryptoDevice | None = None  # open on the kernel backend
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def stop(self, *_: object) -> None:
@@ -87,6 +91,7 @@ class Daemon:
             self.xfrm = XfrmSocket()
             self.routing = Routing()
             self.watch = KernelWatch()
+            self._choose_crypto()
             dp, reseq = self._load()
             # Renumbering is in place before any SA is offloaded (bpf/tc_reseq.c).
             reseq.attach(list(cfg.wan))
@@ -103,6 +108,23 @@ class Daemon:
         except BaseException:
             self.shutdown()
             raise
+
+    def _choose_crypto(self) -> None:
+        """[crypto] backend against the xfp_crypto module (controller/core/crypto.py): on the
+        kernel backend /dev/xfp_crypto stays open (the module cannot be unloaded meanwhile)
+        and the XDP programs are the -DXFP_KCRYPTO build. BackendError stops the start."""
+        usable, probe = False, f"the {kcrypto.MODULE} module is not loaded"
+        if self.cfg.crypto_backend != "bpf" and kcrypto.module_loaded():
+            try:
+                self.kcrypto = kcrypto.KcryptoDevice()
+                usable, probe = True, f"the {kcrypto.MODULE} module is loaded"
+            except OSError as e:
+                probe = f"{kcrypto.DEVICE}: {e.strerror}"
+        self.crypto = choose_backend(self.cfg.crypto_backend, usable, probe)
+        if self.crypto.backend is not Backend.KERNEL and self.kcrypto is not None:
+            self.kcrypto.close()
+            self.kcrypto = None
+        log.info("crypto backend: %s (%s)", self.crypto.backend, self.crypto.why)
 
     def _load(self) -> tuple[Datapath, Resequencer]:
         """Load the XDP programs and the resequencer on the pinned maps, sized by the config;
@@ -125,15 +147,18 @@ class Daemon:
             f"-DXFP_FLOWS_MAX={sizes['xfp_flows']}",
         )
         pin_dir = self.pin_dir or DEFAULT_PIN_DIR
+        kc = self.kcrypto is not None
 
         def load_programs() -> tuple[Datapath, Resequencer]:
-            self.dp = Datapath(pin_dir=pin_dir, xdp_mode=cfg.xdp_mode, cflags=cflags).load()
+            self.dp = Datapath(
+                pin_dir=pin_dir, xdp_mode=cfg.xdp_mode, cflags=cflags, kcrypto=kc
+            ).load()
             self.reseq = Resequencer(pin_dir=self.dp.pin_dir, cflags=(sa_max,)).load()
             return self.dp, self.reseq
 
         dp, reseq = load_programs()
         assert self.xfrm is not None
-        recover_pinned_state(dp, reseq, self.xfrm)
+        recover_pinned_state(dp, reseq, self.xfrm, self.kcrypto)
         pinned = dp.map_sizes()
         if any(pinned.get(name) != want for name, want in sizes.items()):
             # BCC takes a pinned map as it finds it: maps pinned by an earlier run with
@@ -165,8 +190,11 @@ class Daemon:
             metrics=self.metrics,
             learner=self.learner,
             events=self.watch,
+            crypto=self.kcrypto,
         )
         agent = self.agent = Agent(cfg, ports, run_dir=self.run_dir, ifindex=self.ifindex)
+        agent.state.crypto = self.crypto
+        self.metrics.build_info["crypto_backend"] = str(self.crypto.backend)
         self.metrics.flows = agent.flows
         self.metrics.set_health(up=True, bpf_programs_attached=len(dp.attached))
         agent.snapshot = self.metrics.snapshot()
@@ -179,6 +207,9 @@ class Daemon:
         """Remove flows, hand sequence state back, wipe keys, detach. Tolerant of half-starts."""
         if self.agent is not None and self.dp is not None and self.dp.maps:
             self.agent.release_all()
+        if self.kcrypto is not None:  # contexts a failed release left: keys zeroized
+            with contextlib.suppress(OSError):
+                self.kcrypto.flush()
         if self.exporter is not None:
             with contextlib.suppress(Exception):
                 self.exporter.stop()
@@ -190,11 +221,11 @@ class Daemon:
             with contextlib.suppress(Exception):
                 self.dp.close()
             log.info("XDP detached")
-        for closable in (self.learner, self.watch, self.xfrm, self.routing):
+        for closable in (self.learner, self.watch, self.xfrm, self.routing, self.kcrypto):
             if closable is not None:
                 with contextlib.suppress(Exception):
                     closable.close()
-        self.learner = self.watch = self.xfrm = self.routing = None
+        self.learner = self.watch = self.xfrm = self.routing = self.kcrypto = None
         self.dp = None
         with contextlib.suppress(OSError):
             (self.run_dir / STATUS_FILE).unlink()

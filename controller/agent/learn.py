@@ -182,13 +182,15 @@ class Learning:
             route = routing.route(s.outer_daddr)
             hop = route.next_hop(s.outer_daddr) if route else s.outer_daddr
             neigh = routing.neigh(route.oif, hop) if route else None
-            return validate_encap(s, view.policies, view.default, sa, route, neigh)
+            crypto = self.state.crypto.backend
+            return validate_encap(s, view.policies, view.default, sa, route, neigh, crypto)
         sa = view.sa_by_spi(s.spi)
         route = routing.route(s.daddr)
         hop = route.next_hop(s.daddr) if route else s.daddr
         neigh = routing.neigh(route.oif, hop) if route else None
         local = routing.local_addrs()
-        return validate_decap(s, view.policies, view.default, sa, local, route, neigh)
+        crypto = self.state.crypto.backend
+        return validate_decap(s, view.policies, view.default, sa, local, route, neigh, crypto)
 
     def _link_mtu(self, ifindex: int) -> int:
         """The link's MTU, remembered with its MAC in link_seen (flow entries are written with

@@ -14,6 +14,10 @@ While offloaded: what XDP carried is added to the kernel's lifetime counters (so
 volume limits act as in the kernel), and the datapath's watchdog is refreshed; a lapsed one
 means the agent stalled. On release the outbound sequence and the inbound replay window go
 back to the kernel (XFRM_MSG_NEWAE) before the entry is removed, key wiped.
+
+Crypto backend (controller/core/crypto.py): on the kernel's, an SA's key goes into an
+xfp_crypto context (Ports.crypto) made with the entry and destroyed after it (key zeroized by
+the module); the entry carries the context id, never the key.
 """
 
 from __future__ import annotations
@@ -24,14 +28,16 @@ import time
 from collections.abc import Iterable
 from typing import Protocol
 
-from controller.agent.ports import DatapathPort, Ports, ResequencerPort, XfrmPort
+from controller.agent.ports import CryptoPort, DatapathPort, Ports, ResequencerPort, XfrmPort
 from controller.agent.state import NEVER, AgentState, OffloadedSa
 from controller.config import Config
+from controller.core.crypto import AES_GCM_AEAD, Backend, sa_backend
 from controller.core.reasons import RejectReason
 from controller.core.state import Cause, Direction, FlowKey
 from controller.core.xfrm_model import LifetimeCur, Sa
 from controller.datapath import abi as defs
 from controller.datapath.entries import InboundSa, OutboundSa
+from controller.datapath.kcrypto_abi import CTX_MAX, Alg
 
 log = logging.getLogger("xfrm-fastpath")
 
@@ -55,9 +61,13 @@ def hard_deadline(sa: Sa, now_ns: int) -> int:
     return now_ns + max(0, int(remaining * 1e9))
 
 
-def recover_pinned_state(dp: DatapathPort, reseq: ResequencerPort, xfrm: XfrmPort) -> None:
+def recover_pinned_state(
+    dp: DatapathPort, reseq: ResequencerPort, xfrm: XfrmPort, crypto: CryptoPort | None = None
+) -> None:
     """A previous controller that died left SA entries pinned: hand their sequence numbers
-    back to the kernel, then start clean (flows are re-learned from the next packets)."""
+    back to the kernel, then start clean (flows are re-learned from the next packets; its
+    kernel crypto contexts, when `crypto` is given, are flushed after the entries naming
+    them are gone)."""
     leftover = list(dp.outbound_sa_entries())
     for sa_id, entry in leftover:
         spi, daddr = defs.from_be32(entry.spi), defs.ip_of(entry.daddr)
@@ -69,6 +79,8 @@ def recover_pinned_state(dp: DatapathPort, reseq: ResequencerPort, xfrm: XfrmPor
         dp.delete_flow(key)
     for spi, daddr, _sa_id in reseq.indexed():
         reseq.unindex_sa(spi, daddr)
+    if crypto is not None:
+        crypto.flush()
     if leftover:
         log.warning("recovered %d SA entries left by a previous controller", len(leftover))
 
@@ -160,12 +172,14 @@ class Offload:
             metrics.reject(RejectReason.SEQ_EXHAUSTED)
             return None
         off = OffloadedSa(sa, st.alloc_sa_id(), Direction.ENCAP, hard_deadline(sa, now))
+        self._make_context(off)
         entry = OutboundSa(
             sa_id=off.sa_id,
             spi=sa.spi,
             saddr=str(sa.src),
             daddr=str(sa.dst),
-            key=sa.key.reveal(),
+            key=b"" if off.kc_id is not None else sa.key.reveal(),
+            kc_id=off.kc_id,
             egress_ifindex=out_ifindex,
             dmac=dmac,
             smac=smac,
@@ -185,6 +199,7 @@ class Offload:
                 reseq.unindex_sa(sa.spi, str(sa.dst))
             with contextlib.suppress(Exception):
                 dp.delete_outbound_sa(off.sa_id)
+            self._destroy_context(off)
             raise
         # The kernel may have sent on the SA while the entry was written: its numbers must
         # still be below the datapath's, or the entry is withdrawn (fail closed).
@@ -192,16 +207,19 @@ class Offload:
         if after.replay and after.replay.oseq64 >= start:
             reseq.unindex_sa(sa.spi, str(sa.dst))
             dp.delete_outbound_sa(off.sa_id)
+            self._destroy_context(off)
             metrics.reject(RejectReason.KERNEL_RACED)
             return None
         st.sa_out[off.ref] = off
         st.refused_sas.pop(off.ref, None)
         log.info(
-            "SA 0x%08x (reqid %d) outbound offloaded as sa_id %d, seq from %d",
+            "SA 0x%08x (reqid %d) outbound offloaded as sa_id %d, seq from %d, crypto %s (%s)",
             sa.spi,
             sa.reqid,
             off.sa_id,
             start,
+            off.crypto,
+            off.crypto_why,
         )
         return off
 
@@ -211,12 +229,14 @@ class Offload:
         ae = self.ports.xfrm.get_ae(sa)
         top = ae.replay.seq64 if ae.replay else 0
         off = OffloadedSa(sa, st.alloc_sa_id(), Direction.DECAP, hard_deadline(sa, now))
+        self._make_context(off)
         entry = InboundSa(
             sa_id=off.sa_id,
             spi=sa.spi,
             saddr=str(sa.src),
             daddr=str(sa.dst),
-            key=sa.key.reveal(),
+            key=b"" if off.kc_id is not None else sa.key.reveal(),
+            kc_id=off.kc_id,
             replay_window=min(max(sa.replay_window, 32), defs.REPLAY_MAX_WINDOW)
             if sa.replay_window
             else 0,
@@ -230,11 +250,50 @@ class Offload:
         except Exception:  # e.g. a full map: leave nothing half-installed (the caller counts)
             with contextlib.suppress(Exception):
                 dp.delete_inbound_sa(sa.spi, str(sa.dst))
+            self._destroy_context(off)
             raise
         st.sa_in[off.ref] = off
         st.refused_sas.pop(off.ref, None)
-        log.info("SA 0x%08x (reqid %d) inbound offloaded as sa_id %d", sa.spi, sa.reqid, off.sa_id)
+        log.info(
+            "SA 0x%08x (reqid %d) inbound offloaded as sa_id %d, crypto %s (%s)",
+            sa.spi,
+            sa.reqid,
+            off.sa_id,
+            off.crypto,
+            off.crypto_why,
+        )
         return off
+
+    # -- crypto contexts (kernel backend) ------------------------------------------------------
+    def _make_context(self, off: OffloadedSa) -> None:
+        """Choose the SA's backend for its direction; on the kernel's, make its context (the
+        key goes to the module, the entry gets the id). Raises when that cannot be done (the
+        caller counts install_failed)."""
+        sa = off.sa
+        backend, why = sa_backend(sa, self.state.crypto.backend, off.direction is Direction.ENCAP)
+        if backend is None:  # validation refused it already; the SA changed meanwhile
+            raise ValueError(f"SA 0x{sa.spi:08x}: {why}")
+        off.crypto, off.crypto_why = backend, why
+        if backend is Backend.BPF:
+            return
+        crypto = self.ports.crypto
+        if crypto is None:
+            raise RuntimeError("kernel crypto backend without the xfp_crypto device")
+        assert sa.aead is not None  # sa_backend() accepted an AEAD
+        alg = Alg.AES_GCM if sa.aead.name == AES_GCM_AEAD else Alg.CHACHA20_POLY1305
+        kc_id = self.state.alloc_kc_id(CTX_MAX)
+        crypto.create(kc_id, alg, sa.key, esn=sa.esn)
+        off.kc_id = kc_id
+
+    def _destroy_context(self, off: OffloadedSa) -> None:
+        """After the entry naming it is gone: the module zeroizes the key."""
+        if off.kc_id is None or self.ports.crypto is None:
+            return
+        try:
+            self.ports.crypto.destroy(off.kc_id)
+        except OSError as e:
+            log.error("SA 0x%08x: destroying crypto context %d: %s", off.sa.spi, off.kc_id, e)
+        off.kc_id = None
 
     # -- upkeep ------------------------------------------------------------------------------
     def sync_lifetime(self, off: OffloadedSa, final: bool = False) -> bool:
@@ -341,6 +400,7 @@ class Offload:
             else:
                 dp.delete_inbound_sa(off.sa.spi, str(off.sa.dst))
                 st.sa_in.pop(off.ref, None)
+            self._destroy_context(off)
             return
         self.sync_lifetime(off, final=True)  # the last of XDP's counts, before the entry goes
         if off.direction is Direction.ENCAP:
@@ -352,6 +412,7 @@ class Offload:
         else:
             self._hand_back_inbound(off)
             st.sa_in.pop(off.ref, None)
+        self._destroy_context(off)
 
     def _hand_back_inbound(self, off: OffloadedSa) -> None:
         """Remove an inbound SA's entry (key wiped) and move the kernel's replay window up to

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:  # types only: the ports import nothing at run time
+    from controller.core.secret import Secret
     from controller.core.validate import NeighInfo, RouteInfo
     from controller.core.xfrm_model import (
         AeState,
@@ -28,7 +29,7 @@ if TYPE_CHECKING:  # types only: the ports import nothing at run time
         ReplayState,
         Sa,
     )
-    from controller.datapath import abi
+    from controller.datapath import abi, kcrypto_abi
     from controller.datapath.entries import InboundSa, OutboundSa
     from controller.datapath.learner import Candidate
     from controller.telemetry import MetricsSnapshot
@@ -88,6 +89,16 @@ class XfrmPort(Protocol):
     def send_expire(self, sa: Sa, hard: bool = False) -> None: ...
 
 
+class CryptoPort(Protocol):
+    """The xfp_crypto module's per-SA contexts (controller/datapath/kcrypto.py KcryptoDevice):
+    the kernel crypto backend's keys live there, never in a map. Errors raise OSError."""
+
+    def create(self, ctx_id: int, alg: kcrypto_abi.Alg, key: Secret, esn: bool = False) -> None: ...
+
+    def destroy(self, ctx_id: int) -> None: ...
+    def flush(self) -> None: ...
+
+
 class RoutingPort(Protocol):
     """Routes, neighbours, addresses and links, as the kernel has them now (rtnetlink)."""
 
@@ -128,7 +139,8 @@ class MetricsPort(Protocol):
 @dataclass
 class Ports:
     """Everything the agent talks to. `learner` and `events` are None when the agent is driven
-    directly (tests/unit calls on_candidate / on_kernel_event itself)."""
+    directly (tests/unit calls on_candidate / on_kernel_event itself); `crypto` is None on the
+    BPF crypto backend."""
 
     datapath: DatapathPort
     reseq: ResequencerPort
@@ -137,3 +149,4 @@ class Ports:
     metrics: MetricsPort
     learner: LearnerPort | None = None
     events: KernelEventsPort | None = None
+    crypto: CryptoPort | None = None

@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from controller.core.crypto import Backend, CryptoChoice
 from controller.core.state import Direction, FlowState, SaRef
 from controller.core.xfrm_model import DefaultPolicy, Policy, Sa
 
@@ -33,6 +34,11 @@ class OffloadedSa:
     synced_packets: int = 0  # datapath counters already added to the kernel's lifetime
     synced_bytes: int = 0
     soft_expire_sent: bool = False
+    # Who seals/opens it (controller/core/crypto.py) and why; kc_id: its xfp_crypto context
+    # (kernel backend), destroyed when the entry goes.
+    crypto: Backend = Backend.BPF
+    crypto_why: str = "BPF AEAD"
+    kc_id: int | None = None
 
     @property
     def ref(self) -> SaRef:
@@ -86,6 +92,12 @@ class AgentState:
         default_factory=lambda: deque(maxlen=RECENT_INVALIDATIONS)
     )
     next_sa_id: int = 1
+    # The crypto backend chosen at start (controller/core/crypto.py; the daemon probes the
+    # module), and the next xfp_crypto context id to try (ids go round, so an id just
+    # destroyed is not reused at once: a program that read it a moment ago finds no context,
+    # and punts, rather than another SA's key).
+    crypto: CryptoChoice = field(default_factory=CryptoChoice)
+    next_kc_id: int = 0
 
     def offloaded(self) -> list[OffloadedSa]:
         """Every offloaded SA, outbound first (a copy: callers may release as they go)."""
@@ -95,6 +107,16 @@ class AgentState:
         sa_id = self.next_sa_id
         self.next_sa_id += 1
         return sa_id
+
+    def alloc_kc_id(self, limit: int) -> int:
+        """A free xfp_crypto context id below `limit`, round robin."""
+        used = {o.kc_id for o in self.offloaded()}
+        for i in range(limit):
+            kc_id = (self.next_kc_id + i) % limit
+            if kc_id not in used:
+                self.next_kc_id = (kc_id + 1) % limit
+                return kc_id
+        raise RuntimeError(f"all {limit} kernel crypto contexts in use")
 
     def reqids(self) -> dict[int, int]:
         """sa_id -> reqid of every offloaded SA (the metrics label SAs by reqid)."""

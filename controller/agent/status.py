@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from controller.agent.ports import Ports
 from controller.agent.state import AgentState
 from controller.config import Config
+from controller.core.crypto import sa_backend
 from controller.core.state import SaRef
 from controller.paths import STATUS_FILE
 from controller.telemetry import snapshot_to_dict
@@ -46,13 +47,22 @@ def flows_status(state: AgentState) -> list[dict[str, Any]]:
 
 
 def sas_status(state: AgentState) -> list[dict[str, Any]]:
-    """The kernel's SAs (as last read), each with whether and why it is offloaded or not."""
+    """The kernel's SAs (as last read), each with whether and why it is offloaded or not, and
+    which crypto backend serves it (controller/core/crypto.py) and why."""
     sas = []
     offloaded = {**state.sa_out, **state.sa_in}
     for sa in state.view.sas:
         ref = SaRef(str(sa.dst), sa.spi, sa.reqid)
-        ok, why = sa.fastpath_support()
         off = offloaded.get(ref)
+        # Not offloaded: what either direction would use (the kernel's SA says no direction).
+        fits = [sa_backend(sa, state.crypto.backend, out) for out in (False, True)]
+        ok = any(b is not None for b, _ in fits)
+        why = next((w for b, w in fits if b is None), "ok")
+        if off:
+            crypto, crypto_why = str(off.crypto), off.crypto_why
+        else:
+            crypto = next((str(b) for b, _ in fits if b is not None), None)
+            crypto_why = " / ".join(dict.fromkeys(w for _, w in fits))
         sas.append(
             {
                 "spi": f"0x{sa.spi:08x}",
@@ -63,6 +73,8 @@ def sas_status(state: AgentState) -> list[dict[str, Any]]:
                 "offloaded": off is not None,
                 "direction": off.direction.name.lower() if off else None,
                 "supported": ok,
+                "crypto": crypto,
+                "crypto_why": crypto_why,
                 "reason": "offloaded"
                 if off
                 else (state.refused_sas.get(ref) or ("waiting for traffic" if ok else why)),
@@ -85,6 +97,8 @@ def status(
         "pid": os.getpid(),
         "started": started,
         "interfaces": {"lan": list(cfg.lan), "wan": list(cfg.wan)},
+        # The crypto backend chosen at start ([crypto] backend and the module probe).
+        "crypto": {"backend": str(state.crypto.backend), "why": state.crypto.why},
         "metrics": snapshot_to_dict(snapshot) if snapshot else None,
         "flows": flows_status(state),
         "sas": sas_status(state),

@@ -27,6 +27,7 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from controller.core.crypto import Backend, sa_backend
 from controller.core.reasons import RejectReason
 from controller.core.state import Direction
 from controller.core.xfrm_model import (
@@ -109,11 +110,15 @@ def _reject(reason: RejectReason, detail: str) -> Rejected:
     return Rejected(reason, detail)
 
 
-def check_sa(sa: Sa | None, spi: int | None) -> Rejected | None:
+def check_sa(
+    sa: Sa | None, spi: int | None, crypto: Backend = Backend.BPF, outbound: bool = False
+) -> Rejected | None:
+    """The SA exists and the crypto backend can serve it in this direction
+    (controller/core/crypto.py)."""
     if sa is None:
         return _reject(RejectReason.NO_SA, f"no SA with SPI 0x{spi or 0:08x} in the kernel")
-    ok, why = sa.fastpath_support()
-    if not ok:
+    backend, why = sa_backend(sa, crypto, outbound)
+    if backend is None:
         return _reject(RejectReason.SA_UNSUPPORTED, f"SA {sa}: {why}")
     return None
 
@@ -152,9 +157,11 @@ def validate_encap(
     sa: Sa | None,
     route: RouteInfo | None,
     neigh: NeighInfo | None,
+    crypto: Backend = Backend.BPF,
 ) -> Accepted | Rejected:
     """`sa` is the kernel's SA (outer daddr, spi) as seen on the wire; `route`/`neigh` are the
-    route to the SA's outer destination and the neighbour of its next hop."""
+    route to the SA's outer destination and the neighbour of its next hop; `crypto` the
+    controller's crypto backend."""
     if s.mangled:
         return _reject(RejectReason.MANGLED, "the packet was rewritten (NAT) on its way through")
     flow = s.xfrm_flow()
@@ -174,7 +181,7 @@ def validate_encap(
         return _reject(
             RejectReason.BUNDLE, f"{out.policy} has {len(out.policy.templates)} templates"
         )
-    bad = check_sa(sa, s.spi)
+    bad = check_sa(sa, s.spi, crypto, outbound=True)
     if bad is not None:
         return bad
     assert sa is not None
@@ -202,12 +209,14 @@ def validate_decap(
     local_addrs: set[str],
     route: RouteInfo | None,
     neigh: NeighInfo | None,
+    crypto: Backend = Backend.BPF,
 ) -> Accepted | Rejected:
     """`sa` is the inbound SA named by the packet's sec_path; `route`/`neigh` are the route to
-    the inner destination and the neighbour of its next hop."""
+    the inner destination and the neighbour of its next hop; `crypto` the controller's crypto
+    backend."""
     if s.mangled:
         return _reject(RejectReason.MANGLED, "the packet was rewritten (NAT) on its way through")
-    bad = check_sa(sa, s.spi)
+    bad = check_sa(sa, s.spi, crypto)
     if bad is not None:
         return bad
     assert sa is not None

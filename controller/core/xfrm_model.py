@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -31,6 +31,8 @@ XFRM_INF = (1 << 64) - 1
 FASTPATH_AEAD = "rfc7539esp(chacha20,poly1305)"
 FASTPATH_KEY_BITS = 256 + 32
 FASTPATH_ICV_BITS = 128
+# What the BPF AEAD serves: name -> key sizes in bits (key || salt).
+BPF_AEADS: dict[str, frozenset[int]] = {FASTPATH_AEAD: frozenset({FASTPATH_KEY_BITS})}
 
 # AEAD constructions whose key material ends with a 4-byte salt (RFC 4106 §8.1, RFC 4309 §7.1,
 # RFC 4543 §8.1, RFC 7634 §2).
@@ -331,21 +333,30 @@ class Sa:
         k = self.key.reveal()
         return Secret(k[:-4]) if len(self.salt) else Secret(k)
 
-    def fastpath_support(self) -> tuple[bool, str]:
-        """Can the XDP datapath serve this SA? (True, "ok") or (False, why not)."""
+    def fastpath_support(
+        self, aeads: Mapping[str, frozenset[int]] | None = None
+    ) -> tuple[bool, str]:
+        """Can the XDP datapath serve this SA? (True, "ok") or (False, why not). `aeads`: the
+        AEAD names the crypto backend serves, each with its key sizes in bits (key || salt,
+        as alg_key_len); default: the BPF AEAD's (controller/core/crypto.py has the kernel
+        backend's)."""
+        aeads = BPF_AEADS if aeads is None else aeads
         if self.proto != Proto.ESP:
             return False, f"protocol {Proto(self.proto).name} (only ESP)"
         if self.family != AF_INET or self.src.version != 4 or self.dst.version != 4:
             return False, "IPv6 outer addresses (only IPv4)"
         if self.mode != Mode.TUNNEL:
             return False, f"{Mode(self.mode).name.lower()} mode (only tunnel)"
+        only = " or ".join(sorted(aeads))
         if self.aead is None:
             names = "+".join(a.name for a in (self.crypt, self.auth) if a) or "none"
-            return False, f"algorithm {names} (only {FASTPATH_AEAD})"
-        if self.aead.name != FASTPATH_AEAD:
-            return False, f"algorithm {self.aead.name} (only {FASTPATH_AEAD})"
-        if self.aead.key_bits != FASTPATH_KEY_BITS or len(self.aead.key) * 8 != FASTPATH_KEY_BITS:
-            return False, f"key of {self.aead.key_bits} bits (need {FASTPATH_KEY_BITS})"
+            return False, f"algorithm {names} (only {only})"
+        if self.aead.name not in aeads:
+            return False, f"algorithm {self.aead.name} (only {only})"
+        sizes = aeads[self.aead.name]
+        if self.aead.key_bits not in sizes or len(self.aead.key) * 8 != self.aead.key_bits:
+            need = " or ".join(str(b) for b in sorted(sizes))
+            return False, f"key of {self.aead.key_bits} bits (need {need})"
         if self.aead.icv_bits != FASTPATH_ICV_BITS:
             return False, f"ICV of {self.aead.icv_bits} bits (need {FASTPATH_ICV_BITS})"
         if self.comp is not None:

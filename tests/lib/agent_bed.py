@@ -24,11 +24,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fake_kernel import FakeKernel
-from memory_datapath import MemoryDatapath, MemoryResequencer
+from memory_datapath import MemoryCrypto, MemoryDatapath, MemoryResequencer
 
 from controller.agent.agent import Agent
 from controller.agent.ports import Ports
 from controller.config import Config
+from controller.core.crypto import Backend, CryptoChoice
 from controller.core.validate import NUD_PERMANENT, NeighInfo, RouteInfo
 from controller.core.xfrm_model import (
     FASTPATH_AEAD,
@@ -228,10 +229,14 @@ class AgentBed:
     tunnel: bool = True
     kernel: FakeKernel = field(default_factory=FakeKernel)
     metrics: RecordingMetrics = field(default_factory=RecordingMetrics)
+    # The crypto backend the daemon would have chosen; KERNEL gives the agent the module's
+    # contexts in memory (bed.crypto).
+    crypto_backend: Backend = Backend.BPF
 
     def __post_init__(self) -> None:
         self.dp = MemoryDatapath(sa_max=self.sa_max, flows_max=max(self.cfg.flow_table_size, 1024))
         self.reseq = MemoryResequencer(self.dp, sa_max=self.sa_max)
+        self.crypto = MemoryCrypto(self.dp) if self.crypto_backend is Backend.KERNEL else None
         if self.tunnel:
             one_tunnel(self.kernel)
         self.agent = self.start()
@@ -244,10 +249,12 @@ class AgentBed:
             xfrm=self.kernel,
             routing=self.kernel,
             metrics=self.metrics,
+            crypto=self.crypto,
         )
         self.agent = Agent(
             self.cfg, ports, run_dir=self.run_dir, ifindex={"lan": LAN_IF, "wan": WAN_IF}
         )
+        self.agent.state.crypto = CryptoChoice(self.crypto_backend, "chosen by the test")
         return self.agent
 
     # -- candidates ----------------------------------------------------------------------------

@@ -31,7 +31,9 @@ import errno
 import time
 from collections.abc import Iterator, Sequence
 
+from controller.core.secret import Secret
 from controller.datapath import abi
+from controller.datapath import kcrypto_abi as kc
 from controller.datapath.abi import FlowKey, FlowVal, SaIn, SaInKey, SaOut
 from controller.datapath.entries import InboundSa, OutboundSa
 from controller.datapath.reseq import RESEQ_STATS
@@ -302,3 +304,45 @@ class MemoryResequencer:
         v.seq = seq + 1
         self.counts["ok"] += 1
         return seq
+
+
+class MemoryCrypto:
+    """CryptoPort (controller/agent/ports.py) on a dict: the xfp_crypto module's context table
+    as /dev/xfp_crypto keeps it (kmod/xfp_crypto.c; controller/datapath/kcrypto.py is the real
+    adapter). It refuses as the module does, with OSError and the module's errno
+    (bpf/include/kcrypto_defs.h): EEXIST for an id in use, ERANGE for an id past CTX_MAX,
+    EOPNOTSUPP for an unknown algorithm, EINVAL for a key of the wrong size, ENOENT to destroy
+    an id that has none. `destroyed` keeps every context's key as it was zeroized, and the
+    datapath's journal (when given) gets ("kc_create", id) / ("kc_destroy", id), so a test can
+    check that a context outlives every entry naming it."""
+
+    KEY_LEN = {kc.Alg.CHACHA20_POLY1305: (36,), kc.Alg.AES_GCM: (20, 36)}
+
+    def __init__(self, datapath: MemoryDatapath | None = None) -> None:
+        self.contexts: dict[int, tuple[kc.Alg, bytes, bool]] = {}
+        self.destroyed: list[bytearray] = []
+        self.journal = datapath.journal if datapath is not None else []
+
+    def create(self, ctx_id: int, alg: kc.Alg, key: Secret | bytes, esn: bool = False) -> None:
+        raw = key.reveal() if isinstance(key, Secret) else bytes(key)
+        if not 0 <= ctx_id < kc.CTX_MAX:
+            raise OSError(errno.ERANGE, f"context id {ctx_id}")
+        if ctx_id in self.contexts:
+            raise OSError(errno.EEXIST, f"context {ctx_id} exists")
+        if alg not in self.KEY_LEN:
+            raise OSError(errno.EOPNOTSUPP, f"algorithm {alg}")
+        if len(raw) not in self.KEY_LEN[alg]:
+            raise OSError(errno.EINVAL, f"key of {len(raw)} bytes for {alg.name}")
+        self.contexts[ctx_id] = (alg, raw, esn)
+        self.journal.append(("kc_create", ctx_id))
+
+    def destroy(self, ctx_id: int) -> None:
+        if ctx_id not in self.contexts:
+            raise OSError(errno.ENOENT, f"no context {ctx_id}")
+        _alg, raw, _esn = self.contexts.pop(ctx_id)
+        self.destroyed.append(bytearray(len(raw)))  # the module zeroizes before it returns
+        self.journal.append(("kc_destroy", ctx_id))
+
+    def flush(self) -> None:
+        for ctx_id in list(self.contexts):
+            self.destroy(ctx_id)
