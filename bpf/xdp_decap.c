@@ -19,6 +19,7 @@
 #include "pkt/csum.h"
 #include "esp/esp.h"
 #include "aead/aead.h"
+#include "kcrypto/esp_kc.h"
 
 #define XFP_DEC_OFF (XFP_ETH_LEN + XFP_ENCAP_HEAD) /* 50: first encrypted byte */
 
@@ -121,6 +122,7 @@ int xdp_decap(struct xdp_md *ctx)
 	__u8 outer_tos;
 	__u64 seq, now;
 	int r, tos;
+	int opened = 0; /* kernel crypto: the payload is clear in place; re-sealed before a pass */
 
 	r = xfp_parse_eth_ipv4(data, data_end, &iph);
 	if (r)
@@ -144,7 +146,7 @@ int xdp_decap(struct xdp_md *ctx)
 		r = XFP_R_PASS_UNKNOWN_SPI;
 		goto pass;
 	}
-	if (!(sa->flags & XFP_SA_F_OFFLOAD)) {
+	if (!(sa->flags & XFP_SA_F_OFFLOAD) || XFP_KC_UNSERVED_IN(sa)) {
 		r = XFP_R_PASS_SA_NOT_OFFLOADED;
 		goto pass;
 	}
@@ -183,8 +185,22 @@ int xdp_decap(struct xdp_md *ctx)
 	if (XFP_STOP_AT == XFP_DEC_STAGE_REPLAY)
 		return XDP_DROP;
 	aad_len = xfp_esp_aad(aad, sk.spi, seq, sa->flags & XFP_SA_F_ESN);
-	if (xfp_aead_verify(ctx, XFP_DEC_OFF, clen, XFP_DEC_OFF + clen,
-			    (const struct xfp_aead_key *)sa->key, iv, aad, aad_len)) {
+	/* Kernel crypto opens (verifies and decrypts) in one call. A refusal leaves the payload
+	 * as it came (no SIMD right now, multi-buffer frame, no context): the kernel's. */
+	if (XFP_KC_IN(sa)) {
+		r = xfp_kc_xdp_open(ctx, sa->kc_id, XFP_KC_ESP_OFF, clen, seq >> 32);
+		if (r == XFP_KCR_BAD_TAG) {
+			__sync_fetch_and_add(&sa->icv_fails, 1);
+			r = XFP_R_DROP_BAD_ICV;
+			goto drop;
+		}
+		if (r) {
+			r = XFP_R_PASS_KCRYPTO;
+			goto pass;
+		}
+		opened = 1;
+	} else if (xfp_aead_verify(ctx, XFP_DEC_OFF, clen, XFP_DEC_OFF + clen,
+				   (const struct xfp_aead_key *)sa->key, iv, aad, aad_len)) {
 		__sync_fetch_and_add(&sa->icv_fails, 1);
 		r = XFP_R_DROP_BAD_ICV;
 		goto drop;
@@ -213,7 +229,18 @@ int xdp_decap(struct xdp_md *ctx)
 
 	/* Peek: ChaCha20 is a stream cipher, so the first block tells the inner header and ports
 	 * without writing anything; a packet we do not forward reaches the kernel untouched. */
-	if (xfp_aead_peek(ctx, XFP_DEC_OFF, clen, (const struct xfp_aead_key *)sa->key, iv, blk)) {
+	if (opened) {
+		/* Already clear: the first bytes as the peek gives them. clen >= 22 and the ICV
+		 * follows, so 38 bytes are always there, 64 from clen 48 (xfp_l4_ports reads no
+		 * further than itot, which is below clen). */
+		__builtin_memset(blk, 0, sizeof(blk));
+		if (clen >= 48 ? bpf_xdp_load_bytes(ctx, XFP_DEC_OFF, blk, 64)
+			       : bpf_xdp_load_bytes(ctx, XFP_DEC_OFF, blk, 38)) {
+			r = XFP_R_DROP_ERROR;
+			goto drop;
+		}
+	} else if (xfp_aead_peek(ctx, XFP_DEC_OFF, clen, (const struct xfp_aead_key *)sa->key, iv,
+				 blk)) {
 		r = XFP_R_DROP_ERROR;
 		goto drop;
 	}
@@ -293,8 +320,8 @@ int xdp_decap(struct xdp_md *ctx)
 	if (XFP_STOP_AT == XFP_DEC_STAGE_FLOW)
 		return XDP_DROP;
 
-	/* The peek's keystream block 1 is reused: no AEAD call since (aead/aead.h). */
-	if (xfp_aead_decrypt_peeked(ctx)) {
+	/* The BPF AEAD reuses the peek's keystream block 1: no AEAD call since (aead/aead.h). */
+	if (!opened && xfp_aead_decrypt_peeked(ctx)) {
 		r = XFP_R_DROP_ERROR;
 		goto drop;
 	}
@@ -361,6 +388,13 @@ int xdp_decap(struct xdp_md *ctx)
 	return xfp_tx_ports.redirect_map(fv->egress_ifindex, XDP_DROP);
 
 pass:
+	/* Opened by the kernel crypto but not forwarded: seal it again. Same key, nonce, AAD and
+	 * plaintext give the same ciphertext and ICV (RFC 7634 section 2, RFC 4106 section 3), so
+	 * the kernel gets the frame byte for byte as it came. */
+	if (opened && xfp_kc_xdp_seal(ctx, sa->kc_id, XFP_KC_ESP_OFF, clen, seq >> 32)) {
+		r = XFP_R_DROP_ERROR;
+		goto drop;
+	}
 	xfp_count(XFP_DIR_DECAP, r, frame_len);
 	return XDP_PASS;
 drop:
