@@ -73,6 +73,15 @@ GUEST_MODULES = (
     "aesni_intel",
 )
 
+# `--icount`: qemu options for measuring (bench/e2e.py --esp). -icount shift=0 advances guest
+# time 1 ns per guest instruction while the guest runs, so guest CPU time is instructions; sleep
+# stays on (with sleep=off an idle guest's clock leaps ahead and time-outs in the guest fire
+# early). -cpu max gives the kernel the SIMD it would use on hardware (qemu >= 7.2 TCG emulates
+# AVX2, AES-NI, PCLMUL). docs/design.md: measuring against the kernel's ESP.
+ICOUNT_OPTS = ("-cpu", "max", "-icount", "shift=0")
+# The qemu options of this boot, exported in the guest so a benchmark can say how it was measured.
+QEMU_OPTS_ENV = "XFRM_FASTPATH_QEMU_OPTS"
+
 PYTEST_HOST = ["-m", "not vm and not bench", "tests"]
 # -rA: every test's outcome in the summary, so CI logs name each VM test as PASSED.
 PYTEST_VM = ["-p", "no:cacheprovider", "-m", "vm", "-v", "-rA", "--timeout=900"]
@@ -161,12 +170,13 @@ def find_tools() -> None:
 
 
 # -- the guest -----------------------------------------------------------------------------------
-def guest_script(command: str) -> str:
+def guest_script(command: str, qemu_opts: tuple[str, ...] = ()) -> str:
     """Shell run as the guest's init task: mounts, modules, then `command` in the checkout."""
     mods = " ".join(GUEST_MODULES)
     lines = [
         f"export PATH={VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         f"export {RUNNER_ENV}=vm PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1",
+        f"export {QEMU_OPTS_ENV}={shlex.quote(' '.join(qemu_opts))}",
         # tracefs for BCC tracepoints, bpffs for pinning; virtme-ng mounts tracefs, be sure.
         "mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing",
         "mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf",
@@ -181,7 +191,9 @@ def guest_script(command: str) -> str:
     return "\n".join(lines)
 
 
-def virtme_argv(kernel: Kernel, script: str, cpus: int, memory: str) -> list[str]:
+def virtme_argv(
+    kernel: Kernel, script: str, cpus: int, memory: str, qemu_opts: tuple[str, ...] = ()
+) -> list[str]:
     # fmt: off
     return [
         str(VENV_BIN / "virtme-run"),
@@ -197,6 +209,8 @@ def virtme_argv(kernel: Kernel, script: str, cpus: int, memory: str) -> list[str
         "--overlay-rwdir", "/tmp",
         "--rwdir", str(VM_OUT),
         "--script-sh", script,
+        # --qemu-opts takes the rest of the command line: it goes last.
+        *(["--qemu-opts", *qemu_opts] if qemu_opts else []),
     ]
     # fmt: on
 
@@ -238,15 +252,19 @@ def stream(argv: list[str], env: dict[str, str], timeout: float) -> int:
             proc.wait(timeout=30)
 
 
-def run_in_vm(command: str, *, cpus: int, memory: str, timeout: float) -> int:
+def run_in_vm(
+    command: str, *, cpus: int, memory: str, timeout: float, qemu_opts: tuple[str, ...] = ()
+) -> int:
     """Boot the pinned kernel once, run `command` (shell) in the checkout, return its status."""
     find_tools()
     kernel = find_kernel()
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
     _prepare_vm_out()
-    argv = virtme_argv(kernel, guest_script(command), cpus, memory)
-    say(f"booting Debian {kernel.abi} under qemu TCG ({cpus} vCPUs, {memory}), {timeout:.0f} s max")
+    argv = virtme_argv(kernel, guest_script(command, qemu_opts), cpus, memory, qemu_opts)
+    extra = f", qemu {' '.join(qemu_opts)}" if qemu_opts else ""
+    say(f"booting Debian {kernel.abi} under qemu TCG ({cpus} vCPUs, {memory}{extra}), "
+        f"{timeout:.0f} s max")  # fmt: skip
     t0 = time.monotonic()
     rc = stream(argv, env, timeout)
     say(f"VM exited with status {rc} after {time.monotonic() - t0:.0f} s")
@@ -274,7 +292,10 @@ def run_where_esp(command: str, args: argparse.Namespace) -> int:
     else:
         say("running in a VM (--vm)")
     try:
-        return run_in_vm(command, cpus=args.cpus, memory=args.memory, timeout=args.timeout)
+        opts = ICOUNT_OPTS if getattr(args, "icount", False) else ()
+        return run_in_vm(
+            command, cpus=args.cpus, memory=args.memory, timeout=args.timeout, qemu_opts=opts
+        )
     except VmRunError as e:
         say(f"cannot run the VM: {e}")
         return 2
@@ -326,6 +347,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus", type=int, default=2, help="guest vCPUs (default 2)")
     p.add_argument("--memory", default="2G", help="guest memory (default 2G)")
     p.add_argument("--timeout", type=float, default=3600, help="bound on the whole VM run, seconds")
+    p.add_argument("--icount", action="store_true", help="measure: qemu " + " ".join(ICOUNT_OPTS)
+                   + " (guest CPU time = instructions; the VM only)")  # fmt: skip
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("test", help="host tests, then the vm tests")
     t.add_argument("pytest_args", nargs="*", help="extra pytest arguments for the vm part")
