@@ -40,8 +40,11 @@ bench: $(STAMP)
 	$(PYTEST) -m bench -s tests
 
 ## make bench-e2e: the fastpath gateway pair vs the kernel forwarding in clear, 1 and 2 CPUs,
-## lookup cost by flow count, learning and invalidation (issue 8). One table; results, JSON and
-## PNG plots in bench/results/ (matplotlib, the `bench` extra, installed here when missing).
+## lookup cost by flow count, learning and invalidation (issue 8); then, beside it, the kernel's
+## ESP vs the fastpath in instructions per packet (bench/e2e.py --esp, in the real-kernel VM under
+## qemu -icount where this kernel has no ESP; BENCH_E2E_ARGS=--no-vm skips it). Results, JSON,
+## summary.json and PNG plots in bench/results/ (matplotlib, the `bench` extra, installed here
+## when missing).
 BENCH_E2E_ARGS ?=
 bench-e2e: $(STAMP)
 	$(PY) -c 'import matplotlib' 2>/dev/null || .venv/bin/pip install -q --disable-pip-version-check -e '.[bench]'

@@ -1211,6 +1211,7 @@ def run(
                     "lookups": [asdict(c) for c in lookups],
                     "learn": asdict(learn) if learn else None,
                     "invalidation": asdict(inval) if inval else None,
+                    "breakdown": [asdict(r) for r in where],
                 },
                 indent=1,
             )
@@ -1220,73 +1221,77 @@ def run(
     return text
 
 
+def _bench_module(name: str) -> Any:
+    """bench/<name>.py, imported by path (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    if spec is None or spec.loader is None:
+        raise ImportError(f"bench/{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def esp_run(
     seconds: float = 1.0,
-    flows: int = 64,
-    rows: Sequence[tuple[str, tuple[int, ...]]] = ROWS[:3],
-    tries: int = 1,
+    flows: int = 1000,
+    rows: Sequence[tuple[str, tuple[int, ...]]] = ROWS,
+    out: Path | None = None,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
-) -> str:
-    """Where the kernel has ESP (in this project: the real-kernel VM, under emulation): per
-    size, 1 CPU, the source, the kernel in clear, the kernel's own ESP (static SAs, the same
-    key and ChaCha20-Poly1305, testbed/static_esp.py) and the fastpath, in one run."""
+) -> tuple[str, dict[str, Any]]:
+    """Where the kernel has ESP (in this project: the real-kernel VM, with `--icount` for
+    instructions): per size, on one CPU, one SA with `flows` flows, the source, the kernel in
+    clear, the kernel's own ESP (static SAs, the same key and rfc7539esp(chacha20,poly1305),
+    testbed/static_esp.py) and the fastpath, in a closed loop that loses nothing
+    (bench/esp_vm.py). Returns the table and vm-esp.json's content (written under `out`)."""
     from testbed.vmrun import host_has_esp
 
     ok, why = host_has_esp()
     if not ok:
         raise SystemExit(
             f"no kernel ESP here ({why}); run it in the real-kernel VM: .venv/bin/python -m "
-            "testbed.vmrun --cpus 1 shell-cmd '.venv/bin/python bench/e2e.py --esp'"
+            "testbed.vmrun --cpus 1 --icount shell-cmd '.venv/bin/python bench/e2e.py --esp'"
         )
-    rates: dict[tuple[str, int, str], Rate] = {}
-    with E2EBed(cpus=1, flows=flows) as e2e:
-        for label, sizes in rows:
-            for mode in ("source", "kernel", "kernel-esp", "fastpath"):
-                r = e2e.measure(mode, label, sizes, 1, seconds, tries=tries)
-                rates[(mode, 1, label)] = r
-                log(f"  {label:>5} {mode:10}: {r.pps / 1e6:7.4f} Mpps loss {r.loss:.1%} "
-                    f"{r.punts or ''}")  # fmt: skip
-    m = machine()
-    head = (
-        "| size (IPv4 B) | source Mpps | kernel clear Mpps | kernel ESP Mpps (loss) | fastpath ESP "
-        "Mpps (loss) | CPU ns/pkt kernel clear | kernel ESP | fastpath | fastpath / kernel ESP, "
-        "CPU per packet | fastpath / kernel ESP, wall time per packet | fastpath / kernel ESP, "
-        "packets/s |"
-    )
-    lines = [
-        f"Kernel ESP next to the fastpath, measured under emulation ({m['cpu']}, "
-        f"{m['cpus']} CPU, Linux {m['kernel']}, {m['date']}): compare ratios within this run "
-        "only, never its absolute figures with the host's.",
-        "",
-        head,
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    esp = _bench_module("esp_vm")
+    return esp.run(lambda: E2EBed(cpus=1, flows=flows), rows, seconds, out, log)
 
-    def wall_ns(r: Rate, src: Rate) -> float:  # everything the CPU did, deferred work included
-        return 1e9 / r.pps - 1e9 / src.pps if r.pps and src.pps else 0.0
 
-    for label, _ in rows:
-        src, k, ke, f = (
-            rates.get((mode, 1, label)) for mode in ("source", "kernel", "kernel-esp", "fastpath")
-        )
-        if not (src and k and ke and f):
-            continue
-        kn, ken, fn = path_ns(k, src), path_ns(ke, src), path_ns(f, src)
-        kw, fw = wall_ns(ke, src), wall_ns(f, src)
-        lines.append(
-            f"| {label} | {_m(src.pps)} | {_m(k.pps)} | {_m(ke.pps)} ({ke.loss:.0%}) | "
-            f"{_m(f.pps)} ({f.loss:.0%}) | {kn:.0f} | {ken:.0f} | {fn:.0f} | "
-            f"{fn / ken:.2f}x | {fw / kw:.2f}x | {f.pps / ke.pps:.2f}x |"
-            if ken and kw and ke.pps
-            else f"| {label} | {_m(src.pps)} | {_m(k.pps)} | {_m(ke.pps)} | {_m(f.pps)} | - |"
-        )
-    lines += [
-        "",
-        "CPU per packet counts the generator thread's CPU time only; work the kernel defers to "
-        "other threads (async crypto in cryptd) is missing from it. Wall time per packet (1 "
-        "vCPU: everything runs on it) includes that work, and the work spent on lost frames.",
-    ]
-    return "\n".join(lines)
+def vm_esp(
+    seconds: float, flows: int, out: Path, timeout: float, log: Callable[[str], None]
+) -> dict[str, Any] | None:
+    """The --esp part beside the host run: natively where this kernel has ESP, else in the
+    real-kernel VM booted with qemu's instruction counting (testbed/vmrun.py ICOUNT_OPTS,
+    1 vCPU: icount runs the vCPUs one at a time). Copies vm-esp.md/json into `out`; returns
+    vm-esp.json's content, None (said why) when it could not run."""
+    import shlex
+    import shutil
+
+    from testbed import vmrun
+
+    ok, why = vmrun.host_has_esp()
+    if ok:
+        log(f"  kernel ESP here ({why}): --esp runs natively (CPU time, no instruction count)")
+        text, data = esp_run(seconds, flows, out=out, log=log)
+        print(text, flush=True)
+        return data
+    guest_out = vmrun.VM_OUT / "esp"
+    cmd = shlex.join([str(vmrun.VENV_BIN / "python"), "bench/e2e.py", "--esp", "--seconds",
+                      str(seconds), "--flows", str(flows), "--out", str(guest_out)])  # fmt: skip
+    log(f"  this kernel has {why}: --esp in the real-kernel VM, qemu "
+        + " ".join(vmrun.ICOUNT_OPTS))  # fmt: skip
+    try:
+        rc = vmrun.run_in_vm(cmd, cpus=1, memory="2G", timeout=timeout,
+                             qemu_opts=vmrun.ICOUNT_OPTS)  # fmt: skip
+    except vmrun.VmRunError as e:
+        log(f"  no VM part: {e}")
+        return None
+    if rc != 0 or not (guest_out / "vm-esp.json").exists():
+        log(f"  no VM part: the VM run ended with status {rc} and wrote no vm-esp.json")
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("vm-esp.md", "vm-esp.json"):
+        shutil.copyfile(guest_out / name, out / name)
+    return json.loads((out / "vm-esp.json").read_text())
 
 
 def _iter_quick() -> Iterator[tuple[str, tuple[int, ...]]]:
@@ -1296,25 +1301,40 @@ def _iter_quick() -> Iterator[tuple[str, tuple[int, ...]]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=1.0, help="per figure (default 1)")
-    ap.add_argument("--flows", type=int, default=64, help="UDP flows on the SA (default 64)")
+    ap.add_argument("--flows", type=int, default=None,
+                    help="UDP flows on the SA (default 64; 1000 with --esp)")  # fmt: skip
     ap.add_argument("--max-flows", type=int, default=1_000_000, help="lookup cost up to N")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default "
+                    "bench/results; with --esp, nothing is written unless given)")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="64 B only, small scale runs")
     ap.add_argument("--tries", type=int, default=3, help="runs per figure; the least disturbed "
                     "(most CPU time got) is kept (default 3)")  # fmt: skip
-    ap.add_argument("--esp", action="store_true", help="kernel ESP vs the fastpath, where the "
-                    "kernel has ESP (the real-kernel VM); printed only")  # fmt: skip
+    ap.add_argument("--esp", action="store_true", help="only the kernel ESP vs fastpath part, "
+                    "where the kernel has ESP (the real-kernel VM)")  # fmt: skip
+    ap.add_argument("--no-vm", action="store_true", help="skip the --esp part (which boots "
+                    "the real-kernel VM where this kernel has no ESP)")  # fmt: skip
+    ap.add_argument("--vm-timeout", type=float, default=900, help="bound on the VM part, s")
     args = ap.parse_args(argv)
     if args.esp:
-        print(esp_run(args.seconds, args.flows, tries=1))
+        rows = ROWS[:1] if args.quick else ROWS
+        text, _ = esp_run(args.seconds, args.flows or 1000, rows, out=args.out)
+        print(text)
         return 0
+    out = args.out or RESULTS
+    args.flows = args.flows or 64
     counts = [n for n in (1_000, 10_000, 100_000, 1_000_000) if n <= args.max_flows]
     if args.quick:
         text = run(args.seconds, args.flows, counts[:2], 500, 200, 10_000,
-                   tuple(_iter_quick()), args.tries, args.out, (64,))  # fmt: skip
+                   tuple(_iter_quick()), args.tries, out, (64,))  # fmt: skip
     else:
-        text = run(args.seconds, args.flows, counts, out=args.out, tries=args.tries)
-    print(text)
+        text = run(args.seconds, args.flows, counts, out=out, tries=args.tries)
+    print(text, flush=True)
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    vm = None if args.no_vm else vm_esp(args.seconds, 1000, out, args.vm_timeout, log)
+    summary = _bench_module("summary")
+    host = summary.load(out / "e2e.json")
+    summary.write(out / "summary.json", host, vm)
+    print(f"\nsummary: {out / 'summary.json'}" + ("" if vm else " (no VM part)"))
     return 0
 
 
