@@ -279,12 +279,19 @@ class Loader:
     def attach_xdp(self, dev: str, fn, flags: int = 0, netns: str | None = None) -> Attachment:
         """Attach XDP program `fn` to device `dev` (in namespace `netns`), with XDP_FLAGS_*
         `flags` (0: the kernel picks the mode). Without XDP_FLAGS_UPDATE_IF_NOEXIST the kernel
-        replaces a program already there (net/core/dev.c, dev_xdp_attach())."""
-        from bcc import BPF
+        replaces a program already there (net/core/dev.c, dev_xdp_attach()). `fn` is a BCC
+        function or a program load_kfunc() loaded (anything with an `fd`: BCC's attach_xdp
+        takes its own Function type only, so those go through libbcc's bpf_attach_xdp)."""
+        from bcc import BPF, lib
 
         try:
             with netns_scope(netns):
-                BPF.attach_xdp(dev.encode(), fn, flags)
+                if isinstance(fn, BPF.Function):
+                    BPF.attach_xdp(dev.encode(), fn, flags)
+                else:
+                    # libbcc prints libbpf's reason to stderr and returns -1
+                    if lib.bpf_attach_xdp(dev.encode(), fn.fd, flags) < 0:
+                        raise RuntimeError(f"bpf_attach_xdp of fd {fn.fd} failed")
         except Exception as e:
             raise LoaderError(f"attach XDP to {dev}: {e}") from e
         a = Attachment("xdp", dev, netns, flags)
