@@ -85,6 +85,37 @@ static __always_inline int decap_check_pad(struct xdp_md *ctx, __u32 off, __u32 
 	return 0;
 }
 
+/* RFC 4303 sections 2.4-2.6 on the decrypted payload of clen bytes at packet offset off: its
+ * last 8 bytes are ... pad | pad length | next header (clen >= 22: all in the payload), read
+ * with one direct load. Returns the pad length, -1 when the next header is not IPv4 or a pad
+ * byte is wrong (the last 6 are checked from the same load, a longer pad, which only a peer
+ * padding beyond the 4-byte alignment sends, by decap_check_pad()), -2 when the bytes are not
+ * in the frame. */
+static __always_inline int decap_trailer(struct xdp_md *ctx, __u32 off, __u32 clen)
+{
+	__u8 *data = (__u8 *)(long)ctx->data;
+	__u8 *p = data + xfp_bound(off + clen - 8);
+	__u64 w, padlen, shift, run;
+
+	if (!xfp_pkt_fits(p, 8, (__u8 *)(long)ctx->data_end))
+		return -2;
+	w = XFP_LD64(p);
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+	w = __builtin_bswap64(w);
+#endif
+	if ((w >> 56) != XFP_NEXTHDR_IPIP)
+		return -1;
+	padlen = (w >> 48) & 0xff;
+	if (padlen > 6)
+		return decap_check_pad(ctx, off + clen - 2 - padlen, padlen) ? -1 : (int)padlen;
+	/* pad bytes 1, 2, .. padlen end at byte 5 of the quadword */
+	shift = 8 * (6 - padlen);
+	run = 0x060504030201ULL & xfp_lowmask(padlen);
+	if ((w ^ (run << shift)) & (xfp_lowmask(padlen) << shift))
+		return -1;
+	return padlen;
+}
+
 /* The packet's 64-bit sequence number into *seq, and 1 when the window says it is a replay
  * (counted). Reads the window only: it moves after authentication, under the lock again. */
 static __always_inline int decap_replay_peek(struct xfp_sa_in *sa, __u32 wire_seq, __u64 *seq)
@@ -114,14 +145,14 @@ int xdp_decap(struct xdp_md *ctx)
 	struct iphdr *iph;
 	struct ethhdr *eth;
 	struct xfp_esp_hdr *esp;
-	__u8 aad[12] __attribute__((aligned(4))), tr[2];
+	__u8 aad[12] __attribute__((aligned(4)));
 	__u8 iv[8] __attribute__((aligned(8)));
 	__u8 blk[64] __attribute__((aligned(8)));
 	__u32 olen, clen, itot, padlen, aad_len, extra;
 	__u16 old0, old4, new0, new4, check;
 	__u8 outer_tos;
 	__u64 seq, now;
-	int r, tos;
+	int r, tos, tlen;
 	int opened = 0; /* kernel crypto: the payload is clear in place; re-sealed before a pass */
 
 	r = xfp_parse_eth_ipv4(data, data_end, &iph);
@@ -329,16 +360,16 @@ int xdp_decap(struct xdp_md *ctx)
 		return XDP_DROP;
 	/* RFC 4303 sections 2.4-2.6: ... pad | pad length | next header, and the pad must make up
 	 * exactly what the inner IPv4 total length leaves over. */
-	if (bpf_xdp_load_bytes(ctx, XFP_DEC_OFF + clen - 2, tr, 2)) {
+	tlen = decap_trailer(ctx, XFP_DEC_OFF, clen);
+	if (tlen == -2) {
 		r = XFP_R_DROP_ERROR;
 		goto drop;
 	}
-	padlen = tr[0];
-	if (tr[1] != XFP_NEXTHDR_IPIP || padlen + 2 + itot != clen ||
-	    decap_check_pad(ctx, XFP_DEC_OFF + itot, padlen)) {
+	if (tlen < 0 || (__u32)tlen + 2 + itot != clen) {
 		r = XFP_R_DROP_BAD_TRAILER;
 		goto drop;
 	}
+	padlen = tlen;
 	if (XFP_STOP_AT == XFP_DEC_STAGE_TRAILER)
 		return XDP_DROP;
 	data = (void *)(long)ctx->data;
