@@ -2,7 +2,7 @@
 /*
  * tc_reseq.c: TC egress on the WAN side. Renumbers the ESP packets the KERNEL builds for an SA
  * the fastpath has taken over, so that the SA has one sequence space with one owner
- * (docs/design.md, issue 5).
+ * (docs/design.md §3.1, issue 5).
  *
  * Why: once an outbound SA is offloaded, XDP sends most of its packets with numbers from the
  * SA entry's counter, which starts above the kernel's output sequence. The kernel still sends

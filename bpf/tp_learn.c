@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0-only */
 /*
  * First-packet learning: watch the kernel forward a packet through the gateway's namespace and
- * report it as a candidate flow (docs/design.md, first-packet learning).
+ * report it as a candidate flow (docs/design.md §2).
  *
  *   net:netif_receive_skb    an skb enters a watched device: store a sighting keyed by the skb
  *                            pointer (inner 5-tuple if clear, SPI/seq if ESP). After ESP

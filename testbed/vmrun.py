@@ -77,7 +77,7 @@ GUEST_MODULES = (
 # time 1 ns per guest instruction while the guest runs, so guest CPU time is instructions; sleep
 # stays on (with sleep=off an idle guest's clock leaps ahead and time-outs in the guest fire
 # early). -cpu max gives the kernel the SIMD it would use on hardware (qemu >= 7.2 TCG emulates
-# AVX2, AES-NI, PCLMUL). docs/design.md: measuring against the kernel's ESP.
+# AVX2, AES-NI, PCLMUL). docs/design.md §7.1: measuring against the kernel's ESP.
 ICOUNT_OPTS = ("-cpu", "max", "-icount", "shift=0")
 # The qemu options of this boot, exported in the guest so a benchmark can say how it was measured.
 QEMU_OPTS_ENV = "XFRM_FASTPATH_QEMU_OPTS"
