@@ -23,6 +23,8 @@ from testbed.bed import Testbed
 
 AEAD = "rfc7539esp(chacha20,poly1305)"
 KEY_LEN = 36  # 32-byte ChaCha20 key + 4-byte salt (RFC 7634 section 2 and 4)
+AES_GCM = "rfc4106(gcm(aes))"  # RFC 4106: 16- or 32-byte AES key + 4-byte salt, ICV 16
+KEY_LENS = {AEAD: (KEY_LEN,), AES_GCM: (20, 36)}
 ICV_BITS = 128  # RFC 7634 section 2: the Poly1305 tag, 16 bytes
 
 
@@ -34,10 +36,11 @@ class StaticSa:
     dst: str
     spi: int
     key: bytes
+    aead: str = AEAD  # the kernel's name; every one here has a 128-bit ICV
 
     def __post_init__(self) -> None:
-        if len(self.key) != KEY_LEN:
-            raise ValueError(f"{AEAD} needs {KEY_LEN} bytes of key+salt, got {len(self.key)}")
+        if len(self.key) not in KEY_LENS[self.aead]:
+            raise ValueError(f"{self.aead} needs {KEY_LENS[self.aead]} bytes of key+salt")
         if not 256 <= self.spi <= 0xFFFFFFFF:
             raise ValueError(f"SPI {self.spi:#x}: 1..255 are reserved (RFC 4303 section 2.1)")
 
@@ -81,10 +84,12 @@ class StaticTunnel:
             self.bed.ip(role, "xfrm", "state", "flush", check=False)
 
 
-def random_sa(src: str, dst: str, spi: int | None = None) -> StaticSa:
+def random_sa(
+    src: str, dst: str, spi: int | None = None, aead: str = AEAD, key_len: int = KEY_LEN
+) -> StaticSa:
     if spi is None:
         spi = 0x1000 + int.from_bytes(os.urandom(3), "big")
-    return StaticSa(src, dst, spi, os.urandom(KEY_LEN))
+    return StaticSa(src, dst, spi, os.urandom(key_len), aead)
 
 
 def _sa_argv(sa: StaticSa, reqid: int, replay_window: int) -> list[str]:
@@ -93,7 +98,7 @@ def _sa_argv(sa: StaticSa, reqid: int, replay_window: int) -> list[str]:
         "xfrm", "state", "add", "src", sa.src, "dst", sa.dst,
         "proto", "esp", "spi", f"{sa.spi:#010x}", "reqid", str(reqid), "mode", "tunnel",
         "replay-window", str(replay_window),
-        "aead", AEAD, "0x" + sa.key.hex(), str(ICV_BITS),
+        "aead", sa.aead, "0x" + sa.key.hex(), str(ICV_BITS),
     ]
     # fmt: on
 
@@ -118,6 +123,8 @@ def install_static_esp(
     reqid: int = 1,
     replay_window: int = 32,
     roles: Iterable[str] = ("gw1", "gw2"),
+    aead: str = AEAD,
+    key_len: int = KEY_LEN,
 ) -> StaticTunnel:
     """Install SAs (both directions) and policies (out/in/fwd) on the given gateways.
 
@@ -126,8 +133,8 @@ def install_static_esp(
     __xfrm_policy_check with XFRM_POLICY_FWD from ip_forward), and dropped without one.
     """
     p = bed.plan
-    out = out or random_sa(p["GW1_WAN"], p["GW2_WAN"])
-    back = back or random_sa(p["GW2_WAN"], p["GW1_WAN"])
+    out = out or random_sa(p["GW1_WAN"], p["GW2_WAN"], aead=aead, key_len=key_len)
+    back = back or random_sa(p["GW2_WAN"], p["GW1_WAN"], aead=aead, key_len=key_len)
     roles = tuple(roles)
     tun = StaticTunnel(bed, out, back, reqid, roles)
     for role in roles:

@@ -92,20 +92,25 @@ def kc() -> Iterator[Kc]:
         dev_path = Path("/run/xfp_crypto")
         if not dev_path.exists():
             os.mknod(dev_path, 0o600 | 0o020000, os.makedev(int(major), int(minor)))
-    with Loader() as ld:
-        bpf = ld.compile("tests/kcrypto_test.c")
-        xdp = ld.load_kfunc(bpf, "xfp_kc_test_xdp", Prog.XDP)
-        tc = ld.load_kfunc(bpf, "xfp_kc_test_tc", Prog.SCHED_CLS)
-        frags = kfunc.load_with_kfuncs(
-            bpf, "xfp_kc_test_xdp", Prog.XDP, prog_flags=kfunc.BPF_F_XDP_HAS_FRAGS
-        )
-        dev = KcryptoDevice(dev_path)
-        dev.flush()
-        try:
-            yield Kc(dev, xdp, tc, frags)
-        finally:
-            dev.close()
-            frags.close()
+    try:
+        with Loader() as ld:
+            bpf = ld.compile("tests/kcrypto_test.c")
+            xdp = ld.load_kfunc(bpf, "xfp_kc_test_xdp", Prog.XDP)
+            tc = ld.load_kfunc(bpf, "xfp_kc_test_tc", Prog.SCHED_CLS)
+            frags = kfunc.load_with_kfuncs(
+                bpf, "xfp_kc_test_xdp", Prog.XDP, prog_flags=kfunc.BPF_F_XDP_HAS_FRAGS
+            )
+            dev = KcryptoDevice(dev_path)
+            dev.flush()
+            try:
+                yield Kc(dev, xdp, tc, frags)
+            finally:
+                dev.close()
+                frags.close()
+    finally:
+        # The rest of the suite runs on the BPF crypto backend: `[crypto] backend = "auto"`
+        # must find no module (test_unload_is_refused_while_in_use removes it when it passes).
+        subprocess.run(["rmmod", MODULE], capture_output=True, timeout=60)
 
 
 def esp_frame(op: int, ctx_id: int, spi: int, seq: int, iv: bytes, body: bytes, **kw: int) -> bytes:
