@@ -1,0 +1,219 @@
+# SPDX-License-Identifier: GPL-2.0-only
+"""The XDP datapath on the kernel crypto backend (issue 17) against the kernel's own ESP.
+
+gw1 runs the -DXFP_KCRYPTO build of bpf/xdp_encap.c and bpf/xdp_decap.c (loaded through
+controller/datapath/kfunc.py), its SA entries naming xfp_crypto contexts (XFP_SA_F_KCRYPTO,
+kc_id; no key in the maps); gw2 runs static kernel ESP SAs (testbed/static_esp.py) with the same
+SPIs and keys, ChaCha20-Poly1305 (RFC 7634) and AES-128-GCM (RFC 4106):
+
+- lan -> remote: gw1's XDP seals with the module's kfunc; gw2's kernel must accept every packet
+  (its counters move, /proc/net/xfrm_stat does not: no replay, so no sequence number and
+  no IV twice);
+- remote -> lan: gw2's kernel seals; gw1's XDP opens with the kfunc and delivers.
+
+    .venv/bin/python -m testbed.vmrun vm-only tests/vm/test_vm_kcrypto_datapath.py
+
+The module is inserted for this file and removed after it, so the rest of the suite runs on the
+BPF backend (`[crypto] backend = "auto"` finds no module).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import test_datapath_redirect as R
+from test_vm_datapath import xfrm_stat
+from test_vm_kcrypto import DEPS, KO, _modprobe
+
+from controller.core.state import Direction
+from controller.datapath.abi import Reason
+from controller.datapath.kcrypto import DEVICE, MODULE, KcryptoDevice, module_loaded
+from controller.datapath.kcrypto_abi import Alg
+from controller.datapath.xdp import Datapath, InboundSa, OutboundSa, flow_key, flow_val
+from controller.netns import in_netns
+from testbed.bed import Testbed
+from testbed.static_esp import AEAD, AES_GCM, install_static_esp
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(1800)]
+N_PACKETS = 20
+OUT_CTX, BACK_CTX = 11, 12
+# name -> (the kernel's AEAD, bytes of key || salt, the module's algorithm)
+ALGS = {
+    "chacha20-poly1305": (AEAD, 36, Alg.CHACHA20_POLY1305),
+    "aes128-gcm": (AES_GCM, 20, Alg.AES_GCM),
+}
+
+
+def _device() -> Path:
+    """/dev/xfp_crypto, or a node made from sysfs when the guest has no devtmpfs."""
+    if DEVICE.exists():
+        return DEVICE
+    major, minor = Path("/sys/class/misc/xfp_crypto/dev").read_text().strip().split(":")
+    node = Path("/run/xfp_crypto")
+    if not node.exists():
+        os.mknod(node, 0o600 | 0o020000, os.makedev(int(major), int(minor)))
+    return node
+
+
+@pytest.fixture(scope="module")
+def kernel_crypto(esp_kernel: None) -> Iterator[tuple[Datapath, KcryptoDevice]]:
+    """The module inserted, the kernel-backend datapath loaded; all of it gone afterwards."""
+    if not KO.is_file():
+        pytest.skip(f"{KO} is not built: run scripts/build-kmod.sh (make setup does)")
+    _modprobe(*DEPS)
+    if not module_loaded():
+        proc = subprocess.run(["insmod", str(KO)], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, f"insmod {KO}: {proc.stderr.strip()}"
+    d = Datapath(pin_dir=f"/sys/fs/bpf/xfp-kc-{os.getpid()}", kcrypto=True)
+    dev = KcryptoDevice(_device())
+    try:
+        dev.flush()
+        d.load()
+        yield d, dev
+    finally:
+        d.close()
+        d.unpin()
+        dev.close()
+        subprocess.run(["rmmod", MODULE], capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def xdp_pass(esp_kernel: None):
+    from controller.datapath.loader import Prog, compile_bpf, load_program
+
+    b = compile_bpf(text="int xdp_pass(struct xdp_md *ctx) { return XDP_PASS; }")
+    return load_program(b, "xdp_pass", Prog.XDP)
+
+
+@pytest.mark.parametrize("name", ALGS)
+def test_kernel_crypto_datapath_interoperates_with_kernel_esp(
+    bed: Testbed,
+    kernel_crypto: tuple[Datapath, KcryptoDevice],
+    xdp_pass,
+    name: str,
+) -> None:
+    from bcc import BPF
+
+    d, dev = kernel_crypto
+    aead, key_len, alg = ALGS[name]
+    tun = install_static_esp(bed, roles=("gw2",), replay_window=64, aead=aead, key_len=key_len)
+    for key in list(d.maps["flows"].keys()):
+        d.maps["flows"].delete(key)
+    ns = bed.ns("gw1")
+    lan_if, wan_if = bed.ifindex("gw1", "lan"), bed.ifindex("gw1", "wan")
+    d.put_tx_port(lan_if, netns=ns)
+    d.put_tx_port(wan_if, netns=ns)
+    gw1_wan, gw2_wan = bed.iface("gw1", "wan"), bed.iface("gw2", "wan")
+    lan_host, remote = bed.iface("lan", "eth0"), bed.iface("remote", "eth0")
+    dev.create(OUT_CTX, alg, tun.out.key)
+    dev.create(BACK_CTX, alg, tun.back.key)
+    iv_mask = int.from_bytes(os.urandom(8), "big")
+    d.put_outbound_sa(
+        OutboundSa(
+            sa_id=1,
+            spi=tun.out.spi,
+            saddr=gw1_wan.addr,
+            daddr=gw2_wan.addr,
+            key=b"",
+            kc_id=OUT_CTX,
+            egress_ifindex=wan_if,
+            dmac=gw2_wan.mac,
+            smac=gw1_wan.mac,
+            iv_mask=iv_mask,
+        )
+    )
+    d.put_inbound_sa(
+        InboundSa(
+            sa_id=2,
+            spi=tun.back.spi,
+            saddr=gw2_wan.addr,
+            daddr=gw1_wan.addr,
+            key=b"",
+            kc_id=BACK_CTX,
+        )
+    )
+    udp = 17
+    lp, rp = R.UDP_LAN_PORT, R.UDP_REMOTE_PORT
+    d.put_flow(
+        flow_key(lan_if, Direction.ENCAP, udp, lan_host.addr, remote.addr, lp, rp), flow_val(1)
+    )
+    d.put_flow(
+        flow_key(wan_if, Direction.DECAP, udp, remote.addr, lan_host.addr, rp, lp),
+        flow_val(2, egress_ifindex=lan_if, dmac=lan_host.mac, smac=bed.iface("gw1", "lan").mac),
+    )
+    peers = [("gw2", "wan"), ("lan", "eth0")]
+    stat_before = xfrm_stat(bed, "gw2")
+    try:
+        d.attach(lan=["lan"], wan=["wan"], netns=ns)
+        for role, ifname in peers:
+            with in_netns(bed.ns(role)):
+                BPF.attach_xdp(ifname.encode(), xdp_pass, 0)
+        before = d.stats()
+        result = R.udp_echo(bed, N_PACKETS)
+        after = d.stats()
+    finally:
+        for role, ifname in peers:
+            with in_netns(bed.ns(role)):
+                BPF.remove_xdp(ifname.encode(), 0)
+        d.detach_all()
+        d.delete_outbound_sa(1)
+        d.delete_inbound_sa(tun.back.spi, gw1_wan.addr)
+        dev.destroy(OUT_CTX)
+        dev.destroy(BACK_CTX)
+
+    moved = {k: after[k][0] - before[k][0] for k in after if after[k] != before[k]}
+    assert result == {"ok": N_PACKETS, "bad": []}, f"{name}: every datagram echoed: {result}"
+    assert moved.get((Direction.ENCAP, Reason.ENCAP_OK)) == N_PACKETS, f"XDP sealed: {moved}"
+    assert moved.get((Direction.DECAP, Reason.DECAP_OK)) == N_PACKETS, f"XDP opened: {moved}"
+    assert not moved.get((Direction.DECAP, Reason.PASS_KCRYPTO)), "no kfunc refusal"
+    # The wire, as gw2's kernel judged it: XDP sent N (ENCAP_OK), gw2 accepted N with a
+    # 64-packet replay window and no replay error, so no sequence number came twice, and no
+    # IV either (IV = seq XOR the SA's mask: one to one).
+    counters = tun.counters("gw2")
+    assert counters[tun.out.spi].packets == N_PACKETS, f"gw2 accepted XDP's packets: {counters}"
+    assert counters[tun.back.spi].packets == N_PACKETS, f"gw2 sent the echoes: {counters}"
+    stat_after = xfrm_stat(bed, "gw2")
+    errors = {
+        k: v - stat_before.get(k, 0) for k, v in stat_after.items() if v != stat_before.get(k, 0)
+    }
+    assert errors == {}, f"no XFRM error counter moved on gw2: {errors}"
+
+
+def test_controller_on_the_kernel_backend(
+    bed: Testbed, kernel_crypto: tuple[Datapath, KcryptoDevice], tmp_path: Path
+) -> None:
+    """`[crypto] backend = "kernel"`: the controller runs the kernel-crypto datapath; an
+    AES-128-GCM tunnel (kernel ESP on both gateways) gets its inbound SA offloaded on kernel
+    crypto, its outbound SA stays on the kernel path and `sas` says why (the resequencer)."""
+    import shutil
+
+    from controller.core.crypto import RESEQ_NO_KCRYPTO
+    from controller.datapath.xdp import DEFAULT_PIN_DIR
+    from testbed.supervisor import ControllerProcess
+
+    pins_existed = DEFAULT_PIN_DIR.exists()
+    tun = install_static_esp(bed, aead=AES_GCM, key_len=20)
+    gw = ControllerProcess(bed, "gw1", tmp_path, '[crypto]\nbackend = "kernel"\n')
+    try:
+        gw.wait_started(900)
+        crypto = gw.published_status()["crypto"]
+        assert crypto["backend"] == "kernel", f"the kernel backend: {crypto}"
+        first = R.udp_echo(bed, N_PACKETS)  # its first packets teach the controller the flows
+        assert first["ok"] >= N_PACKETS - 2, f"the tunnel carries: {first}"
+        dec0 = gw.fastpath_packets("decap")
+        again = R.udp_echo(bed, N_PACKETS)
+        assert again == {"ok": N_PACKETS, "bad": []}, f"on the fastpath: {again}"
+        assert gw.fastpath_packets("decap") - dec0 >= N_PACKETS, f"XDP opened: {gw.tail()}"
+        sas = {int(s["spi"], 16): s for s in gw.sas()}
+        back, out = sas[tun.back.spi], sas[tun.out.spi]
+        assert back["offloaded"] and back["crypto"] == "kernel", f"inbound on kfuncs: {back}"
+        assert not out["offloaded"] and RESEQ_NO_KCRYPTO in out["reason"], f"outbound: {out}"
+    finally:
+        rc = gw.stop()
+        if not pins_existed:
+            shutil.rmtree(DEFAULT_PIN_DIR, ignore_errors=True)
+    assert rc == 0, f"SIGTERM: contexts destroyed, XDP detached, exit 0: {gw.tail()}"
