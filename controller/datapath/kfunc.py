@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from controller.datapath import bpfsys, kcrypto_abi
-from controller.datapath.loader import LoaderError, Prog
+from controller.datapath.program import LoaderError, Prog
 
 SYS_BTF = Path("/sys/kernel/btf")
 

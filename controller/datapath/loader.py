@@ -38,13 +38,15 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import enum
 import os
 import subprocess
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from controller.datapath.kfunc import load_with_kfuncs
+from controller.datapath.program import LoaderError, Prog
 
 ROOT = Path(__file__).resolve().parents[2]
 BPF_DIR = ROOT / "bpf"
@@ -57,24 +59,6 @@ TC_EGRESS_PARENT = "ffff:fff3"
 TC_HANDLE = 0xF1F0
 TC_PRIO = 1
 ETH_P_ALL = 0x0003
-
-
-class Prog(enum.Enum):
-    """Program types the project loads (BCC's constant of the same name)."""
-
-    XDP = "XDP"
-    SCHED_CLS = "SCHED_CLS"
-    TRACEPOINT = "TRACEPOINT"
-
-
-class LoaderError(RuntimeError):
-    """Compiling, loading, attaching or detaching failed. The message names the source file
-    ("compiling/loading bpf/x.c: ...") or the device; `errno` is the system error, when known."""
-
-    def __init__(self, msg: str, errno: int = 0, source: str | None = None) -> None:
-        super().__init__(msg)
-        self.errno = errno
-        self.source = source
 
 
 def ensure_bpffs() -> None:
@@ -244,7 +228,6 @@ class Loader:
     def load_kfunc(self, bpf, name: str, prog: Prog, module: str = "xfp_crypto"):
         """A program whose placeholder calls become calls of `module`'s kfuncs, loaded by
         controller/datapath/kfunc.py (BCC cannot emit kfunc calls); released by close()."""
-        from controller.datapath.kfunc import load_with_kfuncs  # kfunc.py imports this module
 
         fn = load_with_kfuncs(bpf, name, prog, module)
         self.modules.append(fn)  # its cleanup() closes it
