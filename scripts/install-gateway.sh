@@ -91,7 +91,7 @@ mkdir -p "$dest"
 if [ "$(cd "$dest" && pwd -P)" != "$(cd "$src" && pwd -P)" ]; then
   # Replace each part whole, so files removed upstream do not linger. The install is editable
   # (below) because the controller finds bpf/ next to controller/.
-  for part in controller bpf packaging pyproject.toml README.md; do
+  for part in controller bpf packaging pyproject.toml README.md docs; do
     [ -e "$src/$part" ] || continue
     rm -rf "${dest:?}/$part"
     cp -R "$src/$part" "$dest/$part"

@@ -49,6 +49,7 @@ from pathlib import Path
 from controller.core.state import Direction
 from controller.datapath import abi as defs
 from controller.datapath.abi import FlowKey, FlowVal, Reason, SaIn, SaInKey, SaOut, Stat
+from controller.datapath.bpfsys import map_info
 
 # The entry builders live with no bcc import in entries.py; many callers import them from here.
 from controller.datapath.entries import (  # noqa: F401
@@ -133,6 +134,42 @@ def open_pinned_map(
     fd = lib.bpf_obj_get(str(path).encode())
     _check(fd, f"open pinned map {path}")
     return MapHandle(fd, key_type, value_type, Path(path).name, percpu=percpu)
+
+
+# The entry layouts of the pinned maps, as this build's programs declare them (bpf/include/
+# maps.h, mirrored in abi.py): BCC reuses a pinned map as it finds it, whatever its layout.
+PINNED_LAYOUTS = {
+    "xfp_flows": (FlowKey, FlowVal),
+    "xfp_sa_out": (ctypes.c_uint32, SaOut),
+    "xfp_sa_in": (SaInKey, SaIn),
+}
+
+
+def check_pinned_layout(pin_dir: Path) -> None:
+    """Refuse maps pinned by a build whose entries have another layout (an upgrade while an
+    older controller died without handing its SAs back). Reading its SA entries with this
+    build's structs would misread their sequence counters, and handing back a wrong number
+    would let the kernel repeat sequence numbers, and so nonces, under the same key; so the
+    operator decides: the error says how."""
+    for name, (key_t, val_t) in PINNED_LAYOUTS.items():
+        path = pin_dir / name
+        if not path.exists():
+            continue
+        handle = open_pinned_map(path, key_t, val_t)
+        try:
+            info = map_info(handle.fd)
+        finally:
+            os.close(handle.fd)
+        have = (int(info["key_size"]), int(info["value_size"]))
+        want = (ctypes.sizeof(key_t), ctypes.sizeof(val_t))
+        if have != want:
+            raise DatapathError(
+                f"{path} was pinned by another build of xfrm-fastpath (key/value {have[0]}/"
+                f"{have[1]} bytes, this build {want[0]}/{want[1]}): its SA entries cannot be "
+                "read to hand their sequence numbers back. Start the build that pinned it and "
+                "stop it cleanly (it hands every SA back), or have the IKE daemon rekey every "
+                f"CHILD_SA (e.g. `swanctl --rekey`), then remove {pin_dir}"
+            )
 
 
 # The kernel's own "operation not supported" (include/linux/errno.h), which bpf(2) returns for a
@@ -312,6 +349,7 @@ class Datapath:
         """Compile and load both programs (maps pinned under pin_dir, created if absent;
         bpffs mounted if it is not)."""
         pin = Path(self.pin_dir)
+        check_pinned_layout(pin)
         self.encap = self._load_one("xdp_encap")
         self.decap = self._load_one("xdp_decap")
         t = self.encap.bpf
@@ -378,8 +416,6 @@ class Datapath:
 
     def map_sizes(self) -> dict[str, int]:
         """max_entries of the loaded flow and SA maps (those pinned, if they were found)."""
-        from controller.datapath.bpfsys import map_info
-
         return {
             h.name: int(map_info(h.fd)["max_entries"])
             for h in (self.maps["flows"], self.maps["sa_out"], self.maps["sa_in"])

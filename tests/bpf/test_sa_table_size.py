@@ -9,10 +9,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from controller.datapath.abi import SaOut
 from controller.datapath.xdp import Datapath, DatapathError, InboundSa, OutboundSa
 
 SAS = 2
@@ -87,3 +90,29 @@ def test_pinned_maps_keep_their_size_until_pinned_anew() -> None:
         assert fresh.map_sizes() == {"xfp_flows": 2048, "xfp_sa_out": 4, "xfp_sa_in": 4}
     finally:
         first.unpin()
+
+
+def test_maps_pinned_by_another_layout_are_refused_by_name() -> None:
+    """An SA map pinned by a build whose entries have another layout (an upgrade after an older
+    controller died with SAs offloaded) is refused before anything loads, with an error that
+    names the map, both layouts and what to do; the pinned map is left as it was."""
+    pin = Path(f"/sys/fs/bpf/xfp-layout-{os.getpid()}")
+    pin.mkdir(mode=0o700)
+    stale = pin / "xfp_sa_out"
+    try:
+        subprocess.run(
+            ["bpftool", "map", "create", str(stale), "type", "hash", "key", "4", "value", "8",
+             "entries", "4", "name", "xfp_sa_out"],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        d = Datapath(pin_dir=str(pin))
+        with pytest.raises(DatapathError) as refused:
+            d.load()
+        msg = str(refused.value)
+        want = f"4/{ctypes.sizeof(SaOut)}"
+        assert "another build" in msg and "4/8" in msg and want in msg, f"the error: {msg}"
+        assert d.encap is None, "nothing was compiled or loaded over the stale map"
+        assert stale.exists(), "the stale map stays for the operator"
+    finally:
+        stale.unlink(missing_ok=True)
+        pin.rmdir()
