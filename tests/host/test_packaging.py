@@ -224,7 +224,14 @@ def test_install_gateway_staged(tmp_path: Path) -> None:
     unit = root / "etc/systemd/system/xfrm-fastpath.service"
     cfg_path = root / "etc/xfrm-fastpath/config.toml"
     assert unit.read_bytes() == UNIT.read_bytes(), "installed unit differs from packaging/"
-    assert (root / "opt/xfrm-fastpath/controller/config.py").is_file(), "program not installed"
+    dest = root / "opt/xfrm-fastpath"
+    assert (dest / "controller/config.py").is_file(), "program not installed"
+    shipped = sorted(p.name for p in dest.iterdir() if not p.name.startswith("."))
+    assert shipped == ["README.md", "bpf", "controller", "docs", "packaging", "pyproject.toml"], (
+        f"a gateway gets the controller, its BPF sources and docs, nothing of the test beds: "
+        f"{shipped}"
+    )
+    assert not (dest / "bpf/tests").exists(), "test and bench BPF programs were shipped"
     cfg = load_config(cfg_path)
     assert (cfg.lan, cfg.wan) == (("eth1",), ("eth2", "eth3")), f"interfaces not set: {cfg}"
 
