@@ -16,12 +16,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import select
 import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
@@ -239,3 +241,22 @@ def check_attrs(raw: bytes | bytearray, offset: int) -> None:
         if alen < 4 or pos + alen > end:
             raise ValueError(f"attribute type {atype & 0x3FFF} length {alen} at {pos} of {end}")
         pos += (alen + 3) & ~3
+
+
+EventT = TypeVar("EventT")
+
+
+def events_within(
+    fileno: int, read_events: Callable[[], Iterable[EventT]], timeout: float
+) -> Iterator[EventT]:
+    """Yield what `read_events()` drains each time `fileno` turns readable, for at most
+    `timeout` seconds (the watchers' and the XFRM monitor's `events()`)."""
+    deadline = time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(fileno, select.POLLIN)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        if poller.poll(left * 1000):
+            yield from read_events()

@@ -37,7 +37,7 @@ from pyroute2.netlink.rtnl.ndmsg import ndmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from controller.core.xfrm_model import Overrun, XfrmEvent
-from controller.netlink.nlsock import NetlinkSocket, check_attrs, split_messages
+from controller.netlink.nlsock import NetlinkSocket, check_attrs, events_within, split_messages
 from controller.netlink.xfrm import DEFAULT_GROUPS, XfrmMonitor
 
 log = logging.getLogger(__name__)
@@ -434,12 +434,4 @@ class KernelWatch:
 
     def events(self, timeout: float) -> Iterator[Event]:
         """Yield events as they arrive, for at most `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        poller = select.poll()
-        poller.register(self.fileno(), select.POLLIN)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            if poller.poll(left * 1000):
-                yield from self.read_events()
+        return events_within(self.fileno(), self.read_events, timeout)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
-import select
 import struct
 import time
 from collections import Counter
@@ -47,6 +46,7 @@ from controller.netlink.nlsock import (
     NLM_F_REPLACE,
     NetlinkError,
     NetlinkSocket,
+    events_within,
     split_messages,
 )
 from controller.netlink.xfrm_codec import (
@@ -385,12 +385,4 @@ class XfrmMonitor:
 
     def events(self, timeout: float) -> Iterator[XfrmEvent]:
         """Yield events as they arrive, for at most `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        poller = select.poll()
-        poller.register(self.fileno(), select.POLLIN)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            if poller.poll(left * 1000):
-                yield from self.read_events()
+        return events_within(self.fileno(), self.read_events, timeout)
