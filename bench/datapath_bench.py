@@ -58,7 +58,8 @@ def _aead_bench():  # bench/aead_bench.py (the crypto engineer's), imported by p
     return mod
 
 
-def _best(fd: int, frames: list[bytes], want: int) -> float:
+def fastest(fd: int, frames: list[bytes], want: int) -> float:
+    """The fastest of one test run per frame (ns), each checked for the verdict `want`."""
     best = None
     for f in frames:
         ret, _, ns = prog_test_run(fd, f, repeat=1)
@@ -68,20 +69,16 @@ def _best(fd: int, frames: list[bytes], want: int) -> float:
     return float(best)
 
 
-def measure(sizes: tuple[int, ...] = SIZES, runs: int = 400, with_aead: bool = True) -> list[Row]:
+def loaded_datapath(pin_dir: str, cflags: tuple[str, ...] = ()):
+    """Both XDP programs loaded (frames up to 1600 B) on the test run's loopback device, with
+    test_datapath.py's SA pair and one flow each way: what the per-program benchmarks time.
+    The caller closes and unpins it; on a failure here it is closed and unpinned already."""
     import test_datapath as T
 
     from controller.core.state import Direction
-    from controller.datapath.loader import Prog, compile_bpf, load_program
     from controller.datapath.xdp import Datapath, flow_key, flow_val
 
-    floor_b = compile_bpf("tests/xdp_floor.c")
-    floor_fd = load_program(floor_b, "xdp_floor", Prog.XDP).fd
-    aead = {}
-    if with_aead and (mod := _aead_bench()) is not None:
-        aead = {r.size: r for r in mod.measure(sizes)}
-    dp = Datapath(pin_dir=f"/sys/fs/bpf/xfp-bench-{os.getpid()}", cflags=("-DXFP_MAX_FRAME=1600",))
-    rows = []
+    dp = Datapath(pin_dir=pin_dir, cflags=("-DXFP_MAX_FRAME=1600", *cflags))
     try:
         dp.load()
         dp.put_tx_port(T.LO)
@@ -92,6 +89,26 @@ def measure(sizes: tuple[int, ...] = SIZES, runs: int = 400, with_aead: bool = T
             flow_key(T.LO, Direction.DECAP, **T.DECAP_KEY),
             flow_val(T.SA_IN_ID, egress_ifindex=T.LO, dmac=T.LAN_HOST_MAC, smac=T.GW1_LAN_MAC),
         )
+    except BaseException:
+        dp.close()
+        dp.unpin()
+        raise
+    return dp
+
+
+def measure(sizes: tuple[int, ...] = SIZES, runs: int = 400, with_aead: bool = True) -> list[Row]:
+    import test_datapath as T
+
+    from controller.datapath.loader import Prog, compile_bpf, load_program
+
+    floor_b = compile_bpf("tests/xdp_floor.c")
+    floor_fd = load_program(floor_b, "xdp_floor", Prog.XDP).fd
+    aead = {}
+    if with_aead and (mod := _aead_bench()) is not None:
+        aead = {r.size: r for r in mod.measure(sizes)}
+    dp = loaded_datapath(f"/sys/fs/bpf/xfp-bench-{os.getpid()}")
+    rows = []
+    try:
         seq = 1
         for size in sizes:
             payload = bytes(i & 0xFF for i in range(size - 28))
@@ -105,9 +122,9 @@ def measure(sizes: tuple[int, ...] = SIZES, runs: int = 400, with_aead: bool = T
             rows.append(
                 Row(
                     size=size,
-                    floor=_best(floor_fd, [clear] * runs, XDP_TX),
-                    encap=_best(dp.encap_fd, [clear] * runs, XDP_REDIRECT),
-                    decap=_best(dp.decap_fd, esp, XDP_REDIRECT),
+                    floor=fastest(floor_fd, [clear] * runs, XDP_TX),
+                    encap=fastest(dp.encap_fd, [clear] * runs, XDP_REDIRECT),
+                    decap=fastest(dp.decap_fd, esp, XDP_REDIRECT),
                     bpf_seal=a.bpf_seal if a else None,
                     bpf_open=a.bpf_open if a else None,
                     native_seal=a.native_seal if a else None,

@@ -37,7 +37,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "bpf"))  # test_datapath.py's frames and SAs
 sys.path.insert(0, str(ROOT / "tests" / "lib"))  # packets.py, which test_datapath.py imports
 
-from controller.datapath.bpfsys import prog_test_run  # noqa: E402
 
 XDP_DROP, XDP_TX, XDP_REDIRECT = 1, 3, 4
 
@@ -105,41 +104,16 @@ class Breakdown:
         return rest / (2 * self.floor)
 
 
-def _fastest(fd: int, frames: list[bytes], want: int) -> float:
-    best = None
-    for f in frames:
-        ret, _, ns = prog_test_run(fd, f, repeat=1)
-        if ret != want:
-            raise RuntimeError(f"verdict {ret}, expected {want}")
-        best = ns if best is None else min(best, ns)
-    return float(best)
-
-
-def _datapath(stop: int):
-    import test_datapath as T
-
-    from controller.core.state import Direction
-    from controller.datapath.xdp import Datapath, flow_key, flow_val
-
-    dp = Datapath(
-        pin_dir=f"/sys/fs/bpf/xfp-stages-{os.getpid()}-{stop}",
-        cflags=("-DXFP_MAX_FRAME=1600", f"-DXFP_STOP_AT={stop}"),
+def _datapath_bench():
+    """bench/datapath_bench.py, whose loaded_datapath() and fastest() this bench shares."""
+    spec = importlib.util.spec_from_file_location(
+        "datapath_bench", ROOT / "bench" / "datapath_bench.py"
     )
-    try:
-        dp.load()
-        dp.put_tx_port(T.LO)
-        dp.put_outbound_sa(T.out_sa(mtu=1600))
-        dp.put_inbound_sa(T.in_sa(replay_window=4096))
-        dp.put_flow(flow_key(T.LO, Direction.ENCAP, **T.ENCAP_KEY), flow_val(T.SA_OUT_ID))
-        dp.put_flow(
-            flow_key(T.LO, Direction.DECAP, **T.DECAP_KEY),
-            flow_val(T.SA_IN_ID, egress_ifindex=T.LO, dmac=T.LAN_HOST_MAC, smac=T.GW1_LAN_MAC),
-        )
-    except BaseException:
-        dp.close()
-        dp.unpin()
-        raise
-    return dp
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["datapath_bench"] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _stages(table: tuple, times: dict[int, float]) -> list[Stage]:
@@ -171,6 +145,7 @@ def measure(size: int = 64, runs: int = 100, trials: int = 9) -> Breakdown:
 
     from controller.datapath.loader import Prog, compile_bpf, load_program
 
+    db = _datapath_bench()
     floor_fd = load_program(compile_bpf("tests/xdp_floor.c"), "xdp_floor", Prog.XDP).fd
     stops = sorted({s for s, _, _ in ENCAP_STAGES} | {s for s, _, _ in DECAP_STAGES})
     enc_stops = {s for s, _, _ in ENCAP_STAGES}
@@ -183,15 +158,17 @@ def measure(size: int = 64, runs: int = 100, trials: int = 9) -> Breakdown:
     samples: dict[tuple[str, int], list[float]] = {}
     try:
         for stop in stops:
-            dps[stop] = _datapath(stop)
+            dps[stop] = db.loaded_datapath(
+                f"/sys/fs/bpf/xfp-stages-{os.getpid()}-{stop}", (f"-DXFP_STOP_AT={stop}",)
+            )
         for t in range(trials):
-            samples.setdefault(("floor", 0), []).append(_fastest(floor_fd, clear, XDP_TX))
+            samples.setdefault(("floor", 0), []).append(db.fastest(floor_fd, clear, XDP_TX))
             for stop, dp in dps.items():
                 want = XDP_REDIRECT if stop == 0 else XDP_DROP
                 if stop in enc_stops:
-                    ns = _fastest(dp.encap_fd, clear, want)
+                    ns = db.fastest(dp.encap_fd, clear, want)
                     samples.setdefault(("encap", stop), []).append(ns)
-                ns = _fastest(dp.decap_fd, esp[t * runs : (t + 1) * runs], want)
+                ns = db.fastest(dp.decap_fd, esp[t * runs : (t + 1) * runs], want)
                 samples.setdefault(("decap", stop), []).append(ns)
     finally:
         for dp in dps.values():
