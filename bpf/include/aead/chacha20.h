@@ -6,20 +6,19 @@
  * (bench/native_aead.c), so both run the very same algorithm. No BPF helpers here.
  *
  * BPF note: BCC 0.26 emits BPF ISA v1 (no 32-bit ALU), so every 32-bit rotate is
- * mov/shl/and/shr/or (clang folds the zero-extension into the mask of the right shift) where
- * x86 has one `rol`, and the 16 state words meet 10 BPF registers (~70 spill loads/stores per
- * double round). Tried and measured slower here (bench/aead_bench.py, A/B on 1400 B): a 5-insn
- * mask-free rotate in inline asm (-5%), and quarter rounds in pairs as inline asm, which cut
- * the double round from ~360 to ~285 instructions and the spills to ~50, yet ran 8% slower
- * (two quarter rounds in flight instead of clang's four: the add-xor-rotate chain, with its
- * 3-cycle rotate, then bounds the block); and two blocks interleaved (32 words in flight),
- * 9% slower (spills); the rotate's left shift as a multiply (to spare the two shift ports),
- * 6% slower. Unrolling the double-round loop by 2 gained nothing measurable.
- * What ISA v1 itself costs: this file's block function, compiled from BCC's IR with llc
- * -mcpu=v3 (alu32: 32-bit ops that zero-extend, so a rotate is mov/lsh32/rsh32/or) and loaded
- * with bpftool, ran 225 ns/block against 265 for -mcpu=v1 in the same A/B run (native gcc:
- * ~130-145). BCC 0.26 offers no way to pick v3 (its BPF target machine ignores cflags and
- * function target attributes), so the ~16% stays on the table until BCC or the loader changes.
+ * mov/shl/shr/and/or (xfp_chacha_word below) where x86 has one `rol`, and the 16 state words meet
+ * 10 BPF registers (~70 spill loads/stores per double round). Tried and measured slower here
+ * (bench/aead_bench.py, A/B on 1400 B): a 5-insn mask-free rotate in inline asm (-5%), and quarter
+ * rounds in pairs as inline asm, which cut the double round from ~360 to ~285 instructions and the
+ * spills to ~50, yet ran 8% slower (two quarter rounds in flight instead of clang's four: the
+ * add-xor-rotate chain, with its 3-cycle rotate, then bounds the block); and two blocks interleaved
+ * (32 words in flight), 9% slower (spills); the rotate's left shift as a multiply (to spare the two
+ * shift ports), 6% slower. Unrolling the double-round loop by 2 gained nothing measurable. What ISA
+ * v1 itself costs: this file's block function, compiled from BCC's IR with llc -mcpu=v3 (alu32:
+ * 32-bit ops that zero-extend, so a rotate is mov/lsh32/rsh32/or) and loaded with bpftool, ran 225
+ * ns/block against 265 for -mcpu=v1 in the same A/B run (native gcc: ~130-145). BCC 0.26 offers no
+ * way to pick v3 (its BPF target machine ignores cflags and function target attributes), so the
+ * ~16% stays on the table until BCC or the loader changes.
  */
 #ifndef XFP_CHACHA20_H
 #define XFP_CHACHA20_H
@@ -45,7 +44,23 @@ typedef uint64_t __u64;
 #define XFP_CHACHA_C2 0x79622d32U
 #define XFP_CHACHA_C3 0x6b206574U
 
+/*
+ * A state word while the rounds run. Native: a __u32 (gcc emits one `rol` per rotate).
+ * BPF ISA v1 has only 64-bit ALU ops, so a __u32 rotate becomes mov, shl, ld_imm64 of the
+ * zero-extension mask (0xffff0000 and the like do not fit a sign-extended imm32), and, shr,
+ * or: 6 instructions and a register for the mask. Held in a __u64 whose bits above 31 are
+ * don't-care instead: adds and xors leave bits 0..31 exact (carries only move up), the left
+ * shift only moves bits up, and the right shift's result is masked to its n valid bits with
+ * a small immediate ((1 << n) - 1 fits imm32): mov, shl, shr, and, or, no mask register.
+ * Only the final "+ in" (RFC 8439 §2.3.1) truncates to 32 bits.
+ */
+#ifdef XFP_NATIVE
+typedef __u32 xfp_chacha_word;
 #define XFP_ROTL32(v, n) (((v) << (n)) | ((v) >> (32 - (n))))
+#else
+typedef __u64 xfp_chacha_word;
+#define XFP_ROTL32(v, n) (((v) << (n)) | (((v) >> (32 - (n))) & ((1ULL << (n)) - 1)))
+#endif
 
 /* RFC 8439 §2.1 quarter round on four state words (plain statements, no control flow). */
 #define XFP_CHACHA_QR(a, b, c, d)                                                                  \
@@ -77,10 +92,10 @@ union xfp_chacha_block {
  */
 static __always_inline void xfp_chacha20_block(union xfp_chacha_block *out, const __u32 *in)
 {
-	__u32 x0 = in[0], x1 = in[1], x2 = in[2], x3 = in[3];
-	__u32 x4 = in[4], x5 = in[5], x6 = in[6], x7 = in[7];
-	__u32 x8 = in[8], x9 = in[9], x10 = in[10], x11 = in[11];
-	__u32 x12 = in[12], x13 = in[13], x14 = in[14], x15 = in[15];
+	xfp_chacha_word x0 = in[0], x1 = in[1], x2 = in[2], x3 = in[3];
+	xfp_chacha_word x4 = in[4], x5 = in[5], x6 = in[6], x7 = in[7];
+	xfp_chacha_word x8 = in[8], x9 = in[9], x10 = in[10], x11 = in[11];
+	xfp_chacha_word x12 = in[12], x13 = in[13], x14 = in[14], x15 = in[15];
 
 	/* 10 double rounds: a column round then a diagonal round (RFC 8439 §2.3). Kept as a
 	 * loop: unrolled, each inlined block is ~2.5k BPF instructions and a program with a few
@@ -96,22 +111,22 @@ static __always_inline void xfp_chacha20_block(union xfp_chacha_block *out, cons
 		XFP_CHACHA_QR(x2, x7, x8, x13);
 		XFP_CHACHA_QR(x3, x4, x9, x14);
 	}
-	out->w[0] = x0 + in[0];
-	out->w[1] = x1 + in[1];
-	out->w[2] = x2 + in[2];
-	out->w[3] = x3 + in[3];
-	out->w[4] = x4 + in[4];
-	out->w[5] = x5 + in[5];
-	out->w[6] = x6 + in[6];
-	out->w[7] = x7 + in[7];
-	out->w[8] = x8 + in[8];
-	out->w[9] = x9 + in[9];
-	out->w[10] = x10 + in[10];
-	out->w[11] = x11 + in[11];
-	out->w[12] = x12 + in[12];
-	out->w[13] = x13 + in[13];
-	out->w[14] = x14 + in[14];
-	out->w[15] = x15 + in[15];
+	out->w[0] = (__u32)(x0 + in[0]);
+	out->w[1] = (__u32)(x1 + in[1]);
+	out->w[2] = (__u32)(x2 + in[2]);
+	out->w[3] = (__u32)(x3 + in[3]);
+	out->w[4] = (__u32)(x4 + in[4]);
+	out->w[5] = (__u32)(x5 + in[5]);
+	out->w[6] = (__u32)(x6 + in[6]);
+	out->w[7] = (__u32)(x7 + in[7]);
+	out->w[8] = (__u32)(x8 + in[8]);
+	out->w[9] = (__u32)(x9 + in[9]);
+	out->w[10] = (__u32)(x10 + in[10]);
+	out->w[11] = (__u32)(x11 + in[11]);
+	out->w[12] = (__u32)(x12 + in[12]);
+	out->w[13] = (__u32)(x13 + in[13]);
+	out->w[14] = (__u32)(x14 + in[14]);
+	out->w[15] = (__u32)(x15 + in[15]);
 }
 
 /*
