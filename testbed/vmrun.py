@@ -346,7 +346,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(where="auto")
     p.add_argument("--cpus", type=int, default=2, help="guest vCPUs (default 2)")
     p.add_argument("--memory", default="2G", help="guest memory (default 2G)")
-    p.add_argument("--timeout", type=float, default=4500, help="bound on the whole VM run, seconds")
+    p.add_argument("--timeout", type=float, default=4800, help="bound on the whole VM run, seconds")
     p.add_argument("--icount", action="store_true", help="measure: qemu " + " ".join(ICOUNT_OPTS)
                    + " (guest CPU time = instructions; the VM only)")  # fmt: skip
     sub = p.add_subparsers(dest="cmd", required=True)
