@@ -174,12 +174,7 @@ class Offload:
         off = OffloadedSa(sa, st.alloc_sa_id(), Direction.ENCAP, hard_deadline(sa, now))
         self._make_context(off)
         entry = OutboundSa(
-            sa_id=off.sa_id,
-            spi=sa.spi,
-            saddr=str(sa.src),
-            daddr=str(sa.dst),
-            key=b"" if off.kc_id is not None else sa.key.reveal(),
-            kc_id=off.kc_id,
+            **_entry_identity(off),
             egress_ifindex=out_ifindex,
             dmac=dmac,
             smac=smac,
@@ -231,12 +226,7 @@ class Offload:
         off = OffloadedSa(sa, st.alloc_sa_id(), Direction.DECAP, hard_deadline(sa, now))
         self._make_context(off)
         entry = InboundSa(
-            sa_id=off.sa_id,
-            spi=sa.spi,
-            saddr=str(sa.src),
-            daddr=str(sa.dst),
-            key=b"" if off.kc_id is not None else sa.key.reveal(),
-            kc_id=off.kc_id,
+            **_entry_identity(off),
             replay_window=min(max(sa.replay_window, 32), defs.REPLAY_MAX_WINDOW)
             if sa.replay_window
             else 0,
@@ -427,3 +417,17 @@ class Offload:
             log.info("SA 0x%08x: replay window handed back at %d", off.sa.spi, r.seq64)
         except Exception as e:
             log.error("SA 0x%08x: handing the replay window back failed: %s", off.sa.spi, e)
+
+
+def _entry_identity(off: OffloadedSa) -> dict[str, object]:
+    """What an SA entry says about the SA itself, either direction: its id, SPI, addresses,
+    and its key, or the xfp_crypto context holding it (the key then stays out of the map)."""
+    sa = off.sa
+    return {
+        "sa_id": off.sa_id,
+        "spi": sa.spi,
+        "saddr": str(sa.src),
+        "daddr": str(sa.dst),
+        "key": b"" if off.kc_id is not None else sa.key.reveal(),
+        "kc_id": off.kc_id,
+    }
