@@ -47,6 +47,10 @@
 #define XFP_ESP_ALIGN 4	   /* esp4.c: blksize = ALIGN(crypto_aead_blocksize = 1, 4) */
 #define XFP_ENCAP_HEAD (20 + XFP_ESP_HDR_LEN + XFP_ESP_IV_LEN) /* outer IPv4 + ESP + IV: 36 */
 
+/* ---- NAT-T (RFC 3948) ------------------------------------------------------------------- */
+#define XFP_UDP_LEN 8	   /* the UDP header in front of ESP: the overhead of NAT-T */
+#define XFP_NATT_PORT 4500 /* RFC 3948 section 2: IKE and ESP-in-UDP share it (RFC 7296 2.23) */
+
 /* ---- directions and reasons: the per-CPU counters are indexed by dir * XFP_R_MAX + reason */
 enum xfp_dir {
 	XFP_DIR_ENCAP = 0, /* clear in on the LAN side, ESP out on the WAN side */
@@ -63,7 +67,7 @@ enum xfp_reason {
 	XFP_R_PASS_MALFORMED_IP = 3, /* IPv4 header, length or checksum bad: the kernel judges */
 	XFP_R_PASS_IP_OPTIONS = 4,   /* ihl != 5 (outer, or inner at decap) */
 	XFP_R_PASS_FRAGMENT = 5,     /* MF set or fragment offset != 0 */
-	XFP_R_PASS_NOT_ESP = 6,	     /* decap side: IP protocol is not 50 (incl. NAT-T UDP) */
+	XFP_R_PASS_NOT_ESP = 6,	     /* decap: neither ESP nor ESP-in-UDP of a NAT-T SA */
 	XFP_R_PASS_UNKNOWN_FLOW = 7, /* encap: no flow entry for the inner 5-tuple */
 	XFP_R_PASS_UNKNOWN_SPI = 8,  /* decap: no inbound SA for (SPI, outer daddr) */
 	XFP_R_PASS_NO_SA = 9,	     /* encap: the flow names an SA id with no entry */
@@ -88,7 +92,13 @@ enum xfp_reason {
 	/* -DXFP_KCRYPTO: the xfp_crypto kfunc refused (no SIMD right now, multi-buffer frame, no
 	 * context, bounds; bpf/include/kcrypto_defs.h): the frame goes to the kernel as it came */
 	XFP_R_PASS_KCRYPTO = 27,
-	XFP_R_MAX = 28,
+	/* NAT-T (RFC 3948 section 2.2-2.3), decap: UDP to XFP_NATT_PORT carrying IKE (the 4 zero
+	 * bytes of the non-ESP marker) or a NAT keepalive (one 0xFF byte): the kernel's */
+	XFP_R_PASS_NATT_CTRL = 28,
+	/* NAT-T, decap: ESP-in-UDP of a known SA from another peer address or UDP port than the
+	 * SA's encap says: the kernel sees the new mapping (XFRM_MSG_MAPPING, esp4.c) */
+	XFP_R_PASS_NATT_MAPPING = 29,
+	XFP_R_MAX = 30,
 };
 
 /* What the TC egress resequencer (bpf/tc_reseq.c) did with a kernel-built ESP frame of an
@@ -151,6 +161,10 @@ struct xfp_flow_val {
  * salt are zero here (the key lives in the module only). Programs built with -DXFP_KCRYPTO
  * punt an SA without it (XFP_R_PASS_SA_NOT_OFFLOADED); the BPF AEAD build never sees it set. */
 #define XFP_SA_F_KCRYPTO 0x20
+/* RFC 3948 UDP encapsulation (the SA's XFRMA_ENCAP, UDP_ENCAP_ESPINUDP): ESP after a UDP header
+ * with the ports encap_sport/encap_dport (as the kernel's struct xfrm_encap_tmpl: outbound
+ * sport ours and dport the peer's; inbound sport the peer's and dport ours). */
+#define XFP_SA_F_ESPINUDP 0x40
 
 struct xfp_sa_out {
 	struct bpf_spin_lock lock; /* guards seq, packets, bytes (the datapath's; user space
@@ -174,8 +188,9 @@ struct xfp_sa_out {
 	__u8 pad0;
 	__u8 dmac[6]; /* outer next hop */
 	__u8 smac[6];
-	__u32 kc_id; /* XFP_SA_F_KCRYPTO: the xfp_crypto context that seals */
-	__u32 pad1;  /* always 0 */
+	__u32 kc_id;	   /* XFP_SA_F_KCRYPTO: the xfp_crypto context that seals */
+	__u16 encap_sport; /* be: XFP_SA_F_ESPINUDP: UDP source port (ours) */
+	__u16 encap_dport; /* be: XFP_SA_F_ESPINUDP: UDP destination port (the peer's) */
 };
 
 /* ---- inbound SAs (key: struct xfp_sa_in_key) ---------------------------------------------- */
@@ -202,7 +217,8 @@ struct xfp_sa_in {
 	__u64 icv_fails;
 	__u64 bitmap[XFP_REPLAY_WORDS]; /* bit (s & 63) of word (s >> 6) % WORDS: seq s seen */
 	__u32 kc_id;			/* XFP_SA_F_KCRYPTO: the xfp_crypto context that opens */
-	__u32 pad1;			/* always 0 */
+	__u16 encap_sport; /* be: XFP_SA_F_ESPINUDP: UDP source port (the peer's, behind its NAT) */
+	__u16 encap_dport; /* be: XFP_SA_F_ESPINUDP: UDP destination port (ours) */
 };
 
 #endif /* XFP_DEFS_H */

@@ -37,6 +37,10 @@ ESP_ICV_LEN = 16
 ESP_ALIGN = 4
 ENCAP_HEAD = 20 + ESP_HDR_LEN + ESP_IV_LEN
 
+# ---- NAT-T (RFC 3948) ------------------------------------------------------------------------
+UDP_LEN = 8  # the UDP header in front of ESP
+NATT_PORT = 4500
+
 # ---- flags -----------------------------------------------------------------------------------
 FLOW_F_ACTIVE = 0x1
 
@@ -46,6 +50,7 @@ SA_F_NOECN = 0x4
 SA_F_NOPMTUDISC = 0x8
 SA_F_DONT_ENCAP_DSCP = 0x10
 SA_F_KCRYPTO = 0x20  # the AEAD is the xfp_crypto context kc_id; key and salt zero
+SA_F_ESPINUDP = 0x40  # RFC 3948: ESP in UDP with the ports encap_sport/encap_dport
 
 
 # enum xfp_dir is controller.core.state.Direction (ENCAP, DECAP): one direction type for the
@@ -86,7 +91,9 @@ class Reason(enum.IntEnum):
     DROP_ERROR = 25
     PASS_LIVENESS = 26
     PASS_KCRYPTO = 27
-    MAX = 28
+    PASS_NATT_CTRL = 28
+    PASS_NATT_MAPPING = 29
+    MAX = 30
 
 
 class ReseqStat(enum.IntEnum):
@@ -211,7 +218,7 @@ class SaOut(ctypes.Structure):
         __u64 seq; __u64 seq_limit; __u64 iv_mask; __u64 deadline_ns;
         __u64 packets; __u64 bytes;
         __u16 mtu; __u8 ttl; __u8 pad0; __u8 dmac[6]; __u8 smac[6];
-        __u32 kc_id; __u32 pad1;
+        __u32 kc_id; __u16 encap_sport /* be */; __u16 encap_dport /* be */;
     };"""
 
     _fields_ = [
@@ -236,7 +243,8 @@ class SaOut(ctypes.Structure):
         ("dmac", Mac),
         ("smac", Mac),
         ("kc_id", ctypes.c_uint32),
-        ("pad1", ctypes.c_uint32),
+        ("encap_sport", ctypes.c_uint16),
+        ("encap_dport", ctypes.c_uint16),
     ]
 
 
@@ -253,7 +261,7 @@ class SaIn(ctypes.Structure):
         __u8 key[32]; __u8 salt[4]; __u32 replay_window;
         __u64 deadline_ns; __u64 seq_top; __u64 packets; __u64 bytes;
         __u64 replay_drops; __u64 icv_fails; __u64 bitmap[XFP_REPLAY_WORDS];
-        __u32 kc_id; __u32 pad1;
+        __u32 kc_id; __u16 encap_sport /* be */; __u16 encap_dport /* be */;
     };"""
 
     _fields_ = [
@@ -274,7 +282,8 @@ class SaIn(ctypes.Structure):
         ("icv_fails", ctypes.c_uint64),
         ("bitmap", ctypes.c_uint64 * REPLAY_WORDS),
         ("kc_id", ctypes.c_uint32),
-        ("pad1", ctypes.c_uint32),
+        ("encap_sport", ctypes.c_uint16),
+        ("encap_dport", ctypes.c_uint16),
     ]
 
 
@@ -318,6 +327,9 @@ CONSTANTS: dict[str, int] = {
     "XFP_SA_F_NOPMTUDISC": SA_F_NOPMTUDISC,
     "XFP_SA_F_DONT_ENCAP_DSCP": SA_F_DONT_ENCAP_DSCP,
     "XFP_SA_F_KCRYPTO": SA_F_KCRYPTO,
+    "XFP_SA_F_ESPINUDP": SA_F_ESPINUDP,
+    "XFP_UDP_LEN": UDP_LEN,
+    "XFP_NATT_PORT": NATT_PORT,
     "XFP_DIR_MAX": DIR_MAX,
     **learn_abi.CONSTANTS,
     **kcrypto_abi.CONSTANTS,

@@ -49,6 +49,9 @@ class OutboundSa:
     # Kernel crypto backend: the xfp_crypto context that seals (SA_F_KCRYPTO); `key` is then
     # empty and the entry's key and salt stay zero, the key lives in the module only.
     kc_id: int | None = None
+    # RFC 3948 NAT-T: (source, destination) UDP ports, host order, as the SA's XFRMA_ENCAP
+    # (ours, the peer's); None: plain ESP.
+    encap_ports: tuple[int, int] | None = None
 
     def to_c(self) -> SaOut:
         _check_key(self.key, self.kc_id)
@@ -63,6 +66,7 @@ class OutboundSa:
             | self.extra_flags
         )
         _put_key(c, self.key, self.kc_id)
+        _put_encap(c, self.encap_ports)
         c.egress_ifindex = self.egress_ifindex
         c.seq = self.seq
         c.seq_limit = self.seq_limit
@@ -94,6 +98,8 @@ class InboundSa:
     offload: bool = True
     extra_flags: int = 0  # defs.SA_F_NOECN
     kc_id: int | None = None  # as OutboundSa.kc_id: the context that opens
+    # NAT-T: (source, destination) UDP ports as the SA's XFRMA_ENCAP (the peer's, ours).
+    encap_ports: tuple[int, int] | None = None
 
     def c_key(self) -> SaInKey:
         return SaInKey(spi=defs.be32(self.spi), daddr=defs.be32(self.daddr))
@@ -115,6 +121,7 @@ class InboundSa:
             | self.extra_flags
         )
         _put_key(c, self.key, self.kc_id)
+        _put_encap(c, self.encap_ports)
         c.replay_window = self.replay_window
         c.deadline_ns = self.deadline_ns
         c.seq_top = self.seq_top
@@ -140,6 +147,18 @@ def _put_key(c: SaOut | SaIn, key: bytes, kc_id: int | None) -> None:
         return
     ctypes.memmove(c.key, key[:32], 32)
     ctypes.memmove(c.salt, key[32:], 4)
+
+
+def _put_encap(c: SaOut | SaIn, ports: tuple[int, int] | None) -> None:
+    """RFC 3948 UDP encapsulation: SA_F_ESPINUDP and the ports (fields marked "be")."""
+    if ports is None:
+        return
+    sport, dport = ports
+    if not (0 < sport < 65536 and 0 < dport < 65536):
+        raise ValueError(f"NAT-T ports {sport}, {dport} not in 1..65535")
+    c.flags |= defs.SA_F_ESPINUDP
+    c.encap_sport = defs.be16(sport)
+    c.encap_dport = defs.be16(dport)
 
 
 def flow_key(
