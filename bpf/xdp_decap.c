@@ -10,10 +10,18 @@
  * Input frame:
  *   eth(14) | outer IPv4(20) | SPI, seq(8) | IV(8) | inner IPv4 | pad | pad len | nh | ICV(16)
  *                                                  ^ XFP_DEC_OFF (50)
+ *
+ * NAT-T (RFC 3948): UDP in front of ESP moves everything from the SPI on by 8 (hoff below).
+ * UDP to XFP_NATT_PORT that carries IKE (non-ESP marker) or a NAT keepalive is the kernel's,
+ * untouched; ESP-in-UDP is decapsulated only for an SA with XFP_SA_F_ESPINUDP whose ports and
+ * peer address it matches (anything else the kernel sees, and reports a new mapping for). The
+ * UDP checksum is not checked: RFC 3948 section 3.1.2 lets the receiver skip it, and the ESP
+ * ICV covers all that follows it.
  */
 #define XFP_MAPS_DATAPATH
 #define XFP_MAPS_AEAD
 #include <uapi/linux/bpf.h>
+#include <uapi/linux/udp.h>
 #include "maps.h"
 #include "pkt/parsing.h"
 #include "pkt/csum.h"
@@ -116,6 +124,26 @@ static __always_inline int decap_trailer(struct xdp_md *ctx, __u32 off, __u32 cl
 	return padlen;
 }
 
+/* RFC 3948 section 2: what UDP to the NAT-T port carries, judged by its first payload bytes
+ * (udp points at the UDP header, whose payload of ulen bytes lies in the frame up to end):
+ * 0 for ESP (at least an SPI and sequence number), XFP_R_PASS_NATT_CTRL for a NAT keepalive
+ * (one 0xFF byte, section 2.3) or IKE (the 4-byte non-ESP marker, zero, section 2.2), and
+ * XFP_R_PASS_NOT_ESP for anything else that is too short to be ESP (the kernel's UDP socket
+ * gets it, as xfrm4_udp_encap_rcv() decides). */
+static __always_inline int decap_natt_kind(const __u8 *udp, const void *end, __u32 ulen)
+{
+	const __u8 *p = udp + XFP_UDP_LEN;
+
+	if (ulen == 1 && (const void *)(p + 1) <= end && p[0] == 0xff)
+		return XFP_R_PASS_NATT_CTRL;
+	if (ulen >= 4 && (const void *)(p + 4) <= end && *(const __u32 *)p == 0)
+		return XFP_R_PASS_NATT_CTRL;
+	/* xfrm4_udp_encap_rcv(): ESP only when longer than the ESP header */
+	if (ulen <= XFP_ESP_HDR_LEN || (const void *)(p + XFP_ESP_HDR_LEN) > end)
+		return XFP_R_PASS_NOT_ESP;
+	return 0;
+}
+
 /* The packet's 64-bit sequence number into *seq, and 1 when the window says it is a replay
  * (counted). Reads the window only: it moves after authentication, under the lock again. */
 static __always_inline int decap_replay_peek(struct xfp_sa_in *sa, __u32 wire_seq, __u64 *seq)
@@ -145,38 +173,76 @@ int xdp_decap(struct xdp_md *ctx)
 	struct iphdr *iph;
 	struct ethhdr *eth;
 	struct xfp_esp_hdr *esp;
+	struct udphdr *uh = 0;
 	__u8 aad[12] __attribute__((aligned(4)));
 	__u8 iv[8] __attribute__((aligned(8)));
 	__u8 blk[64] __attribute__((aligned(8)));
-	__u32 olen, clen, itot, padlen, aad_len, extra;
+	__u32 olen, clen, itot, padlen, aad_len, extra, hoff = 0, ulen, wire_seq;
 	__u16 old0, old4, new0, new4, check;
 	__u8 outer_tos;
 	__u64 seq, now;
-	int r, tos, tlen;
+	int r, tos, tlen, mapping = 0;
 	int opened = 0; /* kernel crypto: the payload is clear in place; re-sealed before a pass */
 
 	r = xfp_parse_eth_ipv4(data, data_end, &iph);
 	if (r)
 		goto pass;
-	if (iph->protocol != IPPROTO_ESP) {
+	olen = xfp_ntohs(iph->tot_len);
+	if (iph->protocol == IPPROTO_UDP) {
+		/* NAT-T (RFC 3948): UDP whose length is the IPv4 payload's, then ESP */
+		uh = (void *)(iph + 1);
+		if ((void *)(uh + 1) > data_end || olen < XFP_IP_LEN + XFP_UDP_LEN) {
+			r = XFP_R_PASS_MALFORMED_IP;
+			goto pass;
+		}
+		ulen = xfp_ntohs(uh->len);
+		if (ulen != olen - XFP_IP_LEN) {
+			r = XFP_R_PASS_MALFORMED_IP; /* the kernel's UDP judges */
+			goto pass;
+		}
+		ulen -= XFP_UDP_LEN;
+		if (uh->dest == xfp_htons(XFP_NATT_PORT)) {
+			r = decap_natt_kind((__u8 *)uh, data_end, ulen);
+			if (r)
+				goto pass;
+		}
+		hoff = XFP_UDP_LEN;
+	} else if (iph->protocol != IPPROTO_ESP) {
 		r = XFP_R_PASS_NOT_ESP;
 		goto pass;
 	}
-	olen = xfp_ntohs(iph->tot_len);
 	esp = (void *)(iph + 1);
-	if (olen < XFP_ENCAP_HEAD || (void *)(esp + 1) > data_end) {
-		r = XFP_R_PASS_MALFORMED_IP; /* not even an SPI: the kernel judges */
+	if (hoff)
+		esp = (void *)(uh + 1);
+	if (olen < XFP_ENCAP_HEAD + hoff || (void *)(esp + 1) > data_end) {
+		/* not even an SPI: the kernel judges (UDP: not ESP-in-UDP then) */
+		r = hoff ? XFP_R_PASS_NOT_ESP : XFP_R_PASS_MALFORMED_IP;
 		goto pass;
 	}
 	if (XFP_STOP_AT == XFP_DEC_STAGE_PARSE)
 		return XDP_DROP;
+	/* Copied out, so that the two header layouts (ESP, ESP-in-UDP) meet again in one
+	 * verifier state: nothing below reads the packet through esp. */
 	sk.spi = esp->spi;
+	wire_seq = esp->seq;
+	__builtin_memcpy(iv, esp->iv, 8);
 	sk.daddr = iph->daddr;
 	sa = xfp_sa_in.lookup(&sk);
 	if (!sa) {
-		r = XFP_R_PASS_UNKNOWN_SPI;
+		/* UDP to another port with no SA: ordinary UDP, not ours */
+		r = (hoff && uh->dest != xfp_htons(XFP_NATT_PORT)) ? XFP_R_PASS_NOT_ESP
+								   : XFP_R_PASS_UNKNOWN_SPI;
 		goto pass;
 	}
+	/* NAT-T: the frame's encapsulation must be the SA's, and come from the peer address and
+	 * port the SA names (esp4.c's esp_input_done2() reports any other as a new mapping,
+	 * XFRM_MSG_MAPPING, which it can only do for packets it sees). Plain ESP of a NAT-T SA,
+	 * or ESP-in-UDP of a plain one, is the kernel's to judge as well. */
+	if (sa->flags & XFP_SA_F_ESPINUDP)
+		mapping = !hoff || uh->source != sa->encap_sport || uh->dest != sa->encap_dport ||
+			  iph->saddr != sa->saddr;
+	else
+		mapping = hoff != 0;
 	if (!(sa->flags & XFP_SA_F_OFFLOAD) || XFP_KC_UNSERVED_IN(sa)) {
 		r = XFP_R_PASS_SA_NOT_OFFLOADED;
 		goto pass;
@@ -189,27 +255,36 @@ int xdp_decap(struct xdp_md *ctx)
 		 * back), but the kernel's replay window has not seen what XDP accepted: a replay
 		 * of such a packet is still dropped here. The check only reads the window:
 		 * nothing unauthenticated may move it, and the kernel judges the rest. */
-		if (decap_replay_peek(sa, esp->seq, &seq)) {
+		if (decap_replay_peek(sa, wire_seq, &seq)) {
 			r = XFP_R_DROP_REPLAY;
 			goto drop;
 		}
 		r = XFP_R_PASS_SA_EXPIRED;
 		goto pass;
 	}
+	if (mapping) {
+		/* The kernel's path, but (as for an expired SA) not for a replay of what XDP
+		 * accepted: its window never saw those. */
+		if (decap_replay_peek(sa, wire_seq, &seq)) {
+			r = XFP_R_DROP_REPLAY;
+			goto drop;
+		}
+		r = XFP_R_PASS_NATT_MAPPING;
+		goto pass;
+	}
 	if (XFP_STOP_AT == XFP_DEC_STAGE_SA)
 		return XDP_DROP;
 	/* Tunnel mode carries at least an inner IPv4 header and the 2-byte trailer. */
-	if (olen < XFP_ENCAP_HEAD + XFP_IP_LEN + 2 + XFP_ESP_ICV_LEN) {
+	if (olen < XFP_ENCAP_HEAD + hoff + XFP_IP_LEN + 2 + XFP_ESP_ICV_LEN) {
 		r = XFP_R_DROP_MALFORMED_ESP;
 		goto drop;
 	}
-	clen = olen - XFP_ENCAP_HEAD - XFP_ESP_ICV_LEN;
+	clen = olen - XFP_ENCAP_HEAD - hoff - XFP_ESP_ICV_LEN;
 	outer_tos = iph->tos;
-	__builtin_memcpy(iv, esp->iv, 8);
 
 	/* Anti-replay before the (costly) ICV check, as RFC 4303 section 3.4.3 suggests; again
 	 * after it, under the lock, before the window moves. */
-	if (decap_replay_peek(sa, esp->seq, &seq)) {
+	if (decap_replay_peek(sa, wire_seq, &seq)) {
 		r = XFP_R_DROP_REPLAY;
 		goto drop;
 	}
@@ -219,7 +294,7 @@ int xdp_decap(struct xdp_md *ctx)
 	/* Kernel crypto opens (verifies and decrypts) in one call. A refusal leaves the payload
 	 * as it came (no SIMD right now, multi-buffer frame, no context): the kernel's. */
 	if (XFP_KC_IN(sa)) {
-		r = xfp_kc_xdp_open(ctx, sa->kc_id, XFP_KC_ESP_OFF, clen, seq >> 32);
+		r = xfp_kc_xdp_open(ctx, sa->kc_id, XFP_KC_ESP_OFF + hoff, clen, seq >> 32);
 		if (r == XFP_KCR_BAD_TAG) {
 			__sync_fetch_and_add(&sa->icv_fails, 1);
 			r = XFP_R_DROP_BAD_ICV;
@@ -230,7 +305,7 @@ int xdp_decap(struct xdp_md *ctx)
 			goto pass;
 		}
 		opened = 1;
-	} else if (xfp_aead_verify(ctx, XFP_DEC_OFF, clen, XFP_DEC_OFF + clen,
+	} else if (xfp_aead_verify(ctx, XFP_DEC_OFF + hoff, clen, XFP_DEC_OFF + hoff + clen,
 				   (const struct xfp_aead_key *)sa->key, iv, aad, aad_len)) {
 		__sync_fetch_and_add(&sa->icv_fails, 1);
 		r = XFP_R_DROP_BAD_ICV;
@@ -265,13 +340,13 @@ int xdp_decap(struct xdp_md *ctx)
 		 * follows, so 38 bytes are always there, 64 from clen 48 (xfp_l4_ports reads no
 		 * further than itot, which is below clen). */
 		__builtin_memset(blk, 0, sizeof(blk));
-		if (clen >= 48 ? bpf_xdp_load_bytes(ctx, XFP_DEC_OFF, blk, 64)
-			       : bpf_xdp_load_bytes(ctx, XFP_DEC_OFF, blk, 38)) {
+		if (clen >= 48 ? bpf_xdp_load_bytes(ctx, XFP_DEC_OFF + hoff, blk, 64)
+			       : bpf_xdp_load_bytes(ctx, XFP_DEC_OFF + hoff, blk, 38)) {
 			r = XFP_R_DROP_ERROR;
 			goto drop;
 		}
-	} else if (xfp_aead_peek(ctx, XFP_DEC_OFF, clen, (const struct xfp_aead_key *)sa->key, iv,
-				 blk)) {
+	} else if (xfp_aead_peek(ctx, XFP_DEC_OFF + hoff, clen,
+				 (const struct xfp_aead_key *)sa->key, iv, blk)) {
 		r = XFP_R_DROP_ERROR;
 		goto drop;
 	}
@@ -360,7 +435,7 @@ int xdp_decap(struct xdp_md *ctx)
 		return XDP_DROP;
 	/* RFC 4303 sections 2.4-2.6: ... pad | pad length | next header, and the pad must make up
 	 * exactly what the inner IPv4 total length leaves over. */
-	tlen = decap_trailer(ctx, XFP_DEC_OFF, clen);
+	tlen = decap_trailer(ctx, XFP_DEC_OFF + hoff, clen);
 	if (tlen == -2) {
 		r = XFP_R_DROP_ERROR;
 		goto drop;
@@ -372,13 +447,22 @@ int xdp_decap(struct xdp_md *ctx)
 	padlen = tlen;
 	if (XFP_STOP_AT == XFP_DEC_STAGE_TRAILER)
 		return XDP_DROP;
-	data = (void *)(long)ctx->data;
-	data_end = (void *)(long)ctx->data_end;
-	if (data + XFP_DEC_OFF + XFP_IP_LEN > data_end) {
+	/* The outer headers (and NAT-T's UDP) and the trailer are cut off first, so that the
+	 * inner header lies at a fixed offset whatever hoff was; a check failing below drops
+	 * the frame all the same. */
+	extra = frame_len - XFP_ETH_LEN - olen; /* Ethernet padding behind the outer packet */
+	if (bpf_xdp_adjust_head(ctx, (int)(XFP_ENCAP_HEAD + hoff)) ||
+	    bpf_xdp_adjust_tail(ctx, -(int)(padlen + 2 + XFP_ESP_ICV_LEN + extra))) {
 		r = XFP_R_DROP_ERROR;
 		goto drop;
 	}
-	iph = data + XFP_DEC_OFF;
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	if (data + XFP_ETH_LEN + XFP_IP_LEN > data_end) {
+		r = XFP_R_DROP_ERROR;
+		goto drop;
+	}
+	iph = data + XFP_ETH_LEN;
 	/* The decrypted header must be the one we peeked at, and a valid one. */
 	if (xfp_ipv4_csum(iph) != 0 || iph->version != 4 || iph->ihl != 5 ||
 	    xfp_ntohs(iph->tot_len) != itot) {
@@ -396,18 +480,11 @@ int xdp_decap(struct xdp_md *ctx)
 	check = xfp_csum_replace2(iph->check, old0, new0);
 	iph->check = xfp_csum_replace2(check, old4, new4);
 
-	/* The new Ethernet header goes right in front of the inner packet, then the outer
-	 * headers and the trailer are cut off. */
-	eth = data + XFP_ENCAP_HEAD;
+	/* The new Ethernet header right in front of the inner packet. */
+	eth = data;
 	__builtin_memcpy(eth->h_dest, fv->dmac, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, fv->smac, ETH_ALEN);
 	eth->h_proto = xfp_htons(ETH_P_IP);
-	extra = frame_len - XFP_ETH_LEN - olen; /* Ethernet padding behind the outer packet */
-	if (bpf_xdp_adjust_head(ctx, (int)XFP_ENCAP_HEAD) ||
-	    bpf_xdp_adjust_tail(ctx, -(int)(padlen + 2 + XFP_ESP_ICV_LEN + extra))) {
-		r = XFP_R_DROP_ERROR;
-		goto drop;
-	}
 	if (XFP_STOP_AT == XFP_DEC_STAGE_HDR)
 		return XDP_DROP;
 
@@ -422,7 +499,7 @@ pass:
 	/* Opened by the kernel crypto but not forwarded: seal it again. Same key, nonce, AAD and
 	 * plaintext give the same ciphertext and ICV (RFC 7634 section 2, RFC 4106 section 3), so
 	 * the kernel gets the frame byte for byte as it came. */
-	if (opened && xfp_kc_xdp_seal(ctx, sa->kc_id, XFP_KC_ESP_OFF, clen, seq >> 32)) {
+	if (opened && xfp_kc_xdp_seal(ctx, sa->kc_id, XFP_KC_ESP_OFF + hoff, clen, seq >> 32)) {
 		r = XFP_R_DROP_ERROR;
 		goto drop;
 	}

@@ -7,6 +7,10 @@
  * Output frame, built in place (the inner packet does not move):
  *   eth(14) | outer IPv4(20) | SPI, seq(8) | IV(8) | inner IPv4 | pad 1,2,.. | pad len | 4 |
  * ICV(16) ^ data (after adjust_head(-36))                 ^ XFP_ENC_OFF (50): encrypted from here
+ *
+ * An SA with UDP encapsulation (NAT-T, RFC 3948 section 2.1, XFP_SA_F_ESPINUDP) puts a UDP
+ * header with the SA's ports and checksum 0 between the outer IPv4 header and ESP: everything
+ * from the ESP header on lies XFP_UDP_LEN (8) further (hoff below), the outer protocol is UDP.
  */
 #define XFP_MAPS_DATAPATH
 #define XFP_MAPS_AEAD
@@ -63,6 +67,15 @@ static __always_inline int encap_flow_key(struct iphdr *iph, void *data_end,
 	return xfp_l4_ports(iph->protocol, l4, data_end, avail, fk);
 }
 
+/* The UDP header of RFC 3948 section 2.1 in front of ESP: the SA's ports, length udp_len,
+ * checksum 0 ("SHOULD be transmitted as a zero value"), as the kernel's esp4.c sends it. */
+struct encap_udp {
+	__u16 source; /* be */
+	__u16 dest;   /* be */
+	__u16 len;    /* be */
+	__u16 check;
+};
+
 /* n bytes from packet offset src to dst through buf; n must be a constant after inlining. */
 static __always_inline int encap_copy(struct xdp_md *ctx, __u32 src, __u32 dst, __u8 *buf, __u32 n)
 {
@@ -118,13 +131,14 @@ int xdp_encap(struct xdp_md *ctx)
 	__u64 *wd, *lv __attribute__((unused));
 	struct iphdr *iph, *outer;
 	struct ethhdr *eth;
-	struct xfp_esp_hdr *esp;
+	struct xfp_esp_hdr esp;
+	struct encap_udp uh;
 	__u8 aad[12] __attribute__((aligned(4)));
 	__u8 iv[8] __attribute__((aligned(8)));
-	__u32 sa_id, ilen, plen, clen, olen, aad_len, extra, mtu, egress;
+	__u32 sa_id, ilen, plen, clen, olen, aad_len, extra, mtu, egress, hoff, head;
 	__u8 dmac[ETH_ALEN], smac[ETH_ALEN];
 	__u64 seq, now, trailer;
-	__u16 df, old_ttl_word;
+	__u16 df, ttl_word[2];
 	__u8 tos, ttl;
 	int r, tail;
 
@@ -181,7 +195,12 @@ int xdp_encap(struct xdp_md *ctx)
 	ilen = xfp_ntohs(iph->tot_len);
 	plen = xfp_esp_padlen(ilen);
 	clen = ilen + plen + 2;
-	olen = XFP_ENCAP_HEAD + clen + XFP_ESP_ICV_LEN;
+	/* NAT-T: the UDP header moves ESP and everything behind it by 8 (0 or 8, as a mask, so
+	 * that the verifier sees the range). */
+	hoff = (sa->flags & XFP_SA_F_ESPINUDP) ? XFP_UDP_LEN : 0;
+	hoff &= XFP_UDP_LEN;
+	head = XFP_ENCAP_HEAD + hoff;
+	olen = head + clen + XFP_ESP_ICV_LEN;
 	/* The outer next hop as validated for this flow: a neighbour or route change takes the
 	 * flows off and they are learned again with the new one, while the SA entry (its
 	 * sequence counter) stays. A flow without one (egress 0) uses the SA's. */
@@ -244,11 +263,16 @@ int xdp_encap(struct xdp_md *ctx)
 		tos &= ~XFP_ECN_MASK;
 	df = (sa->flags & XFP_SA_F_NOPMTUDISC) ? 0 : (iph->frag_off & xfp_htons(XFP_IP_DF));
 	ttl = sa->ttl ? sa->ttl : 64;
+	/* ip_decrease_ttl(): TTL - 1, checksum updated incrementally (RFC 1624); the inner
+	 * header's bytes 8..11 (ttl, protocol, check) are stored once the frame has its room. */
+	ttl_word[0] = *(__u16 *)&iph->ttl;
+	((__u8 *)ttl_word)[0] = iph->ttl - 1;
+	ttl_word[1] = xfp_csum_replace2(iph->check, *(__u16 *)&iph->ttl, ttl_word[0]);
 
 	/* Room first, writes after: a refused adjust leaves the frame as it came (punt). */
 	extra = frame_len - XFP_ETH_LEN - ilen; /* Ethernet padding behind the IPv4 packet */
 	tail = (int)(plen + 2 + XFP_ESP_ICV_LEN) - (int)extra;
-	if (bpf_xdp_adjust_head(ctx, -(int)XFP_ENCAP_HEAD)) {
+	if (bpf_xdp_adjust_head(ctx, -(int)head)) {
 		r = XFP_R_PASS_NO_ROOM;
 		goto pass;
 	}
@@ -256,14 +280,14 @@ int xdp_encap(struct xdp_md *ctx)
 		/* No tailroom (veth gives XDP a buffer cut to the frame's size, rounded to 64):
 		 * take the trailer's room in front as well and slide the inner packet down. */
 		if (bpf_xdp_adjust_head(ctx, -tail)) {
-			if (bpf_xdp_adjust_head(ctx, (int)XFP_ENCAP_HEAD)) {
+			if (bpf_xdp_adjust_head(ctx, (int)head)) {
 				r = XFP_R_DROP_ERROR;
 				goto drop;
 			}
 			r = XFP_R_PASS_NO_ROOM;
 			goto pass;
 		}
-		if (encap_slide(ctx, XFP_ENC_OFF + tail, XFP_ENC_OFF, ilen)) {
+		if (encap_slide(ctx, XFP_ENC_OFF + hoff + tail, XFP_ENC_OFF + hoff, ilen)) {
 			r = XFP_R_DROP_ERROR;
 			goto drop;
 		}
@@ -279,13 +303,6 @@ int xdp_encap(struct xdp_md *ctx)
 	}
 	eth = data;
 	outer = data + XFP_ETH_LEN;
-	esp = data + XFP_ETH_LEN + XFP_IP_LEN;
-	iph = data + XFP_ENC_OFF;
-
-	/* ip_decrease_ttl(): TTL - 1, checksum updated incrementally (RFC 1624). */
-	old_ttl_word = *(__u16 *)&iph->ttl;
-	iph->ttl -= 1;
-	iph->check = xfp_csum_replace2(iph->check, old_ttl_word, *(__u16 *)&iph->ttl);
 
 	__builtin_memcpy(eth->h_dest, dmac, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, smac, ETH_ALEN);
@@ -298,20 +315,37 @@ int xdp_encap(struct xdp_md *ctx)
 	outer->id = xfp_htons(seq & 0xffff); /* unique per SA over 2^16 packets (RFC 6864) */
 	outer->frag_off = df;
 	outer->ttl = ttl;
-	outer->protocol = IPPROTO_ESP;
+	outer->protocol = hoff ? IPPROTO_UDP : IPPROTO_ESP;
 	outer->check = 0;
 	outer->saddr = sa->saddr;
 	outer->daddr = sa->daddr;
 	outer->check = xfp_ipv4_csum(outer);
 
-	esp->spi = sa->spi;
-	xfp_esp_set_seq_iv(esp, iv, seq, sa->iv_mask);
+	/* ESP (and NAT-T's UDP) header and the inner TTL through the store helper: their offsets
+	 * depend on hoff, which direct packet access would have to prove again for each. */
+	if (hoff) {
+		uh.source = sa->encap_sport;
+		uh.dest = sa->encap_dport;
+		uh.len = xfp_htons(olen - XFP_IP_LEN);
+		uh.check = 0;
+		if (bpf_xdp_store_bytes(ctx, XFP_ETH_LEN + XFP_IP_LEN, &uh, sizeof(uh))) {
+			r = XFP_R_DROP_ERROR;
+			goto drop;
+		}
+	}
+	esp.spi = sa->spi;
+	xfp_esp_set_seq_iv(&esp, iv, seq, sa->iv_mask);
+	if (bpf_xdp_store_bytes(ctx, XFP_ETH_LEN + XFP_IP_LEN + hoff, &esp, sizeof(esp)) ||
+	    bpf_xdp_store_bytes(ctx, XFP_ENC_OFF + hoff + 8, ttl_word, sizeof(ttl_word))) {
+		r = XFP_R_DROP_ERROR;
+		goto drop;
+	}
 
 	/* RFC 4303 section 2.4/2.6: pad 1, 2, .. plen, then pad length, then next header. The 8
 	 * stored bytes run at most 6 bytes into the ICV room, which the seal overwrites. */
 	plen &= 3;
 	trailer = xfp_esp_trailer(plen);
-	if (bpf_xdp_store_bytes(ctx, XFP_ENC_OFF + ilen, &trailer, sizeof(trailer))) {
+	if (bpf_xdp_store_bytes(ctx, XFP_ENC_OFF + hoff + ilen, &trailer, sizeof(trailer))) {
 		r = XFP_R_DROP_ERROR;
 		goto drop;
 	}
@@ -321,11 +355,11 @@ int xdp_encap(struct xdp_md *ctx)
 	/* Kernel crypto: the frame is built already, so a refusal (no SIMD now) cannot hand it
 	 * back as it came: an error after the frame changed, dropped and counted. */
 	if (XFP_KC_OUT(sa)) {
-		if (xfp_kc_xdp_seal(ctx, sa->kc_id, XFP_KC_ESP_OFF, clen, seq >> 32)) {
+		if (xfp_kc_xdp_seal(ctx, sa->kc_id, XFP_KC_ESP_OFF + hoff, clen, seq >> 32)) {
 			r = XFP_R_DROP_ERROR;
 			goto drop;
 		}
-	} else if (xfp_aead_seal(ctx, XFP_ENC_OFF, clen, XFP_ENC_OFF + clen,
+	} else if (xfp_aead_seal(ctx, XFP_ENC_OFF + hoff, clen, XFP_ENC_OFF + hoff + clen,
 				 (const struct xfp_aead_key *)sa->key, iv, aad, aad_len)) {
 		r = XFP_R_DROP_ERROR;
 		goto drop;
