@@ -103,12 +103,22 @@ def cmd_flows(args: argparse.Namespace) -> int:
 
 
 def _kernel_sas() -> list[dict[str, Any]]:
+    """The kernel's SAs with no controller running: which the fastpath could serve, on the
+    backend `[crypto] backend = auto` would choose now (kernel when the module is loaded)."""
+    from controller.agent.status import kernel_path_why
+    from controller.core.crypto import Backend, sa_backend
+    from controller.datapath import kcrypto
     from controller.netlink.xfrm import XfrmSocket
 
+    loaded = kcrypto.module_loaded()
+    backend = Backend.KERNEL if loaded else Backend.BPF
+    probe = f"the {kcrypto.MODULE} module is {'loaded' if loaded else 'not loaded'}"
     out = []
     with XfrmSocket() as x:
         for sa in x.sas():
-            ok, why = sa.fastpath_support()
+            fits = [sa_backend(sa, backend, outbound) for outbound in (False, True)]
+            ok = any(b is not None for b, _ in fits)
+            why = next((w for b, w in fits if b is None), "ok")
             out.append(
                 {
                     "spi": f"0x{sa.spi:08x}",
@@ -119,7 +129,11 @@ def _kernel_sas() -> list[dict[str, Any]]:
                     "offloaded": False,
                     "direction": None,
                     "supported": ok,
-                    "reason": "no controller running" if ok else why,
+                    "crypto": next((str(b) for b, _ in fits if b is not None), None),
+                    "crypto_why": " / ".join(dict.fromkeys(w for _, w in fits)),
+                    "reason": "no controller running"
+                    if ok
+                    else kernel_path_why(sa, why, backend, probe),
                     "flows": 0,
                 }
             )
@@ -134,13 +148,13 @@ def cmd_sas(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{'spi':10} {'src':>15} {'dst':>15} {'reqid':>5} {'offloaded':>9} {'flows':>5} "
-        f"{'crypto':>6}  why"
+        f"{'backend':>7}  why"
     )
     for s in sas:
         crypto = f" ({s['crypto_why']})" if s.get("crypto") else ""
         print(
             f"{s['spi']:10} {s['src']:>15} {s['dst']:>15} {s['reqid']:>5} "
-            f"{'yes' if s['offloaded'] else 'no':>9} {s['flows']:>5} {s.get('crypto') or '-':>6}  "
+            f"{'yes' if s['offloaded'] else 'no':>9} {s['flows']:>5} {s.get('crypto') or '-':>7}  "
             f"{s['algorithm'] or '-'}: {s['reason']}{crypto}"
         )
     return 0

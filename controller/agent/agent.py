@@ -14,6 +14,7 @@ share is state.py.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -132,7 +133,10 @@ class Agent:
                 view.refresh()
             except Exception as e:
                 log.warning("kernel view refresh: %s", e)
-        self.snapshot = self.ports.metrics.snapshot()
+        snap = self.ports.metrics.snapshot()
+        if snap is not None:  # the kernel's SAs, offloaded or not, and why: the agent's to say
+            snap = dataclasses.replace(snap, sa_states=status_file.sa_states(self.state))
+        self.snapshot = snap
         status_file.write_status(self.run_dir, self.status)
 
     # -- start and stop ----------------------------------------------------------------------

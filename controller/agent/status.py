@@ -17,10 +17,13 @@ from typing import TYPE_CHECKING, Any
 from controller.agent.ports import Ports
 from controller.agent.state import AgentState
 from controller.config import Config
-from controller.core.crypto import sa_backend
+from controller.core.crypto import AES_GCM_AEAD, Backend, sa_backend
 from controller.core.state import SaRef
+from controller.core.xfrm_model import Sa
 from controller.paths import STATUS_FILE
 from controller.telemetry import snapshot_to_dict
+from controller.telemetry.labels import NO_BACKEND, NO_DIRECTION, direction_label, spi_label
+from controller.telemetry.snapshot import SaState
 
 if TYPE_CHECKING:
     from controller.telemetry import MetricsSnapshot
@@ -46,6 +49,24 @@ def flows_status(state: AgentState) -> list[dict[str, Any]]:
     ]
 
 
+def needs_module(sa: Sa, backend: Backend) -> bool:
+    """An AES-GCM SA under the BPF backend: only the xfp_crypto module can carry it (BPF has no
+    AES instructions; controller/core/crypto.py)."""
+    return backend is Backend.BPF and sa.aead is not None and sa.aead.name == AES_GCM_AEAD
+
+
+def kernel_path_why(sa: Sa, why: str, backend: Backend, backend_why: str) -> str:
+    """Why an SA stays on the kernel path, with what would change it where the operator can:
+    an AES-GCM SA under the BPF backend says that it needs the module, and why the controller
+    runs without it (`backend_why`: CryptoChoice.why, or what `sas` found)."""
+    if needs_module(sa, backend):
+        return (
+            f"{why}; AES-GCM needs the xfp_crypto module (kmod/README.md) and [crypto] "
+            f"backend auto or kernel (now {backend}: {backend_why})"
+        )
+    return why
+
+
 def sas_status(state: AgentState) -> list[dict[str, Any]]:
     """The kernel's SAs (as last read), each with whether and why it is offloaded or not, and
     which crypto backend serves it (controller/core/crypto.py) and why."""
@@ -63,6 +84,10 @@ def sas_status(state: AgentState) -> list[dict[str, Any]]:
         else:
             crypto = next((str(b) for b, _ in fits if b is not None), None)
             crypto_why = " / ".join(dict.fromkeys(w for _, w in fits))
+        reason = "offloaded"
+        if not off:
+            why = state.refused_sas.get(ref) or ("waiting for traffic" if ok else why)
+            reason = kernel_path_why(sa, why, state.crypto.backend, state.crypto.why)
         sas.append(
             {
                 "spi": f"0x{sa.spi:08x}",
@@ -75,13 +100,31 @@ def sas_status(state: AgentState) -> list[dict[str, Any]]:
                 "supported": ok,
                 "crypto": crypto,
                 "crypto_why": crypto_why,
-                "reason": "offloaded"
-                if off
-                else (state.refused_sas.get(ref) or ("waiting for traffic" if ok else why)),
+                "reason": reason,
                 "flows": len(state.flows.flows_of_sa(ref)),
             }
         )
     return sas
+
+
+def sa_states(state: AgentState) -> tuple[SaState, ...]:
+    """The kernel's SAs as the metrics say them (xfrm_fastpath_sa_offloaded): what `sas`
+    shows, with label values; an offloaded SA's reason is its backend's (why that one)."""
+    out = []
+    offloaded = {**state.sa_out, **state.sa_in}
+    for row, sa in zip(sas_status(state), state.view.sas, strict=True):
+        off = offloaded.get(SaRef(str(sa.dst), sa.spi, sa.reqid))
+        out.append(
+            SaState(
+                spi=spi_label(sa.spi),
+                reqid=sa.reqid,
+                direction=direction_label(off.direction) if off else NO_DIRECTION,
+                offloaded=off is not None,
+                backend=row["crypto"] or NO_BACKEND,
+                reason=row["crypto_why"] if off else row["reason"],
+            )
+        )
+    return tuple(out)
 
 
 def status(

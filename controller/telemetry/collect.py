@@ -26,7 +26,7 @@ from typing import Any
 
 from controller.core.state import Cause, Direction, FlowState
 from controller.datapath import abi
-from controller.telemetry.labels import direction_label, reason_kind, spi_label
+from controller.telemetry.labels import backend_label, direction_label, reason_kind, spi_label
 from controller.telemetry.snapshot import (
     LEARN_LATENCY_BUCKETS,
     HistogramData,
@@ -121,6 +121,7 @@ class SaReading:
     packets: int
     bytes: int
     sequence: int  # sequence number used (encap: next - 1; decap: seq_top)
+    flags: int = 0  # the entry's XFP_SA_F_*: XFP_SA_F_KCRYPTO says the kernel backend
 
 
 def snapshot_from_datapath(
@@ -172,6 +173,7 @@ def snapshot_from_datapath(
             packets=sa.packets,
             bytes=sa.bytes,
             sequence=sa.sequence,
+            backend=backend_label(sa.flags),
         )
         for sa in sas
     )
@@ -191,7 +193,8 @@ def read_datapath_sas(dp: Any, reqids: Mapping[int, int] | None = None) -> list[
     unknown; sa_id, not SPI, because an inbound and an outbound SA may share an SPI value).
 
     Encap: struct xfp_sa_out's `seq` is the next number to send, so the last used is seq - 1.
-    Decap: struct xfp_sa_in's `seq_top` is the highest authenticated number."""
+    Decap: struct xfp_sa_in's `seq_top` is the highest authenticated number. The entry's flags
+    say the backend: XFP_SA_F_KCRYPTO, the xfp_crypto module; otherwise the BPF AEAD."""
     reqids = reqids or {}
     out: list[SaReading] = []
     for direction, handle, used in (
@@ -210,6 +213,7 @@ def read_datapath_sas(dp: Any, reqids: Mapping[int, int] | None = None) -> list[
                     int(sa.packets),
                     int(sa.bytes),
                     used(sa),
+                    int(sa.flags),
                 )
             )
     return out

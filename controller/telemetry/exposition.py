@@ -5,9 +5,9 @@ figures, and a snapshot it never saw loses nothing.
 
 Naming follows https://prometheus.io/docs/practices/naming/: every metric starts with
 `xfrm_fastpath_`, counters end in `_total`, units are base units (bytes, seconds). Labels are
-bounded: interface, direction, reason, cause, spi, reqid; never a per-flow label (a gateway can
-carry millions of flows; one series each would take the Prometheus server down). dashboards/
-uses these names only (tests/host/test_prometheus.py checks it).
+bounded: interface, direction, reason, cause, spi, reqid, backend; never a per-flow label (a
+gateway can carry millions of flows; one series each would take the Prometheus server down).
+dashboards/ uses these names only (tests/host/test_prometheus.py checks it).
 """
 
 from __future__ import annotations
@@ -89,8 +89,10 @@ def _datapath_families(snap: MetricsSnapshot) -> list[Metric]:
 
 
 def _sa_families(snap: MetricsSnapshot) -> list[Metric]:
-    """One series per offloaded SA (SAs are few: two per tunnel, plus rekeys in flight)."""
-    sa_labels = ["spi", "reqid", "direction"]
+    """One series per offloaded SA (SAs are few: two per tunnel, plus rekeys in flight), with
+    the crypto backend that seals or opens it (`backend`: "bpf" or "kernel", from its datapath
+    entry); and one per SA of the kernel's, offloaded or not, saying why."""
+    sa_labels = ["spi", "reqid", "direction", "backend"]
     sa_pkts = _counter("sa_packets", "Packets the fastpath carried on an SA.", sa_labels)
     sa_bytes = _counter("sa_bytes", "Bytes the fastpath carried on an SA.", sa_labels)
     sa_seq = _gauge(
@@ -99,12 +101,25 @@ def _sa_families(snap: MetricsSnapshot) -> list[Metric]:
         sa_labels,
     )
     for sa in sorted(snap.sas, key=lambda s: (s.direction, s.spi)):
-        lv = [sa.spi, str(sa.reqid), sa.direction]
+        lv = [sa.spi, str(sa.reqid), sa.direction, sa.backend]
         sa_pkts.add_metric(lv, sa.packets)
         sa_bytes.add_metric(lv, sa.bytes)
         sa_seq.add_metric(lv, sa.sequence)
 
-    return [sa_pkts, sa_bytes, sa_seq]
+    # `reason` is the controller's sentence (`xfrm-fastpath sas` prints the same): a handful
+    # of values per SA over its life (waiting for traffic, offloaded, or why not).
+    offloaded = _gauge(
+        "sa_offloaded",
+        "1 when the fastpath carries the kernel's SA, 0 when it stays on the kernel path; "
+        "backend: who seals and opens it (bpf, kernel) or none; reason: why (not).",
+        ["spi", "reqid", "direction", "backend", "reason"],
+    )
+    for st in sorted(snap.sa_states, key=lambda s: (s.spi, s.reqid, s.direction)):
+        offloaded.add_metric(
+            [st.spi, str(st.reqid), st.direction, st.backend, st.reason], int(st.offloaded)
+        )
+
+    return [sa_pkts, sa_bytes, sa_seq, offloaded]
 
 
 def _controller_families(snap: MetricsSnapshot) -> list[Metric]:

@@ -2,7 +2,8 @@
 """Label values of the exported metrics, derived from the enums they name.
 
 `direction` comes from `controller.core.state.Direction`, `reason` from the datapath's reason enum
-(enum xfp_reason in bpf/include/xfp_defs.h, mirrored in controller/datapath/abi.py), `spi` is
+(enum xfp_reason in bpf/include/xfp_defs.h, mirrored in controller/datapath/abi.py), `backend`
+from `controller.core.crypto.Backend` (and an SA entry's XFP_SA_F_KCRYPTO flag), `spi` is
 printed as `ip xfrm state` prints it. No label value is typed here a second time.
 """
 
@@ -11,7 +12,14 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 
+from controller.core.crypto import Backend
 from controller.core.state import Direction
+from controller.datapath.abi import SA_F_KCRYPTO
+
+# The `backend` label of an SA that no backend can serve (it stays on the kernel path), and the
+# `direction` label of an SA not offloaded (the kernel's SA says no direction).
+NO_BACKEND = "none"
+NO_DIRECTION = "none"
 
 
 def direction_label(direction: Direction | int | str) -> str:
@@ -19,6 +27,17 @@ def direction_label(direction: Direction | int | str) -> str:
     if isinstance(direction, str):
         return Direction[direction.upper()].name.lower()
     return Direction(direction).name.lower()
+
+
+def backend_label(backend: Backend | int | None) -> str:
+    """The `backend` label value: "bpf" or "kernel" (the Backend enum's values), "none" for an
+    SA no backend can serve. An int is an SA entry's flags (struct xfp_sa_out/xfp_sa_in):
+    XFP_SA_F_KCRYPTO set means the xfp_crypto module seals/opens it."""
+    if backend is None:
+        return NO_BACKEND
+    if isinstance(backend, Backend):
+        return backend.value
+    return (Backend.KERNEL if backend & SA_F_KCRYPTO else Backend.BPF).value
 
 
 def spi_label(spi: int) -> str:

@@ -83,6 +83,21 @@ class SaCounters:
     packets: int  # packets the fastpath carried on this SA
     bytes: int  # their bytes (the ESP packets on the wire side)
     sequence: int  # ESP sequence number used: last sent (encap), highest accepted (decap)
+    backend: str = "bpf"  # backend_label(): who seals/opens it, as its datapath entry says
+
+
+@dataclass(frozen=True)
+class SaState:
+    """One of the kernel's SAs as the controller judges it: on the fastpath or not, which
+    crypto backend serves it (or would, once traffic comes) and why. `xfrm-fastpath sas`
+    says the same (controller/agent/status.py builds both)."""
+
+    spi: str  # spi_label()
+    reqid: int
+    direction: str  # direction_label() when offloaded, "none" when not
+    offloaded: bool
+    backend: str  # "bpf" | "kernel" (controller.core.crypto.Backend), "none": neither can
+    reason: str  # why (not): "waiting for traffic", "AES-GCM needs the xfp_crypto module ..."
 
 
 @dataclass(frozen=True)
@@ -102,6 +117,7 @@ class MetricsSnapshot:
     # (direction, reason) -> packets dropped (XDP_DROP)
     drops: Mapping[tuple[str, str], int] = field(default_factory=dict)
     sas: tuple[SaCounters, ...] = ()
+    sa_states: tuple[SaState, ...] = ()  # every SA of the kernel's, offloaded or not
     flow_entries: int = 0
     flow_capacity: int = 0
     flow_evictions: int = 0
@@ -161,6 +177,7 @@ def snapshot_to_dict(snap: MetricsSnapshot) -> dict[str, Any]:
             {"direction": d, "reason": r, "packets": v} for (d, r), v in sorted(snap.drops.items())
         ],
         "sas": [dataclasses.asdict(sa) for sa in snap.sas],
+        "sa_states": [dataclasses.asdict(sa) for sa in snap.sa_states],
         "flow_table": {
             "entries": snap.flow_entries,
             "capacity": snap.flow_capacity,
@@ -201,6 +218,7 @@ def snapshot_from_json(text: str) -> MetricsSnapshot:
         kernel_bytes={(r["direction"], r["reason"]): r["bytes"] for r in doc["kernel"]},
         drops={(r["direction"], r["reason"]): r["packets"] for r in doc["drops"]},
         sas=tuple(SaCounters(**sa) for sa in doc["sas"]),
+        sa_states=tuple(SaState(**sa) for sa in doc.get("sa_states", ())),
         flow_entries=doc["flow_table"]["entries"],
         flow_capacity=doc["flow_table"]["capacity"],
         flow_evictions=doc["flow_table"]["evictions"],

@@ -43,6 +43,25 @@ def _table(headers: list[str], rows: list[list[str]], indent: str = "  ") -> lis
     return [line(headers)] + [line(r) for r in rows]
 
 
+def _sa_lines(snap: MetricsSnapshot) -> list[str]:
+    """The SAs on the fastpath with their crypto backend, then the kernel's SAs that stay on
+    the kernel path, and why."""
+    out = ["", f"SAs on the fastpath: {len(snap.sas)}"]
+    rows = [
+        [sa.spi, str(sa.reqid), sa.direction, sa.backend, _si(sa.packets), _bytes(sa.bytes),
+         str(sa.sequence)]
+        for sa in sorted(snap.sas, key=lambda s: (s.direction != "encap", s.spi))
+    ]  # fmt: skip
+    if rows:
+        head = ["spi", "reqid", "direction", "backend", "packets", "bytes", "sequence"]
+        out += _table(head, rows)
+    kernel = [st for st in snap.sa_states if not st.offloaded]
+    if kernel:
+        out.append(f"SAs on the kernel path: {len(kernel)}")
+        out += [f"  {st.spi} reqid {st.reqid}: {st.reason}" for st in kernel]
+    return out
+
+
 def format_status(snap: MetricsSnapshot, now: float | None = None) -> str:
     """The snapshot as a terminal report: the figures the dashboard shows, since start."""
     now = time.time() if now is None else now
@@ -95,14 +114,7 @@ def format_status(snap: MetricsSnapshot, now: float | None = None) -> str:
     rows = [[f"{d} {r}", _si(v)] for (d, r), v in sorted(snap.drops.items()) if v]
     out += _table(["reason", "packets"], rows) if rows else ["  none"]
 
-    out.append("")
-    out.append(f"SAs on the fastpath: {len(snap.sas)}")
-    rows = [
-        [sa.spi, str(sa.reqid), sa.direction, _si(sa.packets), _bytes(sa.bytes), str(sa.sequence)]
-        for sa in sorted(snap.sas, key=lambda s: (s.direction != "encap", s.spi))
-    ]
-    if rows:
-        out += _table(["spi", "reqid", "direction", "packets", "bytes", "sequence"], rows)
+    out += _sa_lines(snap)
 
     out.append("")
     use = snap.flow_entries / snap.flow_capacity * 100 if snap.flow_capacity else 0.0

@@ -27,7 +27,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from controller.core.crypto import Backend
 from controller.core.state import Cause, Direction, FlowKey, FlowRecord, FlowState, SaRef
+from controller.datapath import abi
 from controller.datapath.bpfsys import prog_test_run
 from controller.telemetry.collect import (
     LatencyHistogram,
@@ -37,12 +39,19 @@ from controller.telemetry.collect import (
     snapshot_from_datapath,
 )
 from controller.telemetry.exposition import Exporter, exposed_names, render
-from controller.telemetry.labels import direction_label, reason_kind, reason_labels, spi_label
+from controller.telemetry.labels import (
+    backend_label,
+    direction_label,
+    reason_kind,
+    reason_labels,
+    spi_label,
+)
 from controller.telemetry.snapshot import (
     LEARN_LATENCY_BUCKETS,
     HistogramData,
     MetricsSnapshot,
     SaCounters,
+    SaState,
     snapshot_from_json,
     snapshot_to_json,
 )
@@ -53,7 +62,7 @@ INCLUDE = ROOT / "bpf" / "include"
 HEADER = INCLUDE / "xfp_defs.h"
 
 # Label names the exporter may use. No flow identity (address, port, protocol) among them.
-BOUNDED_LABELS = {"interface", "direction", "reason", "cause", "spi", "reqid", "le"}
+BOUNDED_LABELS = {"interface", "direction", "reason", "cause", "spi", "reqid", "backend", "le"}
 BUILD_INFO_LABELS = {"version", "kernel", "python", "bcc"}
 
 
@@ -262,6 +271,10 @@ def test_labels_come_from_the_reason_enum(dp: CountingDatapath) -> None:
     assert "replay" in reason_labels(REASONS, "drop") and "bad_icv" in reason_labels(
         REASONS, "drop"
     ), "the alert rules select reason=~'replay|bad_icv': both must exist in the enum"
+    assert "kcrypto" in reason_labels(REASONS, "kernel"), (
+        "kernel-crypto refusals (XFP_R_PASS_KCRYPTO) are exported: the dashboard and the "
+        "recording rule select reason='kcrypto'"
+    )
     assert set(parts.fastpath_packets) == {("lan", "encap"), ("wan", "decap")}, (
         f"fastpath series per (interface, direction): {set(parts.fastpath_packets)}"
     )
@@ -461,7 +474,12 @@ def full_snapshot(dp: CountingDatapath | None = None) -> MetricsSnapshot:
         drops={**parts.drops, ("decap", "replay"): 3},
         sas=(
             SaCounters(spi_label(0xC001), 7, "encap", 40, 4000, 41),
-            SaCounters(spi_label(0xC002), 7, "decap", 30, 3000, 30),
+            SaCounters(spi_label(0xC002), 7, "decap", 30, 3000, 30, backend="kernel"),
+        ),
+        sa_states=(
+            SaState(spi_label(0xC001), 7, "encap", True, "bpf", "BPF AEAD"),
+            SaState(spi_label(0xC002), 7, "decap", True, "kernel", "kernel crypto (xfp_crypto)"),
+            SaState(spi_label(0xC005), 9, "none", False, "none", "AES-GCM needs the module"),
         ),
         flow_entries=12,
         flow_capacity=65536,
@@ -512,6 +530,14 @@ def test_exporter_serves_names_units_and_bounded_labels() -> None:
         assert inf and inf[0].value == 4, f"+Inf bucket = count: {inf}"
         seq = samples["xfrm_fastpath_sa_sequence"]
         assert {s.labels["spi"] for s in seq} == {"0x0000c001", "0x0000c002"}, "spi as hex"
+        backends = {s.labels["spi"]: s.labels["backend"] for s in seq}
+        assert backends == {"0x0000c001": "bpf", "0x0000c002": "kernel"}, "per-SA backend"
+        offl = {s.labels["spi"]: s for s in samples["xfrm_fastpath_sa_offloaded"]}
+        assert set(offl) == {"0x0000c001", "0x0000c002", "0x0000c005"}, "every kernel SA"
+        gcm = offl["0x0000c005"]
+        assert (gcm.value, gcm.labels["backend"], gcm.labels["direction"]) == (0, "none", "none")
+        assert gcm.labels["reason"] == "AES-GCM needs the module", f"and why not: {gcm}"
+        assert offl["0x0000c002"].value == 1 and offl["0x0000c002"].labels["backend"] == "kernel"
         # The JSON view the status command reads.
         with urllib.request.urlopen(f"{exp.url}/status.json", timeout=5) as r:
             got = snapshot_from_json(r.read().decode())
@@ -535,6 +561,7 @@ def test_exported_names_do_not_depend_on_traffic() -> None:
         "xfrm_fastpath_sa_packets_total",
         "xfrm_fastpath_sa_bytes_total",
         "xfrm_fastpath_sa_sequence",
+        "xfrm_fastpath_sa_offloaded",
         "xfrm_fastpath_flow_table_entries",
         "xfrm_fastpath_flow_table_capacity",
         "xfrm_fastpath_flow_table_evictions_total",
@@ -567,6 +594,10 @@ def test_status_table_and_json() -> None:
     assert re.search(r"encap\s+900\s+100\s+90\.0 %", text), f"encap hit rate row:\n{text}"
     assert re.search(r"decap\s+800\s+0\s+100\.0 %", text), f"decap hit rate row:\n{text}"
     assert "0x0000c001" in text and "0x0000c002" in text, "per-SA rows"
+    assert re.search(r"0x0000c002\s+7\s+decap\s+kernel\s", text), f"SA backend:\n{text}"
+    assert re.search(r"0x0000c001\s+7\s+encap\s+bpf\s", text), f"SA backend:\n{text}"
+    assert "SAs on the kernel path: 1" in text, f"SAs not offloaded counted:\n{text}"
+    assert "0x0000c005 reqid 9: AES-GCM needs the module" in text, f"and why:\n{text}"
     assert "Flow table: 12 / 65536 entries" in text, "flow table line"
     assert "replay" in text and "unknown_flow" in text, "drops and punts by reason"
     assert "idle 2" in text and "no_policy 2" in text, "invalidations and rejections"
@@ -581,6 +612,24 @@ def test_status_hit_ratio_matches_counts() -> None:
     assert snap.hit_ratio("encap") == 0.9, "900 / (900 + 100)"
     assert snap.hit_ratio("decap") == 1.0, "no decap punts"
     assert MetricsSnapshot().hit_ratio("encap") is None, "no traffic, no ratio"
+
+
+def test_backend_label_from_the_entry_flags() -> None:
+    """The per-SA `backend` label comes from the SA entry's XFP_SA_F_KCRYPTO flag (what the
+    datapath will do, not what the controller meant), and from the Backend enum's values."""
+    assert backend_label(abi.SA_F_OFFLOAD) == "bpf", "no KCRYPTO flag: the BPF AEAD"
+    assert backend_label(abi.SA_F_OFFLOAD | abi.SA_F_KCRYPTO) == "kernel", "the module"
+    assert [backend_label(b) for b in Backend] == [b.value for b in Backend], "enum values"
+    assert backend_label(None) == "none", "no backend can serve it"
+    readings = [
+        SaReading(0xC001, 7, Direction.ENCAP, 1, 100, 1, abi.SA_F_OFFLOAD),
+        SaReading(0xC002, 7, Direction.DECAP, 2, 200, 2, abi.SA_F_OFFLOAD | abi.SA_F_KCRYPTO),
+    ]
+    parts = snapshot_from_datapath({}, IFACES, readings, REASONS)
+    assert [(sa.spi, sa.backend) for sa in parts.sas] == [
+        ("0x0000c001", "bpf"),
+        ("0x0000c002", "kernel"),
+    ], f"backend per SA reading: {parts.sas}"
 
 
 def test_histogram_data_is_prometheus_cumulative() -> None:

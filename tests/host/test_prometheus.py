@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import ipaddress
 import json
 import math
 import os
@@ -35,7 +37,11 @@ import pytest
 import yaml
 from test_metrics import IFACES, REASONS, CountingDatapath, member
 
+from controller.agent.status import kernel_path_why
+from controller.core.crypto import AES_GCM_AEAD, Backend
 from controller.core.state import Cause, Direction, FlowKey, FlowRecord, FlowState, SaRef
+from controller.core.xfrm_model import Algorithm, Sa, Secret
+from controller.datapath import abi
 from controller.telemetry.collect import (
     MetricsSource,
     SaReading,
@@ -43,6 +49,7 @@ from controller.telemetry.collect import (
     snapshot_from_datapath,
 )
 from controller.telemetry.exposition import Exporter, exposed_names
+from controller.telemetry.snapshot import MetricsSnapshot, SaState
 
 ROOT = Path(__file__).resolve().parents[2]
 DASH = ROOT / "dashboards"
@@ -362,8 +369,13 @@ def prometheus(workdir: Path, target: str) -> Iterator[Prometheus]:
 LAN_HOST, REMOTE_HOST, GW1_WAN, GW2_WAN = "10.1.0.2", "10.2.0.2", "192.0.2.1", "192.0.2.2"
 MAC_A, MAC_B, MAC_C = "02:00:00:00:00:01", "02:00:00:00:00:02", "02:00:00:00:00:03"
 SPI_OUT, SPI_IN, SPI_OLD = 0xC001, 0xD001, 0xC003
-REQIDS = {SPI_OUT: 7, SPI_IN: 7, SPI_OLD: 8}  # by SPI (CountingTraffic's model)
-SA_REQIDS = {1: 7, 2: 7, 3: 8}  # by sa_id, as the daemon passes them to datapath_parts
+# An inbound SA on the kernel crypto backend (its entry names an xfp_crypto context; no
+# packet runs through it here: this host has no module), and an AES-GCM SA the BPF backend
+# leaves to the kernel.
+SPI_KC, SPI_GCM = 0xD004, 0xD005
+REQIDS = {SPI_OUT: 7, SPI_IN: 7, SPI_OLD: 8, SPI_KC: 9}  # by SPI (CountingTraffic's model)
+SA_REQIDS = {1: 7, 2: 7, 3: 8, 4: 9}  # by sa_id, as the daemon passes them to datapath_parts
+NEEDS_MODULE = "AES-GCM needs the xfp_crypto module"
 
 
 @contextlib.contextmanager
@@ -417,6 +429,9 @@ class RealTraffic:
         self.dp.put_flow(
             flow_key(self.ifindex, Direction.DECAP, IPPROTO_UDP, REMOTE_HOST, LAN_HOST, 53, 1000),
             flow_val(2, egress_ifindex=3, dmac=MAC_C, smac=MAC_A),
+        )
+        self.dp.put_inbound_sa(
+            InboundSa(sa_id=4, spi=SPI_KC, saddr=GW2_WAN, daddr=GW1_WAN, key=b"", kc_id=5)
         )
         self.esp_in = EspSa(SPI_IN, key_in)
         self.inner = ipv4(REMOTE_HOST, LAN_HOST, IPPROTO_UDP, udp(53, 1000, b"r" * 64))
@@ -507,7 +522,7 @@ class CountingTraffic:
 
     def __init__(self) -> None:
         self.dp = CountingDatapath()
-        self.sa = {SPI_OUT: [0, 0], SPI_IN: [0, 0]}  # spi -> [packets, last seq]
+        self.sa = {SPI_OUT: [0, 0], SPI_IN: [0, 0], SPI_KC: [0, 0]}  # spi -> [packets, last seq]
 
     def hits(self, d: Direction, n: int) -> None:
         self.dp.send(d, member("fastpath", direction_name(d)), n, size=120)
@@ -534,8 +549,10 @@ class CountingTraffic:
 
     def parts(self):
         sas = [
-            SaReading(spi, REQIDS[spi], Direction.DECAP if spi == SPI_IN else Direction.ENCAP,
-                      pkts, 100 * pkts, seq)
+            SaReading(spi, REQIDS[spi],
+                      Direction.DECAP if spi in (SPI_IN, SPI_KC) else Direction.ENCAP,
+                      pkts, 100 * pkts, seq,
+                      abi.SA_F_OFFLOAD | (abi.SA_F_KCRYPTO if spi == SPI_KC else 0))
             for spi, (pkts, seq) in self.sa.items()
         ]  # fmt: skip
         return snapshot_from_datapath(self.dp.summed(), IFACES, sas, REASONS)
@@ -547,6 +564,25 @@ class CountingTraffic:
 # --------------------------------------------------------------------------------------------
 # The gateway being watched: traffic through the datapath, controller state changing
 # --------------------------------------------------------------------------------------------
+def sa_states() -> tuple[SaState, ...]:
+    """The kernel's SAs as the agent reports them (controller/agent/status.py sa_states):
+    the three offloaded ones on the backends their entries name, and an AES-GCM SA that the
+    BPF backend leaves to the kernel, with the agent's own words for why."""
+    gcm = Sa(
+        src=ipaddress.ip_address(GW2_WAN), dst=ipaddress.ip_address(GW1_WAN), spi=SPI_GCM,
+        reqid=10, aead=Algorithm("aead", AES_GCM_AEAD, 160, Secret(bytes(20)), 128),
+    )  # fmt: skip
+    ok, why = gcm.fastpath_support()
+    assert not ok, "the BPF AEAD cannot serve AES-GCM"
+    why = kernel_path_why(gcm, why, Backend.BPF, "auto: the xfp_crypto module is not loaded")
+    return (
+        SaState(f"0x{SPI_OUT:08x}", 7, "encap", True, "bpf", "BPF AEAD"),
+        SaState(f"0x{SPI_IN:08x}", 7, "decap", True, "bpf", "BPF AEAD"),
+        SaState(f"0x{SPI_KC:08x}", 9, "decap", True, "kernel", "kernel crypto (xfp_crypto)"),
+        SaState(f"0x{SPI_GCM:08x}", 10, "none", False, "none", why),
+    )
+
+
 def flow(i: int) -> FlowRecord:
     key = FlowKey(3, Direction.ENCAP, "10.1.0.2", "10.2.0.2", 17, 1024 + i % 60000, 53)
     return FlowRecord(key, SaRef("192.0.2.2", 0xC001, 7), 4, "02:00:00:00:00:01",
@@ -585,6 +621,10 @@ class Gateway:
     def read(self):
         with self._lock:
             return self.traffic.parts()
+
+    def snapshot(self) -> MetricsSnapshot:
+        """What the agent's tick does: the source's snapshot with the kernel's SAs added."""
+        return dataclasses.replace(self.source.snapshot(), sa_states=sa_states())
 
     def _tick(self) -> None:
         t, rng = self.traffic, self.rng
@@ -673,7 +713,7 @@ def test_every_dashboard_and_rule_expression_returns_data(
 ) -> None:
     traffic = make_traffic(traffic_kind)
     gw = Gateway(traffic)
-    exporter = Exporter("127.0.0.1", 0, gw.source.snapshot)
+    exporter = Exporter("127.0.0.1", 0, gw.snapshot)
     try:
         exporter.start()
         gw.start()
@@ -707,6 +747,21 @@ def check_expressions(prom: Prometheus, gw: Gateway, exporter: Exporter) -> None
         poll("every dashboard and recording expression to return data", none_left, timeout=60)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\nstill empty: {json.dumps(pending, indent=1)}") from None
+
+    # The crypto backend of each SA, as its datapath entry says, and why an SA is not offloaded.
+    backends = {
+        s["metric"]["spi"]: s["metric"]["backend"]
+        for s in prom.query("xfrm_fastpath_sa_packets_total")
+    }
+    assert backends.get(f"0x{SPI_OUT:08x}") == "bpf", f"the BPF AEAD's SA: {backends}"
+    assert backends.get(f"0x{SPI_KC:08x}") == "kernel", f"the kernel backend's SA: {backends}"
+    kernel_path = prom.query("xfrm_fastpath_sa_offloaded == 0")
+    assert [s["metric"]["spi"] for s in kernel_path] == [f"0x{SPI_GCM:08x}"], kernel_path
+    assert NEEDS_MODULE in kernel_path[0]["metric"]["reason"], f"and why: {kernel_path}"
+    on = prom.query("sum by (backend) (xfrm_fastpath_sa_offloaded)")
+    assert {s["metric"]["backend"]: float(s["value"][1]) for s in on} == {
+        "bpf": 2, "kernel": 1, "none": 0
+    }, f"SAs offloaded per backend: {on}"  # fmt: skip
 
     hit = prom.finite("direction:xfrm_fastpath_hit_ratio:rate1m")
     ratios = {s["metric"]["direction"]: float(s["value"][1]) for s in hit}
