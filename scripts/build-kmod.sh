@@ -7,6 +7,9 @@
 #
 #   scripts/build-kmod.sh [KVER]      (default: the cached VM kernel, scripts/fetch-kernel.sh)
 #
+# On a gateway (scripts/install-gateway.sh) KVER is the running kernel: its headers come from
+# linux-headers-$(uname -r) and its BTF from /sys/kernel/btf/vmlinux, so no kernel image is needed.
+#
 # kfuncs need module BTF, and Kbuild makes it (scripts/Makefile.modfinal, cmd_btf_ko) only when
 #  - pahole is installed (Debian's dwarves),
 #  - resolve_btfids exists: Debian's linux-kbuild lacks it, so it is built here once from the
@@ -34,8 +37,14 @@ else
 fi
 KDIR=/usr/src/linux-headers-$KVER
 VMLINUZ=$CACHE/root/boot/vmlinuz-$KVER
+[ -f "$VMLINUZ" ] || [ ! -f "/boot/vmlinuz-$KVER" ] || VMLINUZ=/boot/vmlinuz-$KVER  # a gateway's
+# The running kernel exports its own BTF: the same bytes the image's .BTF section holds.
+RUNNING_BTF=""
+if [ "$KVER" = "$(uname -r)" ] && [ -r /sys/kernel/btf/vmlinux ]; then
+  RUNNING_BTF=/sys/kernel/btf/vmlinux
+fi
 [ -f "$KDIR/Makefile" ] || die "no headers at $KDIR: install linux-headers-$KVER (scripts/fetch-kernel.sh)"
-[ -f "$VMLINUZ" ] || die "no kernel image $VMLINUZ: run scripts/fetch-kernel.sh"
+[ -n "$RUNNING_BTF" ] || [ -f "$VMLINUZ" ] || die "no kernel image $VMLINUZ: run scripts/fetch-kernel.sh"
 command -v pahole >/dev/null || die "pahole missing: install dwarves (scripts/setup.sh)"
 SRC_TAR=$(ls /usr/src/linux-source-6.1.tar.xz 2>/dev/null || true)
 [ -n "$SRC_TAR" ] || die "no /usr/src/linux-source-6.1.tar.xz: install linux-source-6.1 (scripts/setup.sh)"
@@ -56,7 +65,14 @@ if [ ! -x "$RESOLVE_BTFIDS" ] || [ ! -x "$EXTRACT" ]; then
 fi
 
 BTF=$CACHE/vmlinux-$KVER.btf
-if [ ! -s "$BTF" ] || [ "$VMLINUZ" -nt "$BTF" ]; then
+if [ -n "$RUNNING_BTF" ]; then
+  if ! cmp -s "$RUNNING_BTF" "$BTF"; then
+    say "taking the BTF of $KVER from $RUNNING_BTF"
+    cat "$RUNNING_BTF" > "$BTF.tmp"
+    chmod 644 "$BTF.tmp"
+    mv "$BTF.tmp" "$BTF"
+  fi
+elif [ ! -s "$BTF" ] || [ "$VMLINUZ" -nt "$BTF" ]; then
   say "extracting the BTF of $KVER from $VMLINUZ"
   elf=$(mktemp)
   "$EXTRACT" "$VMLINUZ" > "$elf" || { rm -f "$elf"; die "extract-vmlinux failed on $VMLINUZ"; }

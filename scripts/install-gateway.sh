@@ -7,21 +7,35 @@
 #  - the program in /opt/xfrm-fastpath, with a virtualenv made from the system Python with system
 #    site packages (Debian's python3-bpfcc is not on PyPI);
 #  - the systemd unit (packaging/xfrm-fastpath.service) and /etc/xfrm-fastpath/config.toml
-#    (packaging/config.toml; an existing config is kept, only --lan/--wan rewrite its interfaces).
+#    (packaging/config.toml; an existing config is kept, only --lan/--wan rewrite its interfaces);
+#  - the xfp_crypto kernel module (kmod/, the kernel crypto backend) built for the running kernel
+#    by scripts/build-kmod.sh, installed in /lib/modules/$(uname -r)/updates/ (depmod), loaded
+#    now and at boot with its crypto dependencies (/etc/modules-load.d/xfrm-fastpath.conf).
+#    When it does not build or load, the service still installs and runs, on the BPF backend
+#    (ChaCha20-Poly1305 on the BPF AEAD; AES-GCM SAs stay on the kernel path), and says so.
 #
 # usage: install-gateway.sh [--lan IF[,IF..]] [--wan IF[,IF..]] [--enable] [--no-packages]
-#                           [--root DIR]
+#                           [--no-kmod] [--kver KVER] [--root DIR]
 #   --lan/--wan  the clear-text and ESP-side interfaces to put in the config
 #   --enable     enable the service and (re)start it
 #   --no-packages  skip apt (the packages are already there)
-#   --root DIR   stage the files under DIR instead of / (no apt, no virtualenv, no systemctl):
-#                what tests/host/test_packaging.py uses to check the installed tree
+#   --no-kmod    neither build nor load the kernel crypto module (the BPF backend only)
+#   --kver KVER  build the module for this kernel (default: the running one, $(uname -r)), e.g.
+#                the one a kernel update will boot; it is loaded now only if it is running
+#   --root DIR   stage the files under DIR instead of / (no apt, no virtualenv, no systemctl;
+#                the module's build, install and load are printed, not run): what
+#                tests/host/test_packaging.py uses to check the installed tree
 set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
 
 PREFIX=/opt/xfrm-fastpath  # also in packaging/xfrm-fastpath.service (ExecStart)
 UNIT=xfrm-fastpath.service
-lan="" wan="" enable=0 packages=1 root=""
+lan="" wan="" enable=0 packages=1 root="" kmod=1 kver=$(uname -r)
+# What the module needs loaded before it (tests/vm/test_vm_kcrypto.py loads the same): the arch
+# ChaCha20 and Poly1305 it links against, and aesni-intel, whose synchronous AES-GCM it
+# allocates by name (a name is no symbol dependency, so modprobe would not load it).
+KMOD=xfp_crypto
+KMOD_DEPS=(chacha_x86_64 poly1305_x86_64 aesni_intel)
 
 say() { printf '[install-gateway] %s\n' "$*"; }
 die() { printf 'install-gateway: %s\n' "$*" >&2; exit 1; }
@@ -32,8 +46,10 @@ while [ $# -gt 0 ]; do
     --wan) wan=${2:?--wan needs interface names}; shift 2 ;;
     --enable) enable=1; shift ;;
     --no-packages) packages=0; shift ;;
+    --no-kmod) kmod=0; shift ;;
     --root) root=${2:?--root needs a directory}; shift 2 ;;
-    -h|--help) sed -n '3,19p' "$0"; exit 0 ;;
+    --kver) kver=${2:?--kver needs a kernel release}; shift 2 ;;
+    -h|--help) sed -n '3,28p' "$0"; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
   esac
 done
@@ -67,10 +83,15 @@ if [ "$packages" -eq 1 ]; then
     iproute2 kmod
     charon-systemd strongswan-swanctl libstrongswan-standard-plugins
   )
-  headers="linux-headers-$(uname -r)"
+  if [ "$kmod" -eq 1 ]; then
+    # scripts/build-kmod.sh: kbuild and gcc (with the headers), pahole for module BTF, and the
+    # kernel source's resolve_btfids (Debian's kbuild lacks it; it needs libelf-dev).
+    pkgs+=(make gcc dwarves libelf-dev linux-source-6.1 xz-utils binutils)
+  fi
+  headers="linux-headers-$kver"
   if apt-cache show "$headers" >/dev/null 2>&1; then
     pkgs+=("$headers")
-  elif [ ! -e "/lib/modules/$(uname -r)/build/Makefile" ]; then
+  elif [ ! -e "/lib/modules/$kver/build/Makefile" ]; then
     say "warning: no $headers package and no headers installed: BCC will not compile"
   fi
   missing=()
@@ -91,11 +112,13 @@ mkdir -p "$dest"
 if [ "$(cd "$dest" && pwd -P)" != "$(cd "$src" && pwd -P)" ]; then
   # Replace each part whole, so files removed upstream do not linger. The install is editable
   # (below) because the controller finds bpf/ next to controller/.
-  for part in controller bpf packaging pyproject.toml README.md docs; do
+  for part in controller bpf kmod packaging pyproject.toml README.md docs; do
     [ -e "$src/$part" ] || continue
     rm -rf "${dest:?}/$part"
     cp -R "$src/$part" "$dest/$part"
   done
+  # The module's builder, to rebuild after a kernel update (kmod/README.md).
+  install -D -m 0755 "$src/scripts/build-kmod.sh" "$dest/scripts/build-kmod.sh"
   rm -rf "$dest/bpf/tests"  # test and bench programs: nothing on a gateway loads them
   find "$dest" -name __pycache__ -type d -prune -exec rm -rf {} +
 fi
@@ -151,6 +174,70 @@ py=$dest/.venv/bin/python
 if [ -x "$py" ]; then
   (cd "$dest" && "$py" -c 'import sys; from controller.config import load_config; load_config(sys.argv[1])' "$cfg") \
     || die "$cfg does not validate"
+fi
+
+# -- the kernel crypto module (kmod/README.md) ----------------------------------------------------
+[[ $kver =~ ^[A-Za-z0-9._+-]+$ ]] || die "not a kernel release: '$kver'"
+modules_conf=$root/etc/modules-load.d/xfrm-fastpath.conf
+kmod_note=""
+# Run a step that changes the system, or (--root) only say what it would run.
+sys() {
+  if [ -n "$root" ]; then
+    say "would run: $*"
+  else
+    "$@"
+  fi
+}
+# Build, install and load the module for the running kernel; 1 (after saying why) when any step
+# fails, with nothing loaded at boot that would not load.
+install_kmod() {
+  local ko=/var/cache/xfrm-fastpath/kernel/kmod/$kver/$KMOD.ko
+  local mod_dir=/lib/modules/$kver/updates
+  # linux-headers-$kver (installed above when the archive has it) is what the build needs first.
+  [ -e "/usr/src/linux-headers-$kver/Makefile" ] || {
+    kmod_note="no headers for $kver in /usr/src/linux-headers-$kver (linux-headers-$kver)"
+    return 1
+  }
+  say "building $KMOD for $kver (scripts/build-kmod.sh)"
+  sys "$dest/scripts/build-kmod.sh" "$kver" || { kmod_note="it did not build for $kver"; return 1; }
+  sys install -D -m 0644 "$ko" "$mod_dir/$KMOD.ko" || { kmod_note="it did not install"; return 1; }
+  sys depmod -a "$kver" || { kmod_note="depmod failed"; return 1; }
+  mkdir -p "$(dirname "$modules_conf")"
+  {
+    echo "# xfrm-fastpath's kernel crypto backend (kmod/README.md), written by install-gateway.sh:"
+    echo "# its crypto dependencies first, then the module."
+    printf '%s\n' "${KMOD_DEPS[@]}" "$KMOD"
+  } > "$modules_conf"
+  if [ "$kver" != "$(uname -r)" ]; then
+    say "$KMOD installed for $kver: it loads when that kernel boots"
+    return 0
+  fi
+  local m
+  for m in "${KMOD_DEPS[@]}"; do
+    sys modprobe "$m" || say "warning: modprobe $m failed (AES-GCM or SIMD may be unavailable)"
+  done
+  # An older build stays loaded while a controller holds /dev/xfp_crypto: the new one loads at
+  # the next boot, or after `systemctl stop xfrm-fastpath; rmmod xfp_crypto`.
+  if [ -z "$root" ] && [ -d "/sys/module/$KMOD" ]; then
+    say "$KMOD is loaded already: a rebuilt module takes over at the next load"
+  else
+    sys modprobe "$KMOD" || {
+      rm -f "$modules_conf"
+      kmod_note="it did not load (Secure Boot refusing unsigned modules? see dmesg)"
+      return 1
+    }
+  fi
+}
+if [ "$kmod" -eq 0 ]; then
+  say "kernel crypto module skipped (--no-kmod): the controller runs on the BPF backend"
+elif ! install_kmod; then
+  say "warning: the $KMOD module is not in use: $kmod_note. The service runs on the BPF backend"
+  say "  ([crypto] backend = auto): ChaCha20-Poly1305 on the BPF AEAD, AES-GCM SAs on the kernel path"
+  if [ -x "$py" ] && [ "$(cd "$dest" && "$py" -c 'import sys; from controller.config import load_config; print(load_config(sys.argv[1]).crypto_backend)' "$cfg")" = kernel ]; then
+    say "warning: $cfg says [crypto] backend = kernel: the controller will refuse to start without the module"
+  fi
+else
+  say "kernel crypto backend: $KMOD for $kver, loaded at boot ($modules_conf)"
 fi
 
 if [ -z "$root" ]; then

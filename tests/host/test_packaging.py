@@ -227,9 +227,14 @@ def test_install_gateway_staged(tmp_path: Path) -> None:
     dest = root / "opt/xfrm-fastpath"
     assert (dest / "controller/config.py").is_file(), "program not installed"
     shipped = sorted(p.name for p in dest.iterdir() if not p.name.startswith("."))
-    assert shipped == ["README.md", "bpf", "controller", "docs", "packaging", "pyproject.toml"], (
-        f"a gateway gets the controller, its BPF sources and docs, nothing of the test beds: "
-        f"{shipped}"
+    assert shipped == [
+        "README.md", "bpf", "controller", "docs", "kmod", "packaging", "pyproject.toml", "scripts"
+    ], (
+        f"a gateway gets the controller, its BPF sources, the kernel module's sources and "
+        f"builder, and docs, nothing of the test beds: {shipped}"
+    )  # fmt: skip
+    assert [p.name for p in (dest / "scripts").iterdir()] == ["build-kmod.sh"], (
+        "of scripts/, only the module's builder (a kernel update needs a rebuild)"
     )
     assert not (dest / "bpf/tests").exists(), "test and bench BPF programs were shipped"
     cfg = load_config(cfg_path)
@@ -251,6 +256,58 @@ def test_install_gateway_staged(tmp_path: Path) -> None:
         f"a bad interface name was accepted: {bad.stdout}{bad.stderr}"
     )
     assert load_config(cfg_path).lan == ("eth1",), "a refused run still changed the config"
+
+
+KMOD_CONF = "etc/modules-load.d/xfrm-fastpath.conf"
+
+
+def _vm_test_deps() -> list[str]:
+    """The modules tests/vm/test_vm_kcrypto.py loads before xfp_crypto (its DEPS)."""
+    text = (ROOT / "tests/vm/test_vm_kcrypto.py").read_text()
+    m = re.search(r"^DEPS = \(([^)]*)\)", text, re.M)
+    assert m, "tests/vm/test_vm_kcrypto.py names its DEPS"
+    return re.findall(r'"([^"]+)"', m.group(1))
+
+
+def test_install_gateway_kernel_module_steps(tmp_path: Path) -> None:
+    """Staged (--root), the module's build, install and depmod are printed, not run, for a
+    kernel whose headers this machine has; the boot-time list loads the crypto modules the VM
+    tests load first, then xfp_crypto."""
+    have = sorted(p.parent.name for p in Path("/usr/src").glob("linux-headers-*/Makefile"))
+    if not have:
+        pytest.skip("no linux-headers-* in /usr/src (scripts/fetch-kernel.sh installs the VM's)")
+    kver = have[0].removeprefix("linux-headers-")
+    root = tmp_path / "root"
+    proc = run(["bash", str(INSTALL), "--root", str(root), "--kver", kver])
+    assert proc.returncode == 0, f"install-gateway.sh failed:\n{proc.stdout}{proc.stderr}"
+    dest = root / "opt/xfrm-fastpath"
+    for step in (
+        f"would run: {dest}/scripts/build-kmod.sh {kver}",
+        f"/lib/modules/{kver}/updates/xfp_crypto.ko",
+        f"would run: depmod -a {kver}",
+    ):
+        assert step in proc.stdout, f"step {step!r} not planned:\n{proc.stdout}"
+    conf = (root / KMOD_CONF).read_text().split("\n")
+    mods = [line for line in conf if line and not line.startswith("#")]
+    assert mods == [*_vm_test_deps(), "xfp_crypto"], f"loaded at boot, deps first: {mods}"
+    assert (dest / "kmod/xfp_crypto.c").is_file() and (dest / "scripts/build-kmod.sh").is_file()
+
+
+@pytest.mark.parametrize("how", ["no-headers", "no-kmod"])
+def test_install_gateway_without_the_module(tmp_path: Path, how: str) -> None:
+    """No headers for the kernel (the build cannot run) or --no-kmod: the service still
+    installs, nothing is loaded at boot, and the output says the BPF backend serves."""
+    root = tmp_path / "root"
+    args = ["--kver", "0.0.0-no-such-kernel"] if how == "no-headers" else ["--no-kmod"]
+    proc = run(["bash", str(INSTALL), "--root", str(root), *args])
+    assert proc.returncode == 0, f"install-gateway.sh {args} failed:\n{proc.stdout}{proc.stderr}"
+    assert (root / "etc/systemd/system/xfrm-fastpath.service").is_file(), "the unit installed"
+    assert not (root / KMOD_CONF).exists(), "no module to load at boot"
+    assert "BPF backend" in proc.stdout, f"says which backend serves:\n{proc.stdout}"
+    if how == "no-headers":
+        assert "no headers for 0.0.0-no-such-kernel" in proc.stdout, proc.stdout
+        assert "AES-GCM SAs on the kernel path" in proc.stdout, proc.stdout
+        assert "would run" not in proc.stdout, "no step after the missing headers"
 
 
 def test_install_gateway_rejects_a_broken_config(tmp_path: Path) -> None:
