@@ -64,6 +64,8 @@
 
 /* SPI, seq (RFC 4303 section 2), 8-byte IV (RFC 7634 section 2): 16 */
 #define ESP_HDR_IV_LEN (XFP_ESP_HDR_LEN + XFP_ESP_IV_LEN)
+/* NAT-T (RFC 3948 section 2.1): UDP header, then the same 16 bytes */
+#define UDP_ESP_LEN (XFP_UDP_LEN + ESP_HDR_IV_LEN)
 
 /* The sizes of the fields read as fixed-width integers below. */
 _Static_assert(SKB_LEN_SZ == 4 && SKB_DATA_LEN_SZ == 4 && SKB_IIF_SZ == 4, "u32 skb fields");
@@ -84,9 +86,10 @@ struct tuple {
 	__u8 flags; /* LEARN_F_IP_OPTS */
 	__u8 ttl;
 	__u8 l4_ok;
-	__u32 esp_spi; /* ESP: from the 8 bytes after the IP header */
+	__u32 esp_spi; /* ESP: from the 8 bytes after the IP header (NAT-T: after UDP) */
 	__u32 esp_seq;
 	__u8 esp_iv[8];
+	__u8 udp_esp; /* UDP to or from XFP_NATT_PORT that can be ESP-in-UDP: esp_* valid */
 };
 
 static __always_inline void stat_inc(__u32 idx)
@@ -148,7 +151,7 @@ static __always_inline int skb_linear(void *skb, void **data, __u32 *headlen)
 static __always_inline int parse_ipv4(void *l3, __u32 avail, struct tuple *t)
 {
 	struct iphdr ip = {};
-	__u8 l4[ESP_HDR_IV_LEN] = {};
+	__u8 l4[UDP_ESP_LEN] = {};
 
 	if (avail < sizeof(ip) || bpf_probe_read_kernel(&ip, sizeof(ip), l3))
 		return -1;
@@ -173,6 +176,21 @@ static __always_inline int parse_ipv4(void *l3, __u32 avail, struct tuple *t)
 		return 0;
 	if (bpf_probe_read_kernel(l4, ESP_HDR_IV_LEN, l3 + hlen))
 		return 0;
+	/* RFC 3948: UDP with the NAT-T port on either side whose payload is longer than an ESP
+	 * header and does not start with the non-ESP marker (zero) is ESP-in-UDP, as
+	 * xfrm4_udp_encap_rcv() decides; the SA's own ports are checked by the controller
+	 * (controller/core/validate.py). Other NAT-T ports are not recognised here. */
+	if (ip.protocol == IPPROTO_UDP && avail >= hlen + UDP_ESP_LEN &&
+	    (*(__u16 *)&l4[0] == bpf_htons(XFP_NATT_PORT) ||
+	     *(__u16 *)&l4[2] == bpf_htons(XFP_NATT_PORT)) &&
+	    bpf_ntohs(*(__u16 *)&l4[4]) > XFP_UDP_LEN + XFP_ESP_HDR_LEN &&
+	    !bpf_probe_read_kernel(l4 + XFP_UDP_LEN, ESP_HDR_IV_LEN, l3 + hlen + XFP_UDP_LEN) &&
+	    *(__u32 *)&l4[XFP_UDP_LEN] != 0) {
+		__builtin_memcpy(&t->esp_spi, &l4[XFP_UDP_LEN], 4);
+		__builtin_memcpy(&t->esp_seq, &l4[XFP_UDP_LEN + 4], 4);
+		__builtin_memcpy(t->esp_iv, &l4[XFP_UDP_LEN + 8], 8);
+		t->udp_esp = 1;
+	}
 	if (ip.protocol == IPPROTO_ESP) {
 		__builtin_memcpy(&t->esp_spi, &l4[0], 4);
 		__builtin_memcpy(&t->esp_seq, &l4[4], 4);
@@ -228,9 +246,12 @@ TRACEPOINT_PROBE(net, netif_receive_skb)
 {
 	void *skb = args->skbaddr;
 	__u64 key = (__u64)skb;
-	__u32 ifindex = 0, ino = 0;
+	__u32 ifindex = 0, ino = 0, role;
 
-	if (skb_dev(skb, &ifindex, &ino) || !watched_role(ifindex, ino))
+	if (skb_dev(skb, &ifindex, &ino))
+		return 0;
+	role = watched_role(ifindex, ino);
+	if (!role)
 		return 0;
 
 	__be16 proto = 0;
@@ -252,7 +273,9 @@ TRACEPOINT_PROBE(net, netif_receive_skb)
 	s.ktime = now;
 	s.ifindex = ifindex;
 	s.flags = t.flags;
-	if (t.proto == IPPROTO_ESP) {
+	/* ESP-in-UDP (NAT-T) counts as ESP on the WAN side only: from the LAN it is a host's own
+	 * NAT-T traffic, which this gateway merely forwards. */
+	if (t.proto == IPPROTO_ESP || (t.udp_esp && role == LEARN_ROLE_WAN)) {
 		if (!t.l4_ok) {
 			learn_sightings.delete(&key);
 			return 0;
@@ -260,6 +283,11 @@ TRACEPOINT_PROBE(net, netif_receive_skb)
 		s.flags |= LEARN_F_ESP_RX;
 		s.esp_spi = t.esp_spi;
 		s.esp_seq = t.esp_seq;
+		if (t.proto == IPPROTO_UDP) {
+			s.flags |= LEARN_F_UDP_ENCAP;
+			s.encap_sport = t.sport;
+			s.encap_dport = t.dport;
+		}
 		stat_inc(LEARN_STAT_RX_ESP);
 	} else {
 		s.saddr = t.saddr;
@@ -277,7 +305,9 @@ TRACEPOINT_PROBE(net, netif_receive_skb)
 				s.ktime = prev->ktime;
 				s.esp_spi = prev->esp_spi;
 				s.esp_seq = prev->esp_seq;
-				s.flags |= LEARN_F_ESP_RX;
+				s.encap_sport = prev->encap_sport;
+				s.encap_dport = prev->encap_dport;
+				s.flags |= prev->flags & (LEARN_F_ESP_RX | LEARN_F_UDP_ENCAP);
 				stat_inc(LEARN_STAT_RX_DECRYPTED);
 			}
 			s.flags |= LEARN_F_SECPATH;
@@ -388,7 +418,9 @@ TRACEPOINT_PROBE(net, net_dev_start_xmit)
 	ev.in_ifindex = iif;
 	ev.out_ifindex = out_ifindex;
 	bpf_probe_read_kernel(&ev.tx_len, sizeof(ev.tx_len), skb + SKB_LEN_OFF);
-	ev.flags = s.flags & (LEARN_F_ESP_RX | LEARN_F_FIB | LEARN_F_IP_OPTS);
+	ev.flags = s.flags & (LEARN_F_ESP_RX | LEARN_F_FIB | LEARN_F_IP_OPTS | LEARN_F_UDP_ENCAP);
+	ev.encap_sport = s.encap_sport;
+	ev.encap_dport = s.encap_dport;
 	ev.outer_saddr = tx.saddr;
 	ev.outer_daddr = tx.daddr;
 	ev.outer_proto = tx.proto;
@@ -421,9 +453,14 @@ TRACEPOINT_PROBE(net, net_dev_start_xmit)
 
 	__u32 spi = 0;
 	if (in_role == LEARN_ROLE_LAN) {
-		if (tx.proto == IPPROTO_ESP && tx.l4_ok) {
+		if ((tx.proto == IPPROTO_ESP || tx.udp_esp) && tx.l4_ok) {
 			ev.direction = LEARN_DIR_ENCAP;
 			ev.flags |= LEARN_F_ESP_TX;
+			if (tx.udp_esp) { /* NAT-T: the SA's ports, checked by the controller */
+				ev.flags |= LEARN_F_UDP_ENCAP;
+				ev.encap_sport = tx.sport;
+				ev.encap_dport = tx.dport;
+			}
 			ev.esp_spi = tx.esp_spi;
 			ev.esp_seq = tx.esp_seq;
 			__builtin_memcpy(ev.esp_iv, tx.esp_iv, 8);
@@ -432,7 +469,8 @@ TRACEPOINT_PROBE(net, net_dev_start_xmit)
 			ev.direction = LEARN_DIR_CLEAR_OUT;
 		}
 	} else {
-		if (tx.proto == IPPROTO_ESP) { /* ESP in, ESP out: transit, not ours */
+		if (tx.proto == IPPROTO_ESP ||
+		    tx.udp_esp) { /* ESP in, ESP out: transit, not ours */
 			stat_inc(LEARN_STAT_TX_NOT_FORWARD);
 			return 0;
 		}

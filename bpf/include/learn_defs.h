@@ -25,12 +25,13 @@
 #define LEARN_DIR_CLEAR_IN 4  /* WAN -> LAN, no ESP seen */
 
 /* learn_event.flags */
-#define LEARN_F_ESP_RX 0x01  /* the skb arrived as ESP (esp_spi/esp_seq from the wire) */
-#define LEARN_F_ESP_TX 0x02  /* the skb left as ESP (esp_spi/esp_seq/esp_iv from the wire) */
-#define LEARN_F_SECPATH 0x04 /* the skb carried a sec_path at xmit (sp_spi, sp_len valid) */
-#define LEARN_F_FIB 0x08     /* a matching fib_table_lookup was seen (fib_* valid) */
-#define LEARN_F_MANGLED 0x10 /* clear out != clear in (NAT): the fastpath must not take it */
-#define LEARN_F_IP_OPTS 0x20 /* the inner IPv4 header carried options */
+#define LEARN_F_ESP_RX 0x01    /* the skb arrived as ESP (esp_spi/esp_seq from the wire) */
+#define LEARN_F_ESP_TX 0x02    /* the skb left as ESP (esp_spi/esp_seq/esp_iv from the wire) */
+#define LEARN_F_SECPATH 0x04   /* the skb carried a sec_path at xmit (sp_spi, sp_len valid) */
+#define LEARN_F_FIB 0x08       /* a matching fib_table_lookup was seen (fib_* valid) */
+#define LEARN_F_MANGLED 0x10   /* clear out != clear in (NAT): the fastpath must not take it */
+#define LEARN_F_IP_OPTS 0x20   /* the inner IPv4 header carried options */
+#define LEARN_F_UDP_ENCAP 0x40 /* the wire's ESP was in UDP (NAT-T): encap_* valid */
 
 /* One forwarded packet, seen entering and leaving the gateway's namespace. 112 bytes. */
 struct learn_event {
@@ -59,10 +60,11 @@ struct learn_event {
 	__u8 eth_src[6];
 	__u8 outer_proto; /* IP protocol of the frame as transmitted (50 for ESP) */
 	__u8 pad0[3];
-	__u32 fib_tb_id; /* fib_table_lookup of this packet on input: table id */
-	__u32 fib_gw4;	 /* be: next-hop gateway; unset (garbage) for a nexthop without an IPv4
-			    gateway (include/trace/events/fib.h): do not trust it alone */
-	__u32 pad1;
+	__u32 fib_tb_id;   /* fib_table_lookup of this packet on input: table id */
+	__u32 fib_gw4;	   /* be: next-hop gateway; unset (garbage) for a nexthop without an IPv4
+			      gateway (include/trace/events/fib.h): do not trust it alone */
+	__u16 encap_sport; /* be: LEARN_F_UDP_ENCAP: the UDP ports around the wire's ESP */
+	__u16 encap_dport; /* be */
 };
 
 /* Indexes of the per-CPU learn_stats counters (why a sighting did or did not become an event). */
@@ -93,11 +95,12 @@ struct learn_sighting {
 	__u8 flags;    /* LEARN_F_ESP_RX, LEARN_F_SECPATH (at the clear re-receive),
 			  LEARN_F_FIB, LEARN_F_IP_OPTS */
 	__u8 pad[2];
-	__u32 esp_spi;	 /* be */
-	__u32 esp_seq;	 /* be */
-	__u32 fib_tb_id; /* host order */
-	__u32 fib_gw4;	 /* be */
-	__u32 pad1;	 /* always 0: the padding to 48 bytes, explicit */
+	__u32 esp_spi;	   /* be */
+	__u32 esp_seq;	   /* be */
+	__u32 fib_tb_id;   /* host order */
+	__u32 fib_gw4;	   /* be */
+	__u16 encap_sport; /* be: LEARN_F_UDP_ENCAP (with LEARN_F_ESP_RX): NAT-T's UDP ports */
+	__u16 encap_dport; /* be */
 };
 
 /* The last sighting made on this CPU: fib_table_lookup carries no skb pointer, but the input

@@ -32,6 +32,7 @@ from controller.core.xfrm_model import (
     SaAdded,
     SaDeleted,
     SaExpired,
+    SaMapping,
     SaUpdated,
     XfrmEvent,
 )
@@ -144,6 +145,8 @@ class Invalidator:
             self.drop_sa(ev.sa_id.spi, str(ev.sa_id.dst), Cause.SA_DELETED, gone=True)
         elif isinstance(ev, SaUpdated):
             self.drop_sa(ev.sa.spi, str(ev.sa.dst), Cause.SA_UPDATED)
+        elif isinstance(ev, SaMapping):
+            self.on_mapping(ev)
         elif isinstance(ev, SaExpired):
             if ev.hard:  # the kernel deletes a hard-expired SA: nothing to hand back
                 self.drop_sa(ev.sa.spi, str(ev.sa.dst), Cause.SA_EXPIRED, gone=True)
@@ -196,6 +199,19 @@ class Invalidator:
             self.fence(off)
             self.remover.remove(self.state.flows.flows_of_sa(off.ref), cause)
             self.offload.release_sa(off, gone=gone)
+
+    def on_mapping(self, ev: SaMapping) -> None:
+        """A NAT-T peer moved (XFRM_MSG_MAPPING names its inbound SA): that SA and the
+        outbound SAs of the same reqid towards its old address are fenced and released, their
+        flows removed, before the IKE daemon updates them (UPDSA or a new SA, each its own
+        event). Until then XDP already passes the moved peer's packets to the kernel
+        (PASS_NATT_MAPPING), and no packet of ours goes on to the old mapping from XDP."""
+        self.drop_sa(ev.sa_id.spi, str(ev.sa_id.dst), Cause.NAT_MAPPING)
+        if not ev.reqid:
+            return
+        for off in list(self.state.sa_out.values()):
+            if off.sa.reqid == ev.reqid and off.sa.dst == ev.old_saddr:
+                self.drop_sa(off.sa.spi, str(off.sa.dst), Cause.NAT_MAPPING)
 
     def drop_all(self, cause: Cause) -> None:
         """Every flow goes (a firewall, route or policy change). The SAs stay, but the

@@ -57,6 +57,8 @@ def sighting_of(cand: Candidate, direction: Direction) -> Sighting:
         eth_src=cand.eth_src,
         eth_dst=cand.eth_dst,
         mangled=cand.mangled,
+        encap_ports=cand.encap_ports,
+        wire_seen=cand.wire_seen,
     )
 
 

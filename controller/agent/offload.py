@@ -430,4 +430,7 @@ def _entry_identity(off: OffloadedSa) -> dict[str, object]:
         "daddr": str(sa.dst),
         "key": b"" if off.kc_id is not None else sa.key.reveal(),
         "kc_id": off.kc_id,
+        # RFC 3948 NAT-T: the SA's UDP ports as XFRMA_ENCAP keeps them (fastpath_support
+        # admitted only ESP in UDP)
+        "encap_ports": (sa.encap.sport, sa.encap.dport) if sa.encap is not None else None,
     }

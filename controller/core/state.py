@@ -36,6 +36,7 @@ class Cause(enum.StrEnum):
     SA_UPDATED = "sa_updated"
     SA_EXPIRED = "sa_expired"
     SA_REKEYED = "sa_rekeyed"
+    NAT_MAPPING = "nat_mapping"  # a NAT-T peer's address or port changed (XFRM_MSG_MAPPING)
     WATCHDOG_LAPSED = "watchdog_lapsed"  # the controller stalled: XDP gave the SA up meanwhile
     POLICY_CHANGED = "policy_changed"
     ROUTE_CHANGED = "route_changed"

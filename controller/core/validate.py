@@ -41,6 +41,13 @@ from controller.core.xfrm_model import (
 )
 
 PROTO_ICMP = 1
+# Outbound NAT-T: the kernel keeps sending some packets of an offloaded SA (first packets,
+# liveness), which bpf/tc_reseq.c must renumber from the datapath's counter; it renumbers
+# plain ESP only, and a kernel-built ESP-in-UDP packet with the kernel's own (lagging) number
+# would repeat a nonce XDP used. Until it does, outbound NAT-T SAs stay on the kernel path
+# (bpf/xdp_encap.c can build them; tests/bpf/test_natt.py).
+RESEQ_NATT = False
+NATT_OUT_WHY = "outbound NAT-T: the resequencer does not renumber ESP-in-UDP yet"
 # include/uapi/linux/neighbour.h: states in which a neighbour entry's MAC can be used.
 NUD_REACHABLE, NUD_STALE, NUD_DELAY, NUD_PROBE = 0x02, 0x04, 0x08, 0x10
 NUD_NOARP, NUD_PERMANENT = 0x40, 0x80
@@ -83,6 +90,11 @@ class Sighting:
     eth_src: str
     eth_dst: str
     mangled: bool = False
+    # RFC 3948 NAT-T: the UDP (source, destination) ports around ESP on the wire, None for
+    # plain ESP; `wire_seen` False when no ESP frame of the packet was seen (decap known by
+    # its sec_path only), so the wire's encapsulation is unknown.
+    encap_ports: tuple[int, int] | None = None
+    wire_seen: bool = True
 
     def xfrm_flow(self) -> Flow:
         """The flow as the kernel's policy lookup sees it (struct flowi4): for ICMP the
@@ -121,6 +133,25 @@ def check_sa(
     if backend is None:
         return _reject(RejectReason.SA_UNSUPPORTED, f"SA {sa}: {why}")
     return None
+
+
+def check_encap_ports(sa: Sa, s: Sighting) -> Rejected | None:
+    """The wire's encapsulation is the SA's: UDP with the ports of its XFRMA_ENCAP (NAT-T,
+    RFC 3948; both directions keep them as the frame carries them: source, destination), or
+    plain ESP for an SA without one. The datapath builds (and accepts) exactly that."""
+    if not s.wire_seen:
+        return None
+    want = (sa.encap.sport, sa.encap.dport) if sa.encap is not None else None
+    if s.encap_ports != want:
+        return _reject(
+            RejectReason.OUTER_MISMATCH,
+            f"SA {sa} encapsulation {_encap_text(want)}, wire {_encap_text(s.encap_ports)}",
+        )
+    return None
+
+
+def _encap_text(ports: tuple[int, int] | None) -> str:
+    return f"UDP {ports[0]}->{ports[1]}" if ports else "plain ESP"
 
 
 def check_l2(
@@ -185,6 +216,8 @@ def validate_encap(
     if bad is not None:
         return bad
     assert sa is not None
+    if sa.encap is not None and not RESEQ_NATT:
+        return _reject(RejectReason.SA_UNSUPPORTED, f"SA {sa}: {NATT_OUT_WHY}")
     tmpl = out.policy.templates[0]
     if tmpl.mode != Mode.TUNNEL or not tmpl.covers(sa):
         return _reject(
@@ -194,6 +227,9 @@ def validate_encap(
         return _reject(
             RejectReason.OUTER_MISMATCH, f"SA {sa} vs wire {s.outer_saddr}->{s.outer_daddr}"
         )
+    bad = check_encap_ports(sa, s)
+    if bad is not None:
+        return bad
     bad = check_l2(route, neigh, s.out_ifindex, s.eth_dst, str(sa.dst))
     if bad is not None:
         return bad
@@ -222,6 +258,9 @@ def validate_decap(
     assert sa is not None
     if str(sa.dst) not in local_addrs:
         return _reject(RejectReason.SA_NOT_INBOUND, f"SA {sa} is not addressed to this gateway")
+    bad = check_encap_ports(sa, s)
+    if bad is not None:
+        return bad
     flow = s.xfrm_flow()
     fwd = policy_decision(policies, default, flow, Dir.FWD)
     if not fwd.allowed:

@@ -222,9 +222,15 @@ class Algorithm:
     icv_bits: int = 0
 
 
+# include/uapi/linux/udp.h: the encapsulation of RFC 3948 (NAT-T), the only one served
+UDP_ENCAP_ESPINUDP = 2
+
+
 @dataclass(frozen=True)
 class Encap:
-    """struct xfrm_encap_tmpl: UDP encapsulation (NAT-T, RFC 3948) of an SA."""
+    """struct xfrm_encap_tmpl: UDP encapsulation (NAT-T, RFC 3948) of an SA. Ports in host
+    order, as the kernel keeps them: outbound sport ours and dport the peer's, inbound sport
+    the peer's (behind its NAT) and dport ours."""
 
     type: int
     sport: int
@@ -361,8 +367,10 @@ class Sa:
             return False, f"ICV of {self.aead.icv_bits} bits (need {FASTPATH_ICV_BITS})"
         if self.comp is not None:
             return False, "IPComp"
-        if self.encap is not None:
-            return False, "UDP encapsulation (NAT-T) not supported yet"
+        if self.encap is not None and self.encap.type != UDP_ENCAP_ESPINUDP:
+            return False, f"encapsulation type {self.encap.type} (only ESP in UDP, RFC 3948)"
+        if self.encap is not None and not (self.encap.sport and self.encap.dport):
+            return False, "NAT-T encapsulation without both UDP ports"
         if self.mark is not None and (self.mark.value or self.mark.mask):
             return False, "SA carries an XFRM mark"
         if self.if_id:
@@ -654,6 +662,20 @@ class AeEvent(XfrmEvent):
     flags: int
     replay: ReplayState | None
     current: LifetimeCur | None
+
+
+@dataclass(frozen=True)
+class SaMapping(XfrmEvent):
+    """XFRM_MSG_MAPPING (XFRMNLGRP_MAPPING, esp4.c's km_new_mapping()): an authenticated
+    ESP-in-UDP packet of the inbound SA `sa_id` came from another peer address or port than
+    the SA's encap says (a NAT rebound): the IKE daemon moves the SAs of `reqid` to it."""
+
+    sa_id: SaId
+    reqid: int
+    old_saddr: IPAddress
+    new_saddr: IPAddress
+    old_sport: int
+    new_sport: int
 
 
 @dataclass(frozen=True)

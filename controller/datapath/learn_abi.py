@@ -27,6 +27,7 @@ LEARN_F_SECPATH = 0x04
 LEARN_F_FIB = 0x08
 LEARN_F_MANGLED = 0x10
 LEARN_F_IP_OPTS = 0x20
+LEARN_F_UDP_ENCAP = 0x40  # the wire's ESP was in UDP (NAT-T): encap_sport/encap_dport valid
 
 LEARN_STAT_RX = 0
 LEARN_STAT_RX_ESP = 1
@@ -81,7 +82,8 @@ class LearnEvent(ct.Structure):
         ("pad0", ct.c_uint8 * 3),
         ("fib_tb_id", ct.c_uint32),
         ("fib_gw4", ct.c_uint32),  # be
-        ("pad1", ct.c_uint32),
+        ("encap_sport", ct.c_uint16),  # be
+        ("encap_dport", ct.c_uint16),  # be
     )
 
 
@@ -102,7 +104,8 @@ class LearnSighting(ct.Structure):
         ("esp_seq", ct.c_uint32),
         ("fib_tb_id", ct.c_uint32),
         ("fib_gw4", ct.c_uint32),
-        ("pad1", ct.c_uint32),
+        ("encap_sport", ct.c_uint16),  # be
+        ("encap_dport", ct.c_uint16),  # be
     )
 
 

@@ -70,7 +70,7 @@ def _mac(raw: Iterable[int]) -> str:
 # struct learn_event (learn_abi.LearnEvent, 112 bytes) for struct.unpack: addresses as their 4
 # network-order bytes (socket.inet_ntoa takes them as they are), ports and SPIs as host-order
 # reads of network-order fields (ntohs/ntohl turn them), the padding skipped.
-_EVENT = struct.Struct("<QQQIIII4s4sHHBBBBII8sI4s4s6s6sB3xII4x")
+_EVENT = struct.Struct("<QQQIIII4s4sHHBBBBII8sI4s4s6s6sB3xII2s2s")
 assert _EVENT.size == ct.sizeof(d.LearnEvent), "learn_event layout (learn_abi.py)"
 _ntoa, _ntohs, _ntohl = socket.inet_ntoa, socket.ntohs, socket.ntohl
 _NETNS, _NETNS_OFF = struct.Struct("<I"), d.LearnEvent.netns_ino.offset
@@ -114,6 +114,15 @@ class Candidate:
     seen_ns: int = field(compare=False)  # ... when Python read the event
     netns_ino: int = 0
     skbaddr: int = field(default=0, compare=False)
+    # NAT-T (RFC 3948): the UDP (source, destination) ports around the wire's ESP (tx for
+    # encap, rx for decap); None for plain ESP or when no ESP frame was seen.
+    encap_ports: tuple[int, int] | None = None
+
+    @property
+    def wire_seen(self) -> bool:
+        """An ESP frame of this packet was seen (so encap_ports says what the wire carried)."""
+        want = d.LEARN_F_ESP_TX if self.forwarding == "encap" else d.LEARN_F_ESP_RX
+        return bool(self.flags & want)
 
     @property
     def direction(self) -> Direction | None:
@@ -184,6 +193,7 @@ class Candidate:
         (ktime_rx, ktime_tx, skbaddr, netns_ino, in_ifindex, out_ifindex, tx_len, saddr, daddr,
          sport, dport, proto, direction, flags, sp_len, esp_spi, esp_seq, esp_iv, sp_spi,
          outer_saddr, outer_daddr, eth_dst, eth_src, outer_proto, fib_tb_id, _gw4,
+         encap_sport, encap_dport,
          ) = _EVENT.unpack_from(raw)  # fmt: skip
         esp = flags & (d.LEARN_F_ESP_RX | d.LEARN_F_ESP_TX)
         encap_tx = direction == d.LEARN_DIR_ENCAP and flags & d.LEARN_F_ESP_TX
@@ -214,6 +224,11 @@ class Candidate:
             seen_ns,
             netns_ino,
             skbaddr,
+            (
+                (int.from_bytes(encap_sport, "big"), int.from_bytes(encap_dport, "big"))
+                if flags & d.LEARN_F_UDP_ENCAP
+                else None
+            ),
         )
 
     @classmethod
@@ -248,6 +263,11 @@ class Candidate:
             seen_ns=seen_ns,
             netns_ino=ev.netns_ino,
             skbaddr=ev.skbaddr,
+            encap_ports=(
+                (socket.ntohs(ev.encap_sport), socket.ntohs(ev.encap_dport))
+                if flags & d.LEARN_F_UDP_ENCAP
+                else None
+            ),
         )
 
 

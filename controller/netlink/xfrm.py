@@ -71,7 +71,14 @@ from controller.netlink.xfrm_codec import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GROUPS = (m.XFRMNLGRP_ACQUIRE, m.XFRMNLGRP_EXPIRE, m.XFRMNLGRP_SA, m.XFRMNLGRP_POLICY)
+# MAPPING: a NAT-T peer's new address or port (XFRM_MSG_MAPPING), which invalidates its flows.
+DEFAULT_GROUPS = (
+    m.XFRMNLGRP_ACQUIRE,
+    m.XFRMNLGRP_EXPIRE,
+    m.XFRMNLGRP_SA,
+    m.XFRMNLGRP_POLICY,
+    m.XFRMNLGRP_MAPPING,
+)
 
 
 # -- requests ----------------------------------------------------------------------------------
@@ -322,7 +329,7 @@ class XfrmSocket:
 class XfrmMonitor:
     """Non-blocking reader of XFRM multicast groups yielding typed events.
 
-    Default groups: ACQUIRE, EXPIRE, SA, POLICY. XFRMNLGRP_AEVENTS is opt-in: while anyone
+    Default groups: ACQUIRE, EXPIRE, SA, POLICY, MAPPING. XFRMNLGRP_AEVENTS is opt-in: while anyone
     listens on it, the kernel emits a NEWAE per replay-threshold change or timer
     (xfrm_aevent_is_on(), include/net/xfrm.h), which costs on a busy kernel datapath.
     Unknown and malformed messages are counted in `stats` and logged, never raised.

@@ -47,6 +47,7 @@ from controller.core.xfrm_model import (
     SaDeleted,
     SaExpired,
     SaId,
+    SaMapping,
     SaUpdated,
     Secret,
     Selector,
@@ -584,6 +585,18 @@ def event_from(mtype: int, msg: Any, ts_ns: int) -> XfrmEvent | None:
         )
     if mtype in (m.XFRM_MSG_GETDEFAULT, m.XFRM_MSG_SETDEFAULT):
         return DefaultPolicyChanged(ts_ns, default_policy_from(msg))
+    if mtype == m.XFRM_MSG_MAPPING:
+        sid = msg["id"]
+        fam = sid["family"]
+        return SaMapping(
+            ts_ns,
+            sa_id=SaId(addr_from(sid["daddr"], fam), sid["spi"], sid["proto"], fam),
+            reqid=msg["reqid"],
+            old_saddr=addr_from(msg["old_saddr"], fam),
+            new_saddr=addr_from(msg["new_saddr"], fam),
+            old_sport=msg["old_sport"],
+            new_sport=msg["new_sport"],
+        )
     if mtype == m.XFRM_MSG_REPORT:
         sel = selector_from(msg["sel"])
         co = attrs.get("XFRMA_COADDR")

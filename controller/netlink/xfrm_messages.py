@@ -30,6 +30,7 @@ from controller.netlink.xfrm_structs import (
     XfrmReplayStateEsn,
     XfrmUserAcquire,
     XfrmUserExpire,
+    XfrmUserMapping,
     XfrmUserOffload,
     XfrmUserPolexpire,
     XfrmUserpolicyDefault,
@@ -274,6 +275,7 @@ xfrm_aevent_id = _msg("xfrm_aevent_id", XfrmAeventId)
 xfrm_usersa_flush = _msg("xfrm_usersa_flush", XfrmUsersaFlush)
 xfrm_userpolicy_default = _msg("xfrm_userpolicy_default", XfrmUserpolicyDefault)
 xfrm_user_report = _msg("xfrm_user_report", XfrmUserReport)
+xfrm_user_mapping = _msg("xfrm_user_mapping", XfrmUserMapping)
 xfrm_empty = _msg("xfrm_empty", None)
 
 # What the kernel sends (replies and multicast), by message type. DELSA and DELPOLICY carry the
@@ -294,6 +296,7 @@ RECV_CLASSES: dict[int, type[nlmsg]] = {
     XFRM_MSG_NEWAE: xfrm_aevent_id,
     XFRM_MSG_GETAE: xfrm_aevent_id,
     XFRM_MSG_REPORT: xfrm_user_report,
+    XFRM_MSG_MAPPING: xfrm_user_mapping,
     XFRM_MSG_GETDEFAULT: xfrm_userpolicy_default,
     XFRM_MSG_SETDEFAULT: xfrm_userpolicy_default,
 }

@@ -340,6 +340,21 @@ class XfrmAeventId(CStruct):
     members = (("sa_id", XfrmUsersaId), ("saddr", XfrmAddress), ("flags", "I"), ("reqid", "I"))
 
 
+class XfrmUserMapping(CStruct):
+    """struct xfrm_user_mapping { struct xfrm_usersa_id id; __u32 reqid;
+    xfrm_address_t old_saddr; xfrm_address_t new_saddr; __be16 old_sport; __be16 new_sport; };
+    (XFRM_MSG_MAPPING, include/uapi/linux/xfrm.h)"""
+
+    members = (
+        ("id", XfrmUsersaId),
+        ("reqid", "I"),
+        ("old_saddr", XfrmAddress),
+        ("new_saddr", XfrmAddress),
+        ("old_sport", ">H"),
+        ("new_sport", ">H"),
+    )
+
+
 class XfrmUserpolicyInfo(CStruct):
     """struct xfrm_userpolicy_info { struct xfrm_selector sel; struct xfrm_lifetime_cfg lft;
     struct xfrm_lifetime_cur curlft; __u32 priority; __u32 index; __u8 dir;

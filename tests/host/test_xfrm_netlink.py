@@ -209,7 +209,8 @@ def test_key_never_shows_in_repr_str_or_logs(caplog: pytest.LogCaptureFixture) -
         ({"proto": Proto.AH}, False, "only ESP"),
         ({"mode": Mode.TRANSPORT}, False, "only tunnel"),
         ({"src": IP("2001:db8::1"), "dst": IP("2001:db8::2"), "family": 10}, False, "IPv4"),
-        ({"encap": Encap(2, 4500, 4500)}, False, "NAT-T"),
+        ({"encap": Encap(2, 4500, 4500)}, True, "ok"),  # RFC 3948 ESP in UDP is served
+        ({"encap": Encap(1, 4500, 4500)}, False, "only ESP in UDP"),
         ({"mark": Mark(1, 0xFF)}, False, "mark"),
         ({"if_id": 3}, False, "if_id"),
         (

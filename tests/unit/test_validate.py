@@ -149,8 +149,37 @@ def test_accepts_a_gateway_flow_both_ways() -> None:
             "sa_unsupported",
         ),
         (
-            "NAT-T",
-            lambda: enc(the_sa=replace(SA_OUT, encap=Encap(2, 4500, 4500))),
+            "outbound NAT-T SA (the resequencer)",
+            lambda: enc(
+                s=replace(ENCAP, encap_ports=(4500, 4500)),
+                the_sa=replace(SA_OUT, encap=Encap(2, 4500, 4500)),
+            ),
+            "sa_unsupported",
+        ),
+        (
+            "inbound NAT-T SA, plain ESP on the wire",
+            lambda: dec(the_sa=replace(SA_IN, encap=Encap(2, 4500, 4500))),
+            "outer_mismatch",
+        ),
+        (
+            "inbound NAT-T SA, other UDP ports on the wire",
+            lambda: dec(
+                s=replace(DECAP, encap_ports=(4501, 4500)),
+                the_sa=replace(SA_IN, encap=Encap(2, 4500, 4500)),
+            ),
+            "outer_mismatch",
+        ),
+        (
+            "plain SA, ESP in UDP on the wire",
+            lambda: enc(s=replace(ENCAP, encap_ports=(4500, 4500))),
+            "outer_mismatch",
+        ),
+        (
+            "encapsulation ESPINUDP_NON_IKE",
+            lambda: enc(
+                s=replace(ENCAP, encap_ports=(4500, 4500)),
+                the_sa=replace(SA_OUT, encap=Encap(1, 4500, 4500)),
+            ),
             "sa_unsupported",
         ),
         ("SA of another reqid", lambda: enc(the_sa=replace(SA_OUT, reqid=9)), "sa_not_of_policy"),
@@ -238,3 +267,21 @@ def test_icmp_selector_uses_type_and_code() -> None:
     reply = replace(icmp, dport=0)
     a = enc(s=reply, policies=[only_echo, *POLICIES])
     assert isinstance(a, Accepted) and a.policy.index == 1, f"type 0 falls through: {a}"
+
+
+def test_natt_flows_validate_on_the_sas_ports_both_ways() -> None:
+    """RFC 3948: ESP in UDP with the SA's XFRMA_ENCAP ports is accepted both ways; the
+    inbound SA keeps the peer's port (behind its NAT) as sport, as the frame carries it."""
+    sa_out = replace(SA_OUT, encap=Encap(2, 4500, 31337))
+    sa_in = replace(SA_IN, encap=Encap(2, 31337, 4500))
+    a = enc(s=replace(ENCAP, encap_ports=(4500, 31337)), the_sa=sa_out)
+    assert isinstance(a, Rejected) and a.reason.value == "sa_unsupported", (
+        f"outbound NAT-T stays on the kernel path until the resequencer renumbers it: {a}"
+    )
+    assert "resequencer" in a.detail, f"and says why: {a.detail}"
+    d = dec(s=replace(DECAP, encap_ports=(31337, 4500)), the_sa=sa_in)
+    assert isinstance(d, Accepted), f"NAT-T decap accepted: {d}"
+    r = dec(s=replace(DECAP, encap_ports=(40000, 4500)), the_sa=sa_in)
+    assert isinstance(r, Rejected) and r.reason.value == "outer_mismatch", f"new port: {r}"
+    u = dec(s=replace(DECAP, encap_ports=None, wire_seen=False), the_sa=sa_in)
+    assert isinstance(u, Accepted), f"known by sec_path only: the datapath checks ports: {u}"
