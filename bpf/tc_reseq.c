@@ -62,12 +62,14 @@ int tc_reseq(struct __sk_buff *skb)
 	struct xfp_sa_out *sa;
 	struct xfp_esp_hdr *esp;
 	struct iphdr *iph;
-	__u8 hdr[RESEQ_HDR_LEN + 2] __attribute__((aligned(4)));
+	__u8 hdr[RESEQ_HDR_LEN + XFP_UDP_LEN + 2] __attribute__((aligned(4)));
+	struct xfp_esp_hdr eh;
 	__u8 aad[12] __attribute__((aligned(4)));
 	__u8 iv[8] __attribute__((aligned(8)));
 	__u8 old_iv[8] __attribute__((aligned(8)));
 	__u32 *sa_id, len = skb->len, ilen, clen, aad_len;
 	__u16 frag_off;
+	__u32 hoff = 0; /* NAT-T (RFC 3948): the UDP header in front of ESP, 0 or 8 */
 	__u64 seq;
 	void *data, *data_end;
 
@@ -81,7 +83,7 @@ int tc_reseq(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	iph = (struct iphdr *)(hdr + 2 + XFP_ETH_LEN);
 	if (*(__u16 *)(hdr + 2 + 12) != xfp_htons(ETH_P_IP) || iph->version != 4 || iph->ihl != 5 ||
-	    iph->protocol != IPPROTO_ESP)
+	    (iph->protocol != IPPROTO_ESP && iph->protocol != IPPROTO_UDP))
 		return TC_ACT_OK;
 	/* A later fragment has no ESP header to say its SA: left alone (without its first
 	 * fragment, which is judged below, the peer cannot reassemble it). */
@@ -90,6 +92,16 @@ int tc_reseq(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	esp = (struct xfp_esp_hdr *)(hdr + 2 + XFP_ETH_LEN + XFP_IP_LEN);
 	k.spi = esp->spi;
+	if (iph->protocol == IPPROTO_UDP) {
+		/* NAT-T: esp_output_udp_encap() put UDP (checksum 0) in front of ESP: the 8 bytes
+		 * read so far are its header, the SPI follows. Whether it is ESP at all is decided
+		 * by the SA found below (its UDP encapsulation and ports). */
+		hoff = XFP_UDP_LEN;
+		if (len < RESEQ_HDR_LEN + XFP_UDP_LEN ||
+		    bpf_skb_load_bytes(skb, RESEQ_HDR_LEN, hdr + 2 + RESEQ_HDR_LEN, XFP_UDP_LEN))
+			return TC_ACT_OK;
+		k.spi = *(__u32 *)(hdr + 2 + RESEQ_HDR_LEN);
+	}
 	k.daddr = iph->daddr;
 	sa_id = xfp_sa_out_spi.lookup(&k);
 	if (!sa_id)
@@ -100,6 +112,13 @@ int tc_reseq(struct __sk_buff *skb)
 		sa = xfp_sa_out.lookup(&id);
 	}
 	if (!sa || !(sa->flags & XFP_SA_F_OFFLOAD))
+		return TC_ACT_OK;
+	/* The frame's encapsulation must be the SA's: ESP in UDP with its ports (source ours,
+	 * destination the peer's), or plain ESP. Other UDP that looks alike is not ours. */
+	if (hoff ? !(sa->flags & XFP_SA_F_ESPINUDP) ||
+		       *(__u16 *)(hdr + 2 + XFP_ETH_LEN + XFP_IP_LEN) != sa->encap_sport ||
+		       *(__u16 *)(hdr + 2 + XFP_ETH_LEN + XFP_IP_LEN + 2) != sa->encap_dport
+		 : (sa->flags & XFP_SA_F_ESPINUDP) != 0)
 		return TC_ACT_OK;
 	if (bpf_ktime_get_ns() > sa->deadline_ns) {
 		reseq_count(XFP_RESEQ_EXPIRED, len);
@@ -130,10 +149,17 @@ int tc_reseq(struct __sk_buff *skb)
 	iph = data + XFP_ETH_LEN;
 	esp = data + XFP_ETH_LEN + XFP_IP_LEN;
 	ilen = xfp_ntohs(iph->tot_len);
-	if (ilen < XFP_ENCAP_HEAD + XFP_ESP_ICV_LEN + 4 || XFP_ETH_LEN + ilen > len)
+	if (ilen < XFP_ENCAP_HEAD + hoff + XFP_ESP_ICV_LEN + 4 || XFP_ETH_LEN + ilen > len)
 		return TC_ACT_OK; /* not a frame esp4_output() makes: leave it to the peer */
-	clen = ilen - XFP_ENCAP_HEAD - XFP_ESP_ICV_LEN;
-	__builtin_memcpy(old_iv, esp->iv, 8);
+	clen = ilen - XFP_ENCAP_HEAD - hoff - XFP_ESP_ICV_LEN;
+	if (bpf_skb_load_bytes(skb, XFP_ETH_LEN + XFP_IP_LEN + hoff + XFP_ESP_HDR_LEN, old_iv, 8))
+		return TC_ACT_SHOT;
+	/* NAT-T under kernel crypto is not renumbered yet (the kfunc path takes the plain
+	 * ESP offset): dropped, counted, never sent with the kernel's number. */
+	if (hoff && (sa->flags & XFP_SA_F_KCRYPTO)) {
+		reseq_count(XFP_RESEQ_ERROR, len);
+		return TC_ACT_SHOT;
+	}
 
 	/* Take the next number under the same lock XDP takes it (xdp_encap.c). */
 	bpf_spin_lock(&sa->lock);
@@ -146,17 +172,17 @@ int tc_reseq(struct __sk_buff *skb)
 
 	/* ChaCha20 is a stream cipher: strip the kernel's keystream, then apply ours. The
 	 * kernel's ICV is not checked: this gateway built the packet a moment ago. */
-	if (xfp_aead_decrypt(skb, RESEQ_ENC_OFF, clen, (const struct xfp_aead_key *)sa->key,
+	if (xfp_aead_decrypt(skb, RESEQ_ENC_OFF + hoff, clen, (const struct xfp_aead_key *)sa->key,
 			     old_iv))
 		goto shot;
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	if (data + RESEQ_ENC_OFF > data_end)
+	/* The new number and IV through the store helper: the ESP header's offset depends on
+	 * hoff (NAT-T). The UDP checksum stays 0, the IPv4 header unchanged. */
+	eh.spi = sa->spi;
+	xfp_esp_set_seq_iv(&eh, iv, seq, sa->iv_mask);
+	if (bpf_skb_store_bytes(skb, XFP_ETH_LEN + XFP_IP_LEN + hoff, &eh, sizeof(eh), 0))
 		goto shot;
-	esp = data + XFP_ETH_LEN + XFP_IP_LEN;
-	xfp_esp_set_seq_iv(esp, iv, seq, sa->iv_mask);
 	aad_len = xfp_esp_aad(aad, sa->spi, seq, sa->flags & XFP_SA_F_ESN);
-	if (xfp_aead_seal(skb, RESEQ_ENC_OFF, clen, RESEQ_ENC_OFF + clen,
+	if (xfp_aead_seal(skb, RESEQ_ENC_OFF + hoff, clen, RESEQ_ENC_OFF + hoff + clen,
 			  (const struct xfp_aead_key *)sa->key, iv, aad, aad_len))
 		goto shot;
 	reseq_count(XFP_RESEQ_OK, len);
