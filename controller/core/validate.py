@@ -42,12 +42,14 @@ from controller.core.xfrm_model import (
 
 PROTO_ICMP = 1
 # Outbound NAT-T: the kernel keeps sending some packets of an offloaded SA (first packets,
-# liveness), which bpf/tc_reseq.c must renumber from the datapath's counter; it renumbers
-# plain ESP only, and a kernel-built ESP-in-UDP packet with the kernel's own (lagging) number
-# would repeat a nonce XDP used. Until it does, outbound NAT-T SAs stay on the kernel path
-# (bpf/xdp_encap.c can build them; tests/bpf/test_natt.py).
-RESEQ_NATT = False
-NATT_OUT_WHY = "outbound NAT-T: the resequencer does not renumber ESP-in-UDP yet"
+# liveness), which bpf/tc_reseq.c renumbers from the datapath's counter. It renumbers
+# ESP-in-UDP on the BPF AEAD; its kernel-crypto path takes plain ESP only and drops the rest
+# (a kernel-built packet with the kernel's own, lagging, number would repeat a nonce XDP
+# used), so outbound NAT-T SAs on the kernel backend stay on the kernel path.
+NATT_OUT_KERNEL_WHY = (
+    "outbound NAT-T on the kernel crypto backend: the resequencer's kfunc path does not "
+    "renumber ESP-in-UDP yet"
+)
 # include/uapi/linux/neighbour.h: states in which a neighbour entry's MAC can be used.
 NUD_REACHABLE, NUD_STALE, NUD_DELAY, NUD_PROBE = 0x02, 0x04, 0x08, 0x10
 NUD_NOARP, NUD_PERMANENT = 0x40, 0x80
@@ -216,8 +218,8 @@ def validate_encap(
     if bad is not None:
         return bad
     assert sa is not None
-    if sa.encap is not None and not RESEQ_NATT:
-        return _reject(RejectReason.SA_UNSUPPORTED, f"SA {sa}: {NATT_OUT_WHY}")
+    if sa.encap is not None and sa_backend(sa, crypto, True)[0] is Backend.KERNEL:
+        return _reject(RejectReason.SA_UNSUPPORTED, f"SA {sa}: {NATT_OUT_KERNEL_WHY}")
     tmpl = out.policy.templates[0]
     if tmpl.mode != Mode.TUNNEL or not tmpl.covers(sa):
         return _reject(
