@@ -15,11 +15,18 @@
  * Frames XDP redirects never pass TC egress (they go straight to the driver's ndo_xdp_xmit),
  * so every ESP frame seen here was built by the kernel's esp4_output().
  *
+ * Crypto: the BPF ChaCha20-Poly1305 (bpf/include/aead/) with the key in the SA entry; or, built
+ * with -DXFP_KCRYPTO (loaded through controller/datapath/kfunc.py), for an SA flagged
+ * XFP_SA_F_KCRYPTO, the xfp_crypto module's kfuncs (bpf/include/kcrypto/esp_kc.h): ChaCha20-
+ * Poly1305 or AES-GCM, opened with the kernel's number (its ICV checked) and sealed anew. Both
+ * fit in one program, so the -DXFP_KCRYPTO build serves SAs of either backend.
+ *
  * Input:  eth | IPv4 (no options, not a fragment) | SPI, seq | IV | ciphertext | ICV(16), linear
  *         or not (the segments of a GSO skb carry their payload in page fragments)
  * Output: the same frame, new seq, new IV, new ciphertext and ICV; or TC_ACT_SHOT when the
- *         counter is exhausted or an error left the payload half-processed (no plaintext
- *         leaves). SAs not in the map, other traffic: untouched (TC_ACT_OK).
+ *         counter is exhausted, an error left the payload half-processed or the open failed
+ *         (no plaintext leaves), or the SA's crypto is not in this build. SAs not in the
+ *         map, other traffic: untouched (TC_ACT_OK).
  *
  * The SA's watchdog is NOT checked: after the controller dies, renumbering must go on for as
  * long as the kernel uses the SA (until its hard deadline), or the sequence would go backwards.
@@ -34,6 +41,7 @@
 #include "pkt/parsing.h"
 #include "esp/esp.h"
 #include "aead/aead.h"
+#include "kcrypto/esp_kc.h"
 
 /* The map accessors: BCC rewrites map calls in the main file only (maps.h). */
 static __always_inline struct xfp_crypto_scratch *xfp_scratch(void)
@@ -67,7 +75,7 @@ int tc_reseq(struct __sk_buff *skb)
 	__u8 aad[12] __attribute__((aligned(4)));
 	__u8 iv[8] __attribute__((aligned(8)));
 	__u8 old_iv[8] __attribute__((aligned(8)));
-	__u32 *sa_id, len = skb->len, ilen, clen, aad_len;
+	__u32 *sa_id, len = skb->len, ilen, clen, aad_len, old_hi;
 	__u16 frag_off;
 	__u32 hoff = 0; /* NAT-T (RFC 3948): the UDP header in front of ESP, 0 or 8 */
 	__u64 seq;
@@ -160,6 +168,13 @@ int tc_reseq(struct __sk_buff *skb)
 		reseq_count(XFP_RESEQ_ERROR, len);
 		return TC_ACT_SHOT;
 	}
+	/* The key of a kernel-crypto SA is in the xfp_crypto module, and this build cannot call
+	 * it: the entry's key fields are zero. Left with the kernel's number, the packet would be
+	 * a replay at the peer: dropped, counted. */
+	if (XFP_KC_UNSERVED_OUT(sa)) {
+		reseq_count(XFP_RESEQ_ERROR, len);
+		return TC_ACT_SHOT;
+	}
 
 	/* Take the next number under the same lock XDP takes it (xdp_encap.c). */
 	bpf_spin_lock(&sa->lock);
@@ -170,6 +185,27 @@ int tc_reseq(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	}
 
+	if (XFP_KC_OUT(sa)) {
+		/* Kernel crypto (esp_kc.h): open the packet as esp4_output() sealed it, which also
+		 * checks the kernel's ICV over its SPI, seq and IV. With ESN the AAD holds the high
+		 * half of the kernel's number, which the packet does not carry but its IV does:
+		 * crypto/seqiv.c made it as the 64-bit number XOR the SA's mask (iv_mask, learnt
+		 * from a packet of the kernel's, controller/agent/offload.py). The kfuncs check the
+		 * bounds themselves, on the linear part that bpf_skb_pull_data() made whole. */
+		old_hi = (xfp_htonll(*(__u64 *)old_iv) ^ sa->iv_mask) >> 32;
+		if (xfp_kc_skb_open(skb, sa->kc_id, XFP_KC_ESP_OFF, clen, old_hi))
+			goto shot;
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+		if (data + RESEQ_ENC_OFF > data_end)
+			goto shot;
+		esp = data + XFP_ETH_LEN + XFP_IP_LEN;
+		xfp_esp_set_seq_iv(esp, iv, seq, sa->iv_mask);
+		if (xfp_kc_skb_seal(skb, sa->kc_id, XFP_KC_ESP_OFF, clen, seq >> 32))
+			goto shot;
+		reseq_count(XFP_RESEQ_OK, len);
+		return TC_ACT_OK;
+	}
 	/* ChaCha20 is a stream cipher: strip the kernel's keystream, then apply ours. The
 	 * kernel's ICV is not checked: this gateway built the packet a moment ago. */
 	if (xfp_aead_decrypt(skb, RESEQ_ENC_OFF + hoff, clen, (const struct xfp_aead_key *)sa->key,

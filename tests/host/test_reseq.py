@@ -162,6 +162,33 @@ def test_fragmented_esp_of_an_offloaded_sa_is_dropped_not_sent_with_the_kernels_
     assert _sa_map(rs).get(ctypes.c_uint32(SA_ID)).seq == 7000, "no number taken"
 
 
+def test_kernel_crypto_sa_is_dropped_by_the_default_build(rs: Resequencer) -> None:
+    """An entry naming an xfp_crypto context (XFP_SA_F_KCRYPTO, no key in the map) cannot be
+    re-sealed without the kfuncs: the default build drops the frame, counted as an error,
+    rather than seal it with the entry's zero key or let the kernel's stale number leave.
+    The -DXFP_KCRYPTO build is tests/vm/test_vm_kcrypto_datapath.py's."""
+    sa = OutboundSa(
+        sa_id=SA_ID,
+        spi=SPI,
+        saddr=GW1_WAN,
+        daddr=GW2_WAN,
+        key=b"",
+        kc_id=3,
+        egress_ifindex=1,
+        dmac=GW2_WAN_MAC,
+        smac=GW1_WAN_MAC,
+        seq=300,
+        iv_mask=IV_MASK,
+    )
+    _sa_map(rs).put(ctypes.c_uint32(SA_ID), sa.to_c())
+    rs.index_sa(SPI, GW2_WAN, SA_ID)
+    before = rs.stats()["error"][0]
+    ret, _, _ = prog_test_run(rs.fd, _kernel_frame(seq=8))
+    assert ret == TC_ACT_SHOT, "no kfuncs in this build: dropped"
+    assert rs.stats()["error"][0] == before + 1, "counted as an error"
+    assert _sa_map(rs).get(ctypes.c_uint32(SA_ID)).seq == 300, "no number taken"
+
+
 @pytest.mark.parametrize("size", [0, 1, 2, 3, 63, 64, 65, 200, 1000, 1400])
 def test_every_length_reseals(rs: Resequencer, size: int) -> None:
     _install(rs, seq=77)

@@ -10,8 +10,8 @@
  * In the -DXFP_KCRYPTO build:
  *   decap opens every inbound SA with the kernel: the BPF AEAD does not fit beside the kfunc
  *     path in xdp_decap's 512-byte stack, so an inbound SA without the flag is punted;
- *   encap chooses per SA: bpf/tc_reseq.c re-seals the kernel's own packets of an offloaded SA
- *     with the BPF AEAD, so outbound SAs the resequencer serves keep the BPF AEAD.
+ *   encap and the resequencer (bpf/tc_reseq.c) choose per SA: a flagged SA by the kfuncs, any
+ *     other by the BPF AEAD (both fit in their programs).
  *
  * The ESP header starts right behind the outer IPv4 header in both programs, so esp_off is
  * XFP_ETH_LEN + XFP_IP_LEN; seq_hi is the high half of the 64-bit sequence number (used only by
@@ -43,6 +43,16 @@ static __always_inline int xfp_kc_xdp_seal(struct xdp_md *ctx, __u32 id, __u32 e
 }
 static __always_inline int xfp_kc_xdp_open(struct xdp_md *ctx, __u32 id, __u32 esp_off, __u32 len,
 					   __u32 seq_hi)
+{
+	return XFP_KCR_NO_CTX;
+}
+static __always_inline int xfp_kc_skb_seal(struct __sk_buff *ctx, __u32 id, __u32 esp_off,
+					   __u32 len, __u32 seq_hi)
+{
+	return XFP_KCR_NO_CTX;
+}
+static __always_inline int xfp_kc_skb_open(struct __sk_buff *ctx, __u32 id, __u32 esp_off,
+					   __u32 len, __u32 seq_hi)
 {
 	return XFP_KCR_NO_CTX;
 }
