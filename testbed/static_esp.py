@@ -92,15 +92,20 @@ def random_sa(
     return StaticSa(src, dst, spi, os.urandom(key_len), aead)
 
 
-def _sa_argv(sa: StaticSa, reqid: int, replay_window: int) -> list[str]:
+def _sa_argv(
+    sa: StaticSa, reqid: int, replay_window: int, ports: tuple[int, int] | None = None
+) -> list[str]:
     # fmt: off
-    return [
+    argv = [
         "xfrm", "state", "add", "src", sa.src, "dst", sa.dst,
         "proto", "esp", "spi", f"{sa.spi:#010x}", "reqid", str(reqid), "mode", "tunnel",
         "replay-window", str(replay_window),
         "aead", sa.aead, "0x" + sa.key.hex(), str(ICV_BITS),
     ]
     # fmt: on
+    if ports is not None:  # RFC 3948 NAT-T: UDP source and destination port of this SA
+        argv += ["encap", "espinudp", str(ports[0]), str(ports[1]), "0.0.0.0"]
+    return argv
 
 
 def _policy_argv(
@@ -125,8 +130,13 @@ def install_static_esp(
     roles: Iterable[str] = ("gw1", "gw2"),
     aead: str = AEAD,
     key_len: int = KEY_LEN,
+    encap: tuple[int, int] | None = None,
 ) -> StaticTunnel:
     """Install SAs (both directions) and policies (out/in/fwd) on the given gateways.
+
+    `encap` = (gw1's UDP port, gw2's UDP port): NAT-T (RFC 3948), every SA with `encap
+    espinudp` and the ports of its direction. Receiving ESP-in-UDP also needs a UDP socket
+    with UDP_ENCAP on the receiver's port (the IKE daemon's; a test opens its own).
 
     The forward policy matters on a gateway: decapsulated packets that are forwarded (not
     delivered locally) are checked against a `dir fwd` policy (net/xfrm/xfrm_policy.c,
@@ -144,8 +154,11 @@ def install_static_esp(
             local_net, peer_net, tx, rx = p["REMOTE_NET"], p["LAN_NET"], back, out
         else:
             raise ValueError(f"static ESP runs on gw1 and gw2, not {role!r}")
-        bed.ip(role, *_sa_argv(tx, reqid, replay_window))
-        bed.ip(role, *_sa_argv(rx, reqid, replay_window))
+        ports_out = encap
+        ports_back = (encap[1], encap[0]) if encap is not None else None
+        tx_ports, rx_ports = (ports_out, ports_back) if role == "gw1" else (ports_back, ports_out)
+        bed.ip(role, *_sa_argv(tx, reqid, replay_window, tx_ports))
+        bed.ip(role, *_sa_argv(rx, reqid, replay_window, rx_ports))
         bed.ip(role, *_policy_argv("out", local_net, peer_net, tx, reqid))
         bed.ip(role, *_policy_argv("in", peer_net, local_net, rx, reqid))
         bed.ip(role, *_policy_argv("fwd", peer_net, local_net, rx, reqid))
