@@ -39,6 +39,11 @@ CHARON_CANDIDATES = (
 # Names of the connection and CHILD_SA in each gateway's swanctl.conf.
 CONN = {"gw1": "gw1-gw2", "gw2": "gw2-gw1"}
 CHILD = {"gw1": "lan-remote", "gw2": "remote-lan"}
+# The CHILD_SA's ESP proposal (SWAN_ESP in swanctl.conf; render.sh has the same default):
+# ChaCha20-Poly1305 (RFC 7634), what the BPF AEAD serves. The kernel crypto backend's tests ask
+# for AES-GCM (RFC 4106) with ESP_AES_GCM.
+ESP_PROPOSALS = "chacha20poly1305-x25519"
+ESP_AES_GCM = {128: "aes128gcm16-x25519", 256: "aes256gcm16-x25519"}
 
 
 class StrongswanError(TestbedError):
@@ -55,9 +60,19 @@ def find_charon() -> str:
     )
 
 
-def render(role: str, outdir: Path, plan: dict[str, str], psk: str, rundir: Path) -> None:
-    """Write strongswan.conf and swanctl.conf for `role` into outdir, from the templates."""
-    values = {**plan, "SWAN_PSK": psk, "SWAN_RUNDIR": str(rundir)}
+def render(
+    role: str,
+    outdir: Path,
+    plan: dict[str, str],
+    psk: str,
+    rundir: Path,
+    esp: str = ESP_PROPOSALS,
+) -> None:
+    """Write strongswan.conf and swanctl.conf for `role` into outdir, from the templates;
+    `esp`: the CHILD_SA's esp_proposals (both gateways must be rendered with the same)."""
+    if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", esp):
+        raise StrongswanError(f"not a strongSwan proposal: {esp!r}")
+    values = {**plan, "SWAN_PSK": psk, "SWAN_RUNDIR": str(rundir), "SWAN_ESP": esp}
     outdir.mkdir(parents=True, exist_ok=True)
     for name in ("strongswan.conf", "swanctl.conf"):
         text = Template((SWAN_DIR / role / name).read_text()).substitute(values)
@@ -194,10 +209,15 @@ class IkeTunnel:
 
 
 def start_ike_tunnel(
-    bed: Testbed, workdir: Path, psk: str | None = None, initiate: bool = True
+    bed: Testbed,
+    workdir: Path,
+    psk: str | None = None,
+    initiate: bool = True,
+    esp: str = ESP_PROPOSALS,
 ) -> IkeTunnel:
     """Render both configs under workdir, start both charons, load them, and (by default)
-    have gw1 initiate the CHILD_SA. On failure everything started is stopped again."""
+    have gw1 initiate the CHILD_SA, with the ESP proposal `esp`. On failure everything
+    started is stopped again."""
     psk = psk or secrets.token_hex(16)
     # Run directories (config, vici socket, log) on /run: a tmpfs on the host and in the VM,
     # where unix sockets work (they do not on the 9p share the VM runner keeps logs on) and
@@ -212,7 +232,7 @@ def start_ike_tunnel(
     )
     try:
         for daemon in (tun.gw2, tun.gw1):
-            render(daemon.role, daemon.rundir, bed.plan, psk, daemon.rundir)
+            render(daemon.role, daemon.rundir, bed.plan, psk, daemon.rundir, esp)
             tun.daemons.append(daemon)
             daemon.start()
             daemon.load()
@@ -225,8 +245,10 @@ def start_ike_tunnel(
 
 
 @contextmanager
-def ike_tunnel(bed: Testbed, workdir: Path, psk: str | None = None) -> Iterator[IkeTunnel]:
-    tun = start_ike_tunnel(bed, workdir, psk)
+def ike_tunnel(
+    bed: Testbed, workdir: Path, psk: str | None = None, esp: str = ESP_PROPOSALS
+) -> Iterator[IkeTunnel]:
+    tun = start_ike_tunnel(bed, workdir, psk, esp=esp)
     try:
         yield tun
     finally:
