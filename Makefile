@@ -16,7 +16,8 @@ setup:
 	bash scripts/setup.sh
 	touch $(STAMP)
 
-## make test: everything CI runs: lint, host tests, then the VM-marked tests in one VM boot.
+## make test: everything CI runs: lint, host tests, then the VM-marked tests in two VM boots
+## side by side (testbed/vmshards.py).
 test: $(STAMP) lint
 	$(PY) -m testbed.vmrun test
 

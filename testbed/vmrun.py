@@ -1,14 +1,15 @@
 # SPDX-License-Identifier: GPL-2.0-only
 """Run the real-kernel tests and the demo: natively when this kernel has ESP, else in a VM.
 
-    python -m testbed.vmrun test        host tests, then the `vm` tests (native or in one VM)
+    python -m testbed.vmrun test        host tests, then the `vm` tests (native or in VMs)
     python -m testbed.vmrun vm-only     only the `vm` tests
     python -m testbed.vmrun demo        the demo (testbed/demo.py)
     python -m testbed.vmrun shell-cmd 'CMD ...'   any shell command, where the vm tests run
 
 The `vm` tests need a kernel with ESP (esp4, xfrm_user, rfc7539esp(chacha20,poly1305)). When
-the running kernel has it they run here; otherwise they run in ONE boot of the pinned Debian
-kernel (vm/kernel.env, fetched by scripts/fetch-kernel.sh) under qemu TCG with virtme-ng. The
+the running kernel has it they run here; otherwise in boots of the pinned Debian kernel
+(vm/kernel.env, fetched by scripts/fetch-kernel.sh) under qemu TCG with virtme-ng: the whole
+suite in --shards boots side by side (testbed/vmshards.py), named test files in one. The
 guest sees this machine's root file system read-only over 9p, so it runs the same checkout,
 virtualenv and Debian packages; what it writes goes to tmpfs (/run) or an overlay (/tmp).
 """
@@ -16,6 +17,7 @@ virtualenv and Debian packages; what it writes goes to tmpfs (/run) or an overla
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import select
 import shlex
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from controller.paths import pid_alive
+from testbed import vmshards
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -192,7 +195,12 @@ def guest_script(command: str, qemu_opts: tuple[str, ...] = ()) -> str:
 
 
 def virtme_argv(
-    kernel: Kernel, script: str, cpus: int, memory: str, qemu_opts: tuple[str, ...] = ()
+    kernel: Kernel,
+    script: str,
+    cpus: int,
+    memory: str,
+    qemu_opts: tuple[str, ...] = (),
+    out_dir: Path = VM_OUT,
 ) -> list[str]:
     # fmt: off
     return [
@@ -207,7 +215,7 @@ def virtme_argv(
         "--rodir", str(KERNEL_CACHE),
         # /tmp writable in the guest (pytest's tmp_path, iperf3), host /tmp still visible below.
         "--overlay-rwdir", "/tmp",
-        "--rwdir", str(VM_OUT),
+        "--rwdir", str(out_dir),
         "--script-sh", script,
         # --qemu-opts takes the rest of the command line: it goes last.
         *(["--qemu-opts", *qemu_opts] if qemu_opts else []),
@@ -215,9 +223,15 @@ def virtme_argv(
     # fmt: on
 
 
-def stream(argv: list[str], env: dict[str, str], timeout: float) -> int:
+def _emit(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def stream(argv: list[str], env: dict[str, str], timeout: float, prefix: str = "") -> int:
     """Run argv with stdin from /dev/null and output through a pipe (virtme-ng misbehaves with a
-    terminal or a file there), copy its output here line by line, kill it after `timeout`."""
+    terminal or a file there), copy its output here line by line (each line led by `prefix`
+    when given: shards side by side), kill it after `timeout`."""
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -229,12 +243,12 @@ def stream(argv: list[str], env: dict[str, str], timeout: float) -> int:
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
     fd = proc.stdout.fileno()
-    out = sys.stdout.buffer
+    lead, partial = prefix.encode(), b""
     try:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                say(f"timed out after {timeout:.0f} s: killing the VM")
+                say(f"{prefix}timed out after {timeout:.0f} s: killing the VM")
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
                 return 124
@@ -243,8 +257,14 @@ def stream(argv: list[str], env: dict[str, str], timeout: float) -> int:
                 chunk = os.read(fd, 65536)
                 if not chunk:
                     break
-                out.write(chunk)
-                out.flush()
+                if not lead:
+                    _emit(chunk)
+                    continue
+                *lines, partial = (partial + chunk).split(b"\n")
+                if lines:
+                    _emit(b"".join(lead + line + b"\n" for line in lines))
+        if partial:
+            _emit(lead + partial + b"\n")
         return proc.wait(timeout=max(deadline - time.monotonic(), 1))
     finally:
         if proc.poll() is None:
@@ -253,21 +273,38 @@ def stream(argv: list[str], env: dict[str, str], timeout: float) -> int:
 
 
 def run_in_vm(
-    command: str, *, cpus: int, memory: str, timeout: float, qemu_opts: tuple[str, ...] = ()
+    command: str,
+    *,
+    cpus: int,
+    memory: str,
+    timeout: float,
+    qemu_opts: tuple[str, ...] = (),
+    out_dir: Path | None = None,
+    prefix: str = "",
 ) -> int:
-    """Boot the pinned kernel once, run `command` (shell) in the checkout, return its status."""
+    """Boot the pinned kernel once, run `command` (shell) in the checkout, return its status.
+    `out_dir`: the guest's read-write window here (default VM_OUT, prepared afresh); `prefix`
+    leads each output line (shards)."""
     find_tools()
     kernel = find_kernel()
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
-    _prepare_vm_out()
-    argv = virtme_argv(kernel, guest_script(command, qemu_opts), cpus, memory, qemu_opts)
+    if out_dir is None:
+        _prepare_vm_out()
+        out_dir = VM_OUT
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # virtme-ng hands the guest its script base64-encoded on the kernel command line, which
+    # x86 cuts at 2048 bytes: a long command (a shard's file list) there leaves the guest
+    # hanging before it prints anything. The command goes in a file of the shared directory.
+    (out_dir / "command.sh").write_text(command + "\n")
+    script = guest_script(f"bash {shlex.quote(str(out_dir / 'command.sh'))}", qemu_opts)
+    argv = virtme_argv(kernel, script, cpus, memory, qemu_opts, out_dir)
     extra = f", qemu {' '.join(qemu_opts)}" if qemu_opts else ""
-    say(f"booting Debian {kernel.abi} under qemu TCG ({cpus} vCPUs, {memory}{extra}), "
+    say(f"{prefix}booting Debian {kernel.abi} under qemu TCG ({cpus} vCPUs, {memory}{extra}), "
         f"{timeout:.0f} s max")  # fmt: skip
     t0 = time.monotonic()
-    rc = stream(argv, env, timeout)
-    say(f"VM exited with status {rc} after {time.monotonic() - t0:.0f} s")
+    rc = stream(argv, env, timeout, prefix)
+    say(f"{prefix}VM exited with status {rc} after {time.monotonic() - t0:.0f} s")
     return rc
 
 
@@ -278,19 +315,26 @@ def run_native(command: str, *, timeout: float) -> int:
     return stream(["bash", "-c", command], env, timeout)
 
 
-def run_where_esp(command: str, args: argparse.Namespace) -> int:
-    """Run `command` natively if this kernel has ESP, else in the VM; say which and why."""
+def runs_natively(args: argparse.Namespace) -> bool:
+    """Whether the `vm` tests run here (this kernel has ESP, or --native); says why."""
     if args.where == "native":
         say("running natively (--native)")
-        return run_native(command, timeout=args.timeout)
+        return True
     if args.where == "auto":
         ok, why = host_has_esp()
         if ok:
             say(f"running natively: {why}")
-            return run_native(command, timeout=args.timeout)
+            return True
         say(f"running in a VM: this kernel ({os.uname().release}) has {why}")
     else:
         say("running in a VM (--vm)")
+    return False
+
+
+def run_where_esp(command: str, args: argparse.Namespace) -> int:
+    """Run `command` natively if this kernel has ESP, else in the VM; say which and why."""
+    if runs_natively(args):
+        return run_native(command, timeout=args.timeout)
     try:
         opts = ICOUNT_OPTS if getattr(args, "icount", False) else ()
         return run_in_vm(
@@ -321,9 +365,86 @@ def cmd_vm_only(args: argparse.Namespace) -> int:
     extra = list(args.pytest_args)
     # Test paths given (e.g. tests/vm/test_vm_strongswan.py): run those, else all of tests/.
     paths = [a for a in extra if not a.startswith("-") and (ROOT / a.split("::")[0]).exists()]
+    if not paths and args.shards > 1 and not args.icount and args.where != "native":
+        if not runs_natively(args):
+            return run_shards(args, extra)
+        args.where = "native"  # decided (and said) once
     basetemp = f"--basetemp={VM_OUT / 'pytest'}"  # logs stay readable from the host
     argv = [*PYTEST_VM, basetemp, *extra, *([] if paths else ["tests"])]
     return run_where_esp(pytest_cmd(argv), args)
+
+
+def run_shards(args: argparse.Namespace, extra: list[str]) -> int:
+    """The whole `vm` suite in args.shards VM boots side by side (testbed/vmshards.py): one
+    runner process per shard (`vm-only` on its files, its output directory VM_OUT/shardN),
+    their output read here line by line, each line led by [vmN]. The worst status of them.
+    (Processes, not threads: two virtme-run started from threads of one process both hung
+    before their guests booted.)"""
+    weights = vmshards.load_weights()
+    plan = vmshards.partition(vmshards.vm_test_files(), weights, args.shards)
+    _prepare_vm_out()
+    procs: list[subprocess.Popen[bytes]] = []
+    for i, units in enumerate(plan):
+        out = VM_OUT / f"shard{i + 1}"
+        est = vmshards.planned_seconds(units, weights)
+        say(f"shard vm{i + 1} (~{est:.0f} s by testbed/vm_weights.json): {' '.join(units)}")
+        argv = [sys.executable, "-m", "testbed.vmrun", "--vm", "--shards", "1",
+                "--out-dir", str(out), "--cpus", str(args.cpus), "--memory", args.memory,
+                "--timeout", str(args.timeout), "vm-only", "--",
+                *(p for u in units for p in u.split()), f"--junitxml={out / 'junit.xml'}",
+                *extra]  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )  # fmt: skip
+    try:
+        status = _follow(procs, args.timeout + 120)
+    finally:
+        for proc in procs:  # stopped (SIGTERM/SIGINT): each runner kills its own VM
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=60)
+    xml = [VM_OUT / f"shard{i + 1}" / "junit.xml" for i in range(len(plan))]
+    seconds = vmshards.junit_seconds(xml)
+    for unit, secs in sorted(seconds.items(), key=lambda kv: -kv[1]):
+        say(f"  {secs:7.0f} s  {unit}")
+    if args.record_weights and seconds:
+        vmshards.record_weights(seconds)
+        say(f"recorded in {vmshards.WEIGHTS.relative_to(ROOT)}")
+    for i, rc in enumerate(status):
+        say(f"shard vm{i + 1}: {'passed' if rc == 0 else f'FAILED (exit {rc})'}")
+    return next((rc for rc in status if rc != 0), 0)
+
+
+def _follow(procs: list[subprocess.Popen[bytes]], timeout: float) -> list[int]:
+    """Copy each process's output here, whole lines led by [vmN], until all have ended (or
+    `timeout`: then 124 for those still running). Their exit statuses."""
+    fds = {p.stdout.fileno(): i for i, p in enumerate(procs) if p.stdout is not None}
+    partial = dict.fromkeys(fds, b"")
+    deadline = time.monotonic() + timeout
+    while fds and time.monotonic() < deadline:
+        ready, _, _ = select.select(list(fds), [], [], 5.0)
+        for fd in ready:
+            lead = f"[vm{fds[fd] + 1}] ".encode()
+            chunk = os.read(fd, 65536)
+            *lines, partial[fd] = (partial[fd] + chunk).split(b"\n")
+            if not chunk and partial[fd]:
+                lines, partial[fd] = [*lines, partial[fd]], b""
+            if lines:
+                _emit(b"".join(lead + line + b"\n" for line in lines))
+            if not chunk:
+                del fds[fd]
+    status = []
+    for p in procs:
+        try:
+            status.append(p.wait(timeout=60))
+        except subprocess.TimeoutExpired:
+            status.append(124)
+    return status
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -347,6 +468,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus", type=int, default=2, help="guest vCPUs (default 2)")
     p.add_argument("--memory", default="2G", help="guest memory (default 2G)")
     p.add_argument("--timeout", type=float, default=4800, help="bound on the whole VM run, seconds")
+    p.add_argument(
+        "--shards",
+        type=int,
+        default=2,
+        help="VM boots side by side for the whole vm suite (default 2; 1: one boot)",
+    )
+    p.add_argument("--out-dir", type=Path, default=None, help=argparse.SUPPRESS)  # a shard's
+    p.add_argument(
+        "--record-weights",
+        action="store_true",
+        help="write this run's seconds per test file to testbed/vm_weights.json",
+    )
     p.add_argument("--icount", action="store_true", help="measure: qemu " + " ".join(ICOUNT_OPTS)
                    + " (guest CPU time = instructions; the VM only)")  # fmt: skip
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -376,6 +509,9 @@ def _terminate(signum: int, _frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.chdir(ROOT)
+    if args.out_dir is not None:  # a shard of run_shards(): its directory in the parent's
+        global VM_OUT
+        VM_OUT = args.out_dir
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminate)
     try:
