@@ -12,7 +12,7 @@ import errno
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from controller.agent.offload import Offload
@@ -25,9 +25,11 @@ from controller.core.validate import (
     Accepted,
     Rejected,
     Sighting,
+    TunnelDev,
     validate_decap,
     validate_encap,
 )
+from controller.core.xfrm_model import Sa
 from controller.datapath.entries import flow_key, flow_val
 
 if TYPE_CHECKING:
@@ -174,6 +176,23 @@ class Learning:
             if sa is not None:
                 self.state.refused_sas[SaRef(str(sa.dst), sa.spi, sa.reqid)] = why.detail
 
+    def _via(self, s: Sighting, sa: Sa | None) -> Sighting:
+        """The xfrm interface the flow passes (docs/design.md §10), as the kernel has it now:
+        encap, the one the route to the inner destination leads into; decap, the one of the
+        SA's if_id, which its decrypted packets come out of (xfrmi_rcv_cb)."""
+        xfrmi = self.routing.xfrm_interfaces()
+        if not xfrmi:
+            return s
+        if s.direction is Direction.ENCAP:
+            inner = self.routing.route(s.daddr)
+            if inner is not None and inner.oif in xfrmi:
+                return replace(s, via=TunnelDev(inner.oif, xfrmi[inner.oif]))
+        elif sa is not None and sa.if_id:
+            for ifindex, if_id in sorted(xfrmi.items()):
+                if if_id == sa.if_id:
+                    return replace(s, via=TunnelDev(ifindex, if_id))
+        return s
+
     def _validate(self, s: Sighting) -> Accepted | Rejected:
         view, routing = self.state.view, self.routing
         view.refresh()
@@ -181,12 +200,14 @@ class Learning:
             return Rejected(RejectReason.NO_SPI, "the sighting carries no SPI")
         if s.direction is Direction.ENCAP:
             sa = view.sa_by_spi(s.spi, s.outer_daddr)
+            s = self._via(s, sa)
             route = routing.route(s.outer_daddr)
             hop = route.next_hop(s.outer_daddr) if route else s.outer_daddr
             neigh = routing.neigh(route.oif, hop) if route else None
             crypto = self.state.crypto.backend
             return validate_encap(s, view.policies, view.default, sa, route, neigh, crypto)
         sa = view.sa_by_spi(s.spi)
+        s = self._via(s, sa)
         route = routing.route(s.daddr)
         hop = route.next_hop(s.daddr) if route else s.daddr
         neigh = routing.neigh(route.oif, hop) if route else None
@@ -239,6 +260,7 @@ class Learning:
             seen_ns=cand.ktime_rx,
             installed_ns=0,  # set when the entry is written (_flush)
             dp_key=bytes(key),
+            via_ifindex=ok.via.ifindex if ok.via else 0,
         )
         self._ready[rec.key] = _Ready(cand, s, ok, key, val, rec)
 

@@ -109,6 +109,10 @@ class RoutingPort(Protocol):
         """(MTU, MAC) of a link, None when it does not exist."""
         ...
 
+    def xfrm_interfaces(self) -> dict[int, int]:
+        """{ifindex: if_id} of the xfrm interfaces that are up (IFLA_XFRM_IF_ID)."""
+        ...
+
 
 class LearnerPort(Protocol):
     """First packets seen forwarded by the kernel (bpf/tp_learn.c through the learner)."""

@@ -58,6 +58,7 @@ class CachedRouting:
         self._neighs: dict[tuple[int, str], NeighInfo | None] = {}
         self._links: dict[int, tuple[int, str | None] | None] = {}
         self._local: set[str] | None = None
+        self._xfrmi: dict[int, int] | None = None
         self.hits = self.misses = 0
 
     # -- RoutingPort ------------------------------------------------------------------------------
@@ -96,6 +97,14 @@ class CachedRouting:
             self.hits += 1
         return got  # type: ignore[return-value]
 
+    def xfrm_interfaces(self) -> dict[int, int]:
+        if self._xfrmi is None:
+            self.misses += 1
+            self._xfrmi = self.inner.xfrm_interfaces()
+        else:
+            self.hits += 1
+        return dict(self._xfrmi)
+
     # -- invalidation -----------------------------------------------------------------------------
     def on_event(self, ev: object) -> None:
         """Drop what `ev` may have changed (the table in the module docstring)."""
@@ -118,3 +127,4 @@ class CachedRouting:
         self._neighs.clear()
         self._links.clear()
         self._local = None
+        self._xfrmi = None

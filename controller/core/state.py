@@ -94,6 +94,7 @@ class FlowRecord:
     installed_ns: int = 0  # CLOCK_MONOTONIC ns when the flow entry was written
     last_active_ns: int = 0  # last time the datapath reported traffic for it
     dp_key: bytes = b""  # the datapath's struct xfp_flow_key as written (for batch deletes)
+    via_ifindex: int = 0  # the route-based tunnel device (xfrm interface) it passes, if any
 
     @property
     def learn_latency_s(self) -> float | None:
@@ -137,6 +138,8 @@ class FlowState:
         self._by_neigh[rec.neighbour].add(rec.key)
         self._by_link[rec.key.ifindex].add(rec.key)
         self._by_link[rec.egress_ifindex].add(rec.key)
+        if rec.via_ifindex:
+            self._by_link[rec.via_ifindex].add(rec.key)
         self.learned_total += 1
         return old
 
@@ -150,6 +153,7 @@ class FlowState:
             (self._by_neigh, rec.neighbour),
             (self._by_link, rec.key.ifindex),
             (self._by_link, rec.egress_ifindex),
+            (self._by_link, rec.via_ifindex),
         ):
             keys = index.get(fact)
             if keys is not None:

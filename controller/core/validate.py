@@ -15,6 +15,11 @@ fastpath, the kernel's current state must say the same thing for every later pac
   flow allows it and its template covers that SA (the kernel's __xfrm_policy_check()); the
   inner route leaves by the device the packet left by; the neighbour is valid with the MAC seen.
 
+Route-based tunnels (docs/design.md §10): a sighting routed into an xfrm interface (or out of
+one, decap) carries that device's if_id, a VTI device its key as the mark (Sighting.via); the
+policy and SA lookups match if_id and mark as the kernel's do (xfrm_model.policy_matches,
+sa_fits_policy).
+
 Anything else is rejected with a reason (RejectReason, controller/core/reasons.py: a label of
 the rejections counter). The netfilter verdict is not re-derived: the sighting proves the
 ruleset forwarded the packet, and any later ruleset change flushes every learned flow
@@ -25,7 +30,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from controller.core.crypto import Backend, sa_backend
 from controller.core.reasons import RejectReason
@@ -37,7 +42,9 @@ from controller.core.xfrm_model import (
     Mode,
     Policy,
     Sa,
+    mark_ok,
     policy_decision,
+    sa_fits_policy,
 )
 
 PROTO_ICMP = 1
@@ -75,6 +82,16 @@ class NeighInfo:
 
 
 @dataclass(frozen=True)
+class TunnelDev:
+    """The route-based tunnel device a flow passes: an xfrm interface (its IFLA_XFRM_IF_ID)
+    or a VTI (its key, which the kernel uses as the lookup's mark)."""
+
+    ifindex: int
+    if_id: int = 0
+    mark: int = 0
+
+
+@dataclass(frozen=True)
 class Sighting:
     """The parts of a learner candidate that validation needs (host byte order)."""
 
@@ -97,6 +114,7 @@ class Sighting:
     # its sec_path only), so the wire's encapsulation is unknown.
     encap_ports: tuple[int, int] | None = None
     wire_seen: bool = True
+    via: TunnelDev | None = None  # encap: the route's device; decap: the one it came out of
 
     def xfrm_flow(self) -> Flow:
         """The flow as the kernel's policy lookup sees it (struct flowi4): for ICMP the
@@ -112,6 +130,7 @@ class Accepted:
     policy: Policy  # the policy whose change must invalidate the flow (OUT or FWD)
     next_hop: str
     route: RouteInfo
+    via: TunnelDev | None = None  # the xfrm interface whose removal must invalidate the flow
 
 
 @dataclass(frozen=True)
@@ -206,6 +225,12 @@ def validate_encap(
         # a matching SA: a clear packet from the LAN cannot satisfy it.
         return _reject(RejectReason.FWD_POLICY_BLOCKS, f"{fwd.policy} needs a secured packet")
     out = policy_decision(policies, default, flow, Dir.OUT)
+    if out.allowed and not out.protected and s.via is not None:
+        # ip_forward's lookup (if_id 0, mark 0) left the packet clear; the tunnel device's
+        # transmit looks again with its own: xfrmi_xmit2 (fl->flowi_xfrm.if_id, then
+        # xfrm_lookup_with_ifid), vti_tunnel_xmit (flowi_mark = o_key).
+        dev_flow = replace(flow, if_id=s.via.if_id, mark=s.via.mark)
+        out = policy_decision(policies, default, dev_flow, Dir.OUT)
     if not out.allowed:
         return _reject(RejectReason.OUT_POLICY_BLOCKS, out.reason)
     if out.policy is None or not out.policy.templates:
@@ -221,7 +246,7 @@ def validate_encap(
     if sa.encap is not None and sa_backend(sa, crypto, True)[0] is Backend.KERNEL:
         return _reject(RejectReason.SA_UNSUPPORTED, f"SA {sa}: {NATT_OUT_KERNEL_WHY}")
     tmpl = out.policy.templates[0]
-    if tmpl.mode != Mode.TUNNEL or not tmpl.covers(sa):
+    if tmpl.mode != Mode.TUNNEL or not tmpl.covers(sa) or not sa_fits_policy(sa, out.policy):
         return _reject(
             RejectReason.SA_NOT_OF_POLICY, f"SA {sa} does not satisfy {out.policy}'s template"
         )
@@ -236,7 +261,7 @@ def validate_encap(
     if bad is not None:
         return bad
     assert route is not None
-    return Accepted(sa, out.policy, route.next_hop(str(sa.dst)), route)
+    return Accepted(sa, out.policy, route.next_hop(str(sa.dst)), route, s.via)
 
 
 def validate_decap(
@@ -260,10 +285,18 @@ def validate_decap(
     assert sa is not None
     if str(sa.dst) not in local_addrs:
         return _reject(RejectReason.SA_NOT_INBOUND, f"SA {sa} is not addressed to this gateway")
+    if not mark_ok(sa.mark, s.via.mark if s.via else 0):
+        # xfrm_input's SA lookup uses skb->mark (a VTI's i_key): this SA is not found for it.
+        return _reject(RejectReason.SA_NOT_OF_POLICY, f"SA {sa}: its mark does not match")
+    if sa.if_id and (s.via is None or s.via.if_id != sa.if_id):
+        # xfrmi_rcv_cb: an if_id SA's packets come out of the xfrm interface of that if_id.
+        return _reject(RejectReason.SA_NOT_OF_POLICY, f"SA {sa}: no xfrm interface for if_id")
     bad = check_encap_ports(sa, s)
     if bad is not None:
         return bad
-    flow = s.xfrm_flow()
+    # __xfrm_policy_check: a secured packet received on an xfrm interface is checked with the
+    # interface's if_id (xfrmi_decode_session), and its SA must carry it (xfrm_state_ok).
+    flow = replace(s.xfrm_flow(), if_id=s.via.if_id if s.via else 0)
     fwd = policy_decision(policies, default, flow, Dir.FWD)
     if not fwd.allowed:
         return _reject(RejectReason.FWD_POLICY_BLOCKS, fwd.reason)
@@ -285,7 +318,7 @@ def validate_decap(
     if bad is not None:
         return bad
     assert route is not None
-    return Accepted(sa, fwd.policy, route.next_hop(s.daddr), route)
+    return Accepted(sa, fwd.policy, route.next_hop(s.daddr), route, s.via)
 
 
 def is_local(addr: str, local_addrs: set[str]) -> bool:

@@ -371,10 +371,6 @@ class Sa:
             return False, f"encapsulation type {self.encap.type} (only ESP in UDP, RFC 3948)"
         if self.encap is not None and not (self.encap.sport and self.encap.dport):
             return False, "NAT-T encapsulation without both UDP ports"
-        if self.mark is not None and (self.mark.value or self.mark.mask):
-            return False, "SA carries an XFRM mark"
-        if self.if_id:
-            return False, "SA is bound to an xfrm interface (if_id)"
         if self.output_mark:
             return False, "SA sets an output mark"
         if self.offload_ifindex:
@@ -554,12 +550,22 @@ def resolve_sa(policy: Policy, sas: Iterable[Sa], flow: Flow | None = None) -> S
     if not tmpls:
         return None
     t = tmpls[0]
-    cands = [s for s in sas if t.covers(s)]
+    cands = [s for s in sas if t.covers(s) and sa_fits_policy(s, policy)]
     if flow is not None:
         cands = [s for s in cands if s.selector.family == 0 or _sa_sel_ok(s.selector, flow)]
     if not cands:
         return None
     return max(cands, key=lambda s: s.current.add_time)
+
+
+def mark_ok(mark: Mark | None, value: int) -> bool:
+    """The kernel's mark test, (value & m) == v; no mark is v = m = 0."""
+    return mark is None or (value & mark.mask) == mark.value
+
+
+def sa_fits_policy(sa: Sa, p: Policy) -> bool:
+    """xfrm_state_find(): the policy's if_id and mark value under its mask pick the SA."""
+    return sa.if_id == p.if_id and mark_ok(sa.mark, p.mark.value & p.mark.mask if p.mark else 0)
 
 
 def _sa_sel_ok(sel: Selector, flow: Flow) -> bool:

@@ -16,6 +16,7 @@ from pyroute2 import IPRoute
 from controller.core.validate import NeighInfo, RouteInfo
 
 DEFAULT_MTU = 1500  # a link that reports no IFLA_MTU
+IFF_UP = 0x1  # include/uapi/linux/if.h
 
 
 class Routing:
@@ -56,6 +57,21 @@ class Routing:
         for link in self.ipr.get_links(ifindex):
             return int(link.get_attr("IFLA_MTU") or DEFAULT_MTU), link.get_attr("IFLA_ADDRESS")
         return None
+
+    def xfrm_interfaces(self) -> dict[int, int]:
+        """{ifindex: if_id} of the xfrm interfaces (kind "xfrm") that are up: the devices a
+        route-based tunnel's packets pass (a netlink error raises)."""
+        found: dict[int, int] = {}
+        for link in self.ipr.get_links():
+            info = link.get_attr("IFLA_LINKINFO")
+            if info is None or info.get_attr("IFLA_INFO_KIND") != "xfrm":
+                continue
+            if not link["flags"] & IFF_UP:
+                continue
+            data = info.get_attr("IFLA_INFO_DATA")
+            if_id = data.get_attr("IFLA_XFRM_IF_ID") if data is not None else None
+            found[link["index"]] = int(if_id or 0)
+        return found
 
     def close(self) -> None:
         self.ipr.close()

@@ -211,8 +211,9 @@ def test_key_never_shows_in_repr_str_or_logs(caplog: pytest.LogCaptureFixture) -
         ({"src": IP("2001:db8::1"), "dst": IP("2001:db8::2"), "family": 10}, False, "IPv4"),
         ({"encap": Encap(2, 4500, 4500)}, True, "ok"),  # RFC 3948 ESP in UDP is served
         ({"encap": Encap(1, 4500, 4500)}, False, "only ESP in UDP"),
-        ({"mark": Mark(1, 0xFF)}, False, "mark"),
-        ({"if_id": 3}, False, "if_id"),
+        ({"mark": Mark(1, 0xFF)}, True, "ok"),  # VTI: matched by validation (validate.py)
+        ({"if_id": 3}, True, "ok"),  # xfrm interfaces: the same
+        ({"output_mark": 5}, False, "output mark"),
         (
             {"aead": Algorithm("aead", "rfc4106(gcm(aes))", 160, Secret(bytes(20)), 128)},
             False,

@@ -92,6 +92,7 @@ class FakeKernel:
     neighbours: dict[tuple[int, str], NeighInfo] = field(default_factory=dict)
     addrs: set[str] = field(default_factory=set)
     links: dict[int, tuple[int, str | None]] = field(default_factory=dict)  # ifindex -> MTU, MAC
+    xfrmi: dict[int, int] = field(default_factory=dict)  # up xfrm interfaces: ifindex -> if_id
     states: dict[tuple[str, int], _SaState] = field(default_factory=dict)
     # What the agent did to the kernel, in order.
     oseq_set: list[tuple[int, int]] = field(default_factory=list)  # (spi, oseq64 written)
@@ -206,6 +207,17 @@ class FakeKernel:
         self.links[ifindex] = (mtu, mac)
         return self._emit(  # type: ignore[return-value]
             LinkChanged(_now_ns(), "new", ifindex, name, True, True, "up", mtu, mac)
+        )
+
+    def set_xfrmi(self, ifindex: int, name: str, if_id: int, *, up: bool = True) -> LinkChanged:
+        """An xfrm interface added or brought up (up=False: brought down)."""
+        if up:
+            self.xfrmi[ifindex] = if_id
+        else:
+            self.xfrmi.pop(ifindex, None)
+        st = "up" if up else "down"
+        return self._emit(  # type: ignore[return-value]
+            LinkChanged(_now_ns(), "new", ifindex, name, up, up, st, 1500, None)
         )
 
     def nft_commit(self, table: str = "filter") -> list[object]:
@@ -333,3 +345,7 @@ class FakeKernel:
     def link(self, ifindex: int) -> tuple[int, str | None] | None:
         self._call("link")
         return self.links.get(ifindex)
+
+    def xfrm_interfaces(self) -> dict[int, int]:
+        self._call("xfrm_interfaces")
+        return dict(self.xfrmi)
