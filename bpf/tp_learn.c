@@ -72,7 +72,7 @@ _Static_assert(SKB_LEN_SZ == 4 && SKB_DATA_LEN_SZ == 4 && SKB_IIF_SZ == 4, "u32 
 _Static_assert(SKB_PROTOCOL_SZ == 2, "skb->protocol is __be16");
 _Static_assert(DEV_IFINDEX_SZ == 4 && NET_NS_INUM_SZ == 4, "u32 ifindex, inum");
 _Static_assert(sizeof(struct learn_event) == 112, "learn_event layout (learn_abi.py)");
-_Static_assert(sizeof(struct learn_sighting) == 48, "learn_sighting layout");
+_Static_assert(sizeof(struct learn_sighting) == 56, "learn_sighting layout");
 
 /* The maps (learn_cfg, learn_ifaces, learn_sightings, learn_last_rx, learn_emitted,
  * learn_stats, learn_events) are in maps.h, section XFP_MAPS_LEARN. */
@@ -254,6 +254,18 @@ TRACEPOINT_PROBE(net, netif_receive_skb)
 	if (!role)
 		return 0;
 
+	__u32 via = 0;
+	if (role == LEARN_ROLE_XFRMI) {
+		/* Decrypted by an SA of an xfrm interface: xfrmi_rcv_cb
+		 * (net/xfrm/xfrm_interface*.c) moved the skb to that device. The sighting stays the
+		 * ESP one's, noting the device. */
+		struct learn_sighting *esp = learn_sightings.lookup(&key);
+		if (!esp || !(esp->flags & LEARN_F_ESP_RX))
+			return 0;
+		via = ifindex;
+		ifindex = esp->ifindex;
+	}
+
 	__be16 proto = 0;
 	void *data = NULL;
 	__u32 headlen = 0;
@@ -272,6 +284,7 @@ TRACEPOINT_PROBE(net, netif_receive_skb)
 	struct learn_sighting s = {};
 	s.ktime = now;
 	s.ifindex = ifindex;
+	s.via_ifindex = via;
 	s.flags = t.flags;
 	/* ESP-in-UDP (NAT-T) counts as ESP on the WAN side only: from the LAN it is a host's own
 	 * NAT-T traffic, which this gateway merely forwards. */
@@ -338,7 +351,10 @@ TRACEPOINT_PROBE(fib, fib_table_lookup)
 	struct learn_sighting *s = learn_sightings.lookup(&key);
 	/* First matching lookup only: the same packet is looked up again in the next namespace
 	 * (veth), possibly on this CPU within the window. */
-	if (!s || !s->proto || (s->flags & LEARN_F_FIB) || (__u32)args->iif != s->ifindex)
+	if (!s || !s->proto || (s->flags & LEARN_F_FIB))
+		return 0;
+	if ((__u32)args->iif != s->ifindex &&
+	    (!s->via_ifindex || (__u32)args->iif != s->via_ifindex))
 		return 0;
 	__u32 src = 0, dst = 0, gw = 0;
 	__builtin_memcpy(&src, args->src, 4);
@@ -373,18 +389,29 @@ TRACEPOINT_PROBE(net, net_dev_start_xmit)
 		stat_inc(LEARN_STAT_TX_UNSIGHTED);
 		return 0;
 	}
+	__u32 iif = 0;
+	bpf_probe_read_kernel(&iif, sizeof(iif), skb + SKB_IIF_OFF);
+	if (out_role == LEARN_ROLE_XFRMI) {
+		/* Routed into an xfrm interface: xfrmi_xmit2 (net/xfrm/xfrm_interface*.c) clears
+		 * skb_iif (xfrmi_scrub_packet) and sends the ESP by a WAN device next. Note the
+		 * device and keep the sighting for that transmit. */
+		if (iif == sp->ifindex)
+			sp->via_ifindex = out_ifindex;
+		return 0;
+	}
 	struct learn_sighting s = *sp;
 	/* The skb leaves the namespace: whatever happens next is not this sighting any more. */
 	learn_sightings.delete(&key);
 	stat_inc(LEARN_STAT_TX_SIGHTED);
 
 	__u64 now = bpf_ktime_get_ns();
-	__u32 iif = 0;
-	bpf_probe_read_kernel(&iif, sizeof(iif), skb + SKB_IIF_OFF);
-	if (iif != s.ifindex) {
+	/* Through an xfrm interface skb_iif is 0 (encap: scrubbed on its transmit) or the
+	 * interface (decap: received on it); the sighting's own device is the one to report. */
+	if (iif != s.ifindex && !(s.via_ifindex && (iif == 0 || iif == s.via_ifindex))) {
 		stat_inc(LEARN_STAT_TX_IIF_MISMATCH);
 		return 0;
 	}
+	iif = s.ifindex;
 	if (now - s.ktime > LEARN_MAX_AGE_NS) {
 		stat_inc(LEARN_STAT_TX_STALE);
 		return 0;

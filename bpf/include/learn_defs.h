@@ -16,6 +16,9 @@
 /* Role of a watched device, the value in the learn_ifaces map. */
 #define LEARN_ROLE_LAN 1 /* clear side */
 #define LEARN_ROLE_WAN 2 /* ESP side */
+/* An xfrm interface (route-based tunnel, docs/design.md §10): encap packets are routed into it
+ * before their ESP leaves by a WAN device; decrypted packets of its if_id come out of it. */
+#define LEARN_ROLE_XFRMI 3
 
 /* Direction of a candidate, decided by the roles of the in and out devices and by what the
  * packet looked like on each. */
@@ -101,6 +104,8 @@ struct learn_sighting {
 	__u32 fib_gw4;	   /* be */
 	__u16 encap_sport; /* be: LEARN_F_UDP_ENCAP (with LEARN_F_ESP_RX): NAT-T's UDP ports */
 	__u16 encap_dport; /* be */
+	__u32 via_ifindex; /* the xfrm interface (LEARN_ROLE_XFRMI) the packet passed, or 0 */
+	__u32 pad1;
 };
 
 /* The last sighting made on this CPU: fib_table_lookup carries no skb pointer, but the input

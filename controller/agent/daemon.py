@@ -35,7 +35,7 @@ from controller.datapath.learner import Candidate, Learner, netns_inode
 from controller.datapath.reseq import Resequencer
 from controller.datapath.xdp import DEFAULT_PIN_DIR, Datapath
 from controller.netlink.routing import Routing
-from controller.netlink.watch import KernelWatch
+from controller.netlink.watch import KernelWatch, LinkChanged
 from controller.netlink.xfrm import XfrmSocket
 from controller.paths import RUN_DIR, STATUS_FILE, netns_run_dir
 from controller.telemetry import Exporter, MetricsSource, datapath_parts
@@ -70,6 +70,7 @@ class Daemon:
         self.watch: KernelWatch | None = None
         self.xfrm: XfrmSocket | None = None
         self.routing: Routing | None = None
+        self._xfrmi: set[int] = set()  # the xfrm interfaces the learner watches
         self.metrics: MetricsSource | None = None
         self.exporter: Exporter | None = None
         self.crypto = CryptoChoice()
@@ -176,7 +177,7 @@ class Daemon:
     ) -> Agent:
         """The learner, the metrics and the agent, once the programs are attached."""
         cfg = self.cfg
-        self.learner = Learner.open(netns_inode(), dict(self.role))
+        self.learner = Learner.open(netns_inode(), self._learn_ifaces(routing))
         lan_wan = {Direction.ENCAP: cfg.lan, Direction.DECAP: cfg.wan}
         self.metrics = MetricsSource(
             datapath=lambda: datapath_parts(dp, lan_wan, agent.reqids()),
@@ -246,6 +247,8 @@ class Daemon:
                 for ev in watch.read_events():
                     with self._timed(lambda ev=ev: f"kernel event {type(ev).__name__}"):
                         agent.on_kernel_event(ev)
+                        if isinstance(ev, LinkChanged) and self.routing is not None:
+                            self._rewatch(learner, self.routing)
                 # Every waiting candidate at once: one batch map write per turn (learn.py).
                 cands = learner.poll(0, limit=LEARN_BATCH)
                 if cands:
@@ -261,6 +264,19 @@ class Daemon:
             poller.close()
             self.shutdown()
         return 0
+
+    def _learn_ifaces(self, routing: Routing) -> dict[int, str]:
+        """The learner's devices: ours by role, and the xfrm interfaces that are up (a
+        route-based tunnel's packets pass them, docs/design.md §10)."""
+        self._xfrmi = set(routing.xfrm_interfaces())
+        return {**{i: "xfrm" for i in self._xfrmi}, **self.role}
+
+    def _rewatch(self, learner: Learner, routing: Routing) -> None:
+        """An xfrm interface came or went: point the learner at the new set."""
+        before = self._xfrmi
+        ifaces = self._learn_ifaces(routing)
+        if self._xfrmi != before:
+            learner.watch(netns_inode(), ifaces)
 
     @contextlib.contextmanager
     def _timed(self, what: Callable[[], str]) -> Iterator[None]:

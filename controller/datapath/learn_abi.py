@@ -15,6 +15,7 @@ HEADER = Path(__file__).resolve().parents[2] / "bpf" / "include" / "learn_defs.h
 
 LEARN_ROLE_LAN = 1
 LEARN_ROLE_WAN = 2
+LEARN_ROLE_XFRMI = 3  # an xfrm interface (route-based tunnel)
 
 LEARN_DIR_ENCAP = 1
 LEARN_DIR_DECAP = 2
@@ -88,7 +89,7 @@ class LearnEvent(ct.Structure):
 
 
 class LearnSighting(ct.Structure):
-    """struct learn_sighting (48 bytes)."""
+    """struct learn_sighting (56 bytes)."""
 
     _fields_ = (
         ("ktime", ct.c_uint64),
@@ -106,6 +107,8 @@ class LearnSighting(ct.Structure):
         ("fib_gw4", ct.c_uint32),
         ("encap_sport", ct.c_uint16),  # be
         ("encap_dport", ct.c_uint16),  # be
+        ("via_ifindex", ct.c_uint32),
+        ("pad1", ct.c_uint32),
     )
 
 

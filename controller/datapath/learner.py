@@ -51,7 +51,7 @@ DIRECTIONS = {
 }
 # The tunnel's direction of each, for the controller; clear forwarding has none.
 TUNNEL_DIRECTIONS = {"encap": Direction.ENCAP, "decap": Direction.DECAP}
-ROLES = {"lan": d.LEARN_ROLE_LAN, "wan": d.LEARN_ROLE_WAN}
+ROLES = {"lan": d.LEARN_ROLE_LAN, "wan": d.LEARN_ROLE_WAN, "xfrm": d.LEARN_ROLE_XFRMI}
 PROTO_ICMP = 1
 
 
@@ -363,7 +363,7 @@ class Learner:
         """(Re)point the learner at a namespace and its devices; forgets all earlier state."""
         for ifindex, role in ifaces.items():
             if role not in ROLES:
-                raise LearnerError(f"ifindex {ifindex}: role must be lan or wan, not {role!r}")
+                raise LearnerError(f"ifindex {ifindex}: role must be one of {sorted(ROLES)}")
         b = self.bpf
         cfg_map = b[b"learn_cfg"]  # type: ignore[index]
         cfg_map[ct.c_int(0)] = d.LearnCfg(0)  # off while the tables change
