@@ -391,8 +391,8 @@ def run_shards(args: argparse.Namespace, extra: list[str]) -> int:
         argv = [sys.executable, "-m", "testbed.vmrun", "--vm", "--shards", "1",
                 "--out-dir", str(out), "--cpus", str(args.cpus), "--memory", args.memory,
                 "--timeout", str(args.timeout), "vm-only", "--",
-                *(p for u in units for p in u.split()), f"--junitxml={out / 'junit.xml'}",
-                *extra]  # fmt: skip
+                *(p for u in units for p in vmshards.unit_paths(u)),
+                f"--junitxml={out / 'junit.xml'}", *extra]  # fmt: skip
         procs.append(
             subprocess.Popen(
                 argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

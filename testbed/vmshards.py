@@ -24,14 +24,30 @@ ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = Path(__file__).resolve().parent / "vm_weights.json"
 DEFAULT_WEIGHT_S = 300.0
 # `vm`-marked tests outside tests/vm (netlink and packaging tests that need kernel XFRM): one
-# entry, run by one shard.
+# unit, run by one shard, named by this label; its files are those that mention the marker
+# (collecting every host test module under TCG would cost that shard minutes).
 OTHER_TIERS = "tests/unit tests/bpf tests/host"
+
+
+def other_tier_files(root: Path = ROOT) -> list[str]:
+    """Files of the other tiers that use the `vm` marker (pytest -m vm picks their tests)."""
+    out = []
+    for tier in OTHER_TIERS.split():
+        for p in sorted((root / tier).glob("test_*.py")):
+            if "mark.vm" in p.read_text(errors="replace"):
+                out.append(p.relative_to(root).as_posix())
+    return out
 
 
 def vm_test_files(root: Path = ROOT) -> list[str]:
     """Every unit of work: each tests/vm file, and the other tiers' vm-marked tests as one."""
     files = sorted(p.relative_to(root).as_posix() for p in (root / "tests/vm").glob("test_*.py"))
     return [*files, OTHER_TIERS]
+
+
+def unit_paths(unit: str, root: Path = ROOT) -> list[str]:
+    """The pytest paths of a unit."""
+    return other_tier_files(root) if unit == OTHER_TIERS else [unit]
 
 
 def load_weights(path: Path = WEIGHTS) -> dict[str, float]:

@@ -17,6 +17,14 @@ def test_every_vm_file_is_in_exactly_one_shard() -> None:
     assert sorted(dealt) == sorted(units)
 
 
+def test_other_tiers_are_their_vm_marked_files() -> None:
+    files = vmshards.unit_paths(vmshards.OTHER_TIERS)
+    assert "tests/host/test_xfrm_netlink.py" in files
+    assert all(not f.startswith("tests/vm/") for f in files)
+    assert "tests/unit/test_vmshards.py" not in files  # no vm marker here
+    assert vmshards.unit_paths("tests/vm/test_vm_learner.py") == ["tests/vm/test_vm_learner.py"]
+
+
 def test_longest_first_balances_the_shards() -> None:
     weights = {"a": 100.0, "b": 60.0, "c": 50.0, "d": 10.0}
     plan = vmshards.partition(["a", "b", "c", "d"], weights, 2)
