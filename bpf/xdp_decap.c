@@ -174,6 +174,7 @@ int xdp_decap(struct xdp_md *ctx)
 	struct ethhdr *eth;
 	struct xfp_esp_hdr *esp;
 	struct udphdr *uh = 0;
+	__u16 usport = 0, udport = 0; /* NAT-T: uh's ports, copied while uh is known valid */
 	__u8 aad[12] __attribute__((aligned(4)));
 	__u8 iv[8] __attribute__((aligned(8)));
 	__u8 blk[64] __attribute__((aligned(8)));
@@ -196,6 +197,8 @@ int xdp_decap(struct xdp_md *ctx)
 			goto pass;
 		}
 		ulen = xfp_ntohs(uh->len);
+		usport = uh->source;
+		udport = uh->dest;
 		if (ulen != olen - XFP_IP_LEN) {
 			r = XFP_R_PASS_MALFORMED_IP; /* the kernel's UDP judges */
 			goto pass;
@@ -230,8 +233,8 @@ int xdp_decap(struct xdp_md *ctx)
 	sa = xfp_sa_in.lookup(&sk);
 	if (!sa) {
 		/* UDP to another port with no SA: ordinary UDP, not ours */
-		r = (hoff && uh->dest != xfp_htons(XFP_NATT_PORT)) ? XFP_R_PASS_NOT_ESP
-								   : XFP_R_PASS_UNKNOWN_SPI;
+		r = (hoff && udport != xfp_htons(XFP_NATT_PORT)) ? XFP_R_PASS_NOT_ESP
+								 : XFP_R_PASS_UNKNOWN_SPI;
 		goto pass;
 	}
 	/* NAT-T: the frame's encapsulation must be the SA's, and come from the peer address and
@@ -239,7 +242,7 @@ int xdp_decap(struct xdp_md *ctx)
 	 * XFRM_MSG_MAPPING, which it can only do for packets it sees). Plain ESP of a NAT-T SA,
 	 * or ESP-in-UDP of a plain one, is the kernel's to judge as well. */
 	if (sa->flags & XFP_SA_F_ESPINUDP)
-		mapping = !hoff || uh->source != sa->encap_sport || uh->dest != sa->encap_dport ||
+		mapping = !hoff || usport != sa->encap_sport || udport != sa->encap_dport ||
 			  iph->saddr != sa->saddr;
 	else
 		mapping = hoff != 0;
