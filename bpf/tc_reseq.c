@@ -190,8 +190,10 @@ int tc_reseq(struct __sk_buff *skb)
 		 * checks the kernel's ICV over its SPI, seq and IV. With ESN the AAD holds the high
 		 * half of the kernel's number, which the packet does not carry but its IV does:
 		 * crypto/seqiv.c made it as the 64-bit number XOR the SA's mask (iv_mask, learnt
-		 * from a packet of the kernel's, controller/agent/offload.py). The kfuncs check the
-		 * bounds themselves, on the linear part that bpf_skb_pull_data() made whole. */
+		 * from a packet of the kernel's, controller/datapath/learner.py: right in its high
+		 * half while the kernel's number was below 2^32 then; otherwise the open fails and
+		 * the packet is dropped, counted). The kfuncs check the bounds themselves, on the
+		 * linear part that bpf_skb_pull_data() made whole. */
 		old_hi = (xfp_htonll(*(__u64 *)old_iv) ^ sa->iv_mask) >> 32;
 		if (xfp_kc_skb_open(skb, sa->kc_id, XFP_KC_ESP_OFF, clen, old_hi))
 			goto shot;

@@ -154,7 +154,7 @@ class Daemon:
             self.dp = Datapath(
                 pin_dir=pin_dir, xdp_mode=cfg.xdp_mode, cflags=cflags, kcrypto=kc
             ).load()
-            self.reseq = Resequencer(pin_dir=self.dp.pin_dir, cflags=(sa_max,)).load()
+            self.reseq = Resequencer(pin_dir=self.dp.pin_dir, cflags=(sa_max,), kcrypto=kc).load()
             return self.dp, self.reseq
 
         dp, reseq = load_programs()

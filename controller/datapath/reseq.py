@@ -2,7 +2,7 @@
 """The TC egress resequencer (bpf/tc_reseq.c): load it, attach it to the WAN devices, and keep
 its SPI index beside the datapath's outbound SA entries.
 
-    rs = Resequencer(pin_dir).load()
+    rs = Resequencer(pin_dir).load()         # kcrypto=True: the kernel crypto backend
     rs.attach(["wan"])                       # clsact egress, direct-action; detached on close()
     rs.index_sa(spi, daddr, sa_id)           # after Datapath.put_outbound_sa()
     rs.unindex_sa(spi, daddr)                # before Datapath.delete_outbound_sa()
@@ -10,7 +10,10 @@ its SPI index beside the datapath's outbound SA entries.
 
 The program shares the pinned maps of the datapath (same XFP_PIN_DIR), so it sees the same SA
 entries and takes sequence numbers from the same counters under the same lock. Compiling and
-attaching go through the one loader (controller/datapath/loader.py).
+attaching go through the one loader (controller/datapath/loader.py). With `kcrypto`, the
+program is built with -DXFP_KCRYPTO and loaded through controller/datapath/kfunc.py (the
+xfp_crypto module must be loaded): SAs flagged XFP_SA_F_KCRYPTO are re-sealed by the module's
+kfuncs, the others by the BPF AEAD, as in the kernel-crypto xdp_encap.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class ResequencerError(LoaderError):
 class Resequencer:
     pin_dir: Path | str = DEFAULT_PIN_DIR
     cflags: Sequence[str] = ()  # -D flags only
+    kcrypto: bool = False  # the kernel crypto backend (issue 17)
     bpf: object | None = None
     fn: object | None = None
     spi_map: MapHandle | None = None
@@ -53,8 +57,11 @@ class Resequencer:
     def load(self) -> Resequencer:
         """Compile and load bpf/tc_reseq.c (maps pinned beside the datapath's, under pin_dir)."""
         try:
-            self.bpf = self.loader.compile("tc_reseq.c", self.cflags, pin_dir=self.pin_dir)
-            self.fn = self.loader.load(self.bpf, "tc_reseq", Prog.SCHED_CLS)
+            variant = ["-DXFP_KCRYPTO"] if self.kcrypto else []
+            cflags = [*self.cflags, *variant]
+            self.bpf = self.loader.compile("tc_reseq.c", cflags, pin_dir=self.pin_dir)
+            load = self.loader.load_kfunc if self.kcrypto else self.loader.load
+            self.fn = load(self.bpf, "tc_reseq", Prog.SCHED_CLS)
         except LoaderError as e:  # "compiling/loading bpf/tc_reseq.c: ..."
             raise ResequencerError(str(e), e.errno) from e
         b = self.bpf
