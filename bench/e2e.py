@@ -82,6 +82,7 @@ from controller.datapath.bpfsys import (  # noqa: E402
     prog_run_live,
     prog_test_run,
 )
+from controller.datapath.kcrypto_abi import Alg  # noqa: E402
 from controller.datapath.loader import Loader, Prog, compile_bpf, load_program  # noqa: E402
 from controller.datapath.xdp import (  # noqa: E402
     Datapath,
@@ -91,6 +92,7 @@ from controller.datapath.xdp import (  # noqa: E402
     flow_val,
 )
 from controller.netns import in_netns  # noqa: E402
+from testbed import kmod  # noqa: E402
 from testbed.bed import Testbed  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -111,6 +113,12 @@ ROWS: tuple[tuple[str, tuple[int, ...]], ...] = (
     ("IMIX", IMIX),
 )
 BIG_TABLE = 1 << 21  # flow table for the scale runs: 1M flows without LRU eviction
+# The AEADs the bench runs: name -> (the kernel's XFRM name, key || salt bytes, the xfp_crypto
+# module's algorithm; controller/datapath/kcrypto_abi.py Alg).
+KC_ALGS: dict[str, tuple[str, int, Any]] = {
+    "chacha20-poly1305": ("rfc7539esp(chacha20,poly1305)", 36, Alg.CHACHA20_POLY1305),
+    "aes128-gcm": ("rfc4106(gcm(aes))", 20, Alg.AES_GCM),
+}
 
 
 # -- traffic: bpf/tests/xdp_bench.c ---------------------------------------------------------
@@ -270,14 +278,25 @@ def live_frames_refusal() -> str | None:
 class E2EBed:
     """The test bed, both gateways' datapaths and the traffic programs; switches modes."""
 
-    def __init__(self, cpus: int, flows: int, flows_max: int = 65536) -> None:
+    def __init__(
+        self, cpus: int, flows: int, flows_max: int = 65536, kcrypto: Any = None,
+        alg: str = "chacha20-poly1305",
+    ) -> None:  # fmt: skip
+        """`kcrypto`: an open controller.datapath.kcrypto.KcryptoDevice: both gateways run the
+        kernel-crypto build (-DXFP_KCRYPTO) and their SAs name module contexts sealing with
+        `alg` (KC_ALGS); None: the BPF AEAD (ChaCha20-Poly1305 only)."""
         self.cpus = cpus
         self.flows = flows
+        self.kc = kcrypto
+        self.alg = alg
+        if kcrypto is None and alg != "chacha20-poly1305":
+            raise ValueError(f"the BPF AEAD does not do {alg}")
         pid = os.getpid()
         self.bed = Testbed(prefix=f"xb{pid % 100000}-", queues=cpus)
         cflags = (f"-DXFP_FLOWS_MAX={flows_max}",)
-        self.gw1 = Datapath(pin_dir=f"/sys/fs/bpf/xfp-bench-{pid}-gw1", cflags=cflags)
-        self.gw2 = Datapath(pin_dir=f"/sys/fs/bpf/xfp-bench-{pid}-gw2", cflags=cflags)
+        kc = kcrypto is not None
+        self.gw1 = Datapath(pin_dir=f"/sys/fs/bpf/xfp-bench-{pid}-gw1", cflags=cflags, kcrypto=kc)
+        self.gw2 = Datapath(pin_dir=f"/sys/fs/bpf/xfp-bench-{pid}-gw2", cflags=cflags, kcrypto=kc)
         self.traffic: Traffic | None = None
         self.sinks = Loader()  # the sink program on the receiving hosts' devices
         self.mode = ""
@@ -308,6 +327,9 @@ class E2EBed:
                 d.close()
             with contextlib.suppress(Exception):
                 d.unpin()
+        if self.kc is not None:  # the programs are gone: no kfunc holds a context now
+            with contextlib.suppress(OSError):
+                self.kc.flush()
         self.bed.destroy()
 
     def _configure(self) -> None:
@@ -319,15 +341,23 @@ class E2EBed:
         g1.put_tx_port(g1_wan_if, netns=bed.ns("gw1"))
         g2.put_tx_port(g2_lan_if, netns=bed.ns("gw2"))
         for out_id, spi, key in ((1, SPI_A, KEY_A), (3, SPI_B, KEY_B)):
+            key = key[: KC_ALGS[self.alg][1]]
+            kc_out = kc_in = None
+            if self.kc is not None:  # contexts out_id (gw1 seals) and out_id + 1 (gw2 opens)
+                kc_out, kc_in = out_id, out_id + 1
+                for ctx in (kc_out, kc_in):
+                    self.kc.create(ctx, KC_ALGS[self.alg][2], key)
+                key = b""
             g1.put_outbound_sa(
                 OutboundSa(sa_id=out_id, spi=spi, saddr=g1_wan.addr, daddr=g2_wan.addr, key=key,
-                           egress_ifindex=g1_wan_if, dmac=g2_wan.mac, smac=g1_wan.mac, mtu=1500)
+                           egress_ifindex=g1_wan_if, dmac=g2_wan.mac, smac=g1_wan.mac, mtu=1500,
+                           kc_id=kc_out)
             )  # fmt: skip
             # Two CPUs interleave one sequence: a window of 4096 keeps reordering from being
             # taken for replay.
             g2.put_inbound_sa(
                 InboundSa(sa_id=out_id + 1, spi=spi, saddr=g1_wan.addr, daddr=g2_wan.addr,
-                          key=key, replay_window=4096)
+                          key=key, replay_window=4096, kc_id=kc_in)
             )  # fmt: skip
         self.put_flows(0, self.flows * self.cpus, out_id=1)
         self.header = udp_header(
@@ -384,11 +414,14 @@ class E2EBed:
 
             self._sink_on("remote", "eth0")
             g1, g2 = self.bed.addr("GW1_WAN"), self.bed.addr("GW2_WAN")
+            aead, key_len, _ = KC_ALGS[self.alg]
             self.tun = install_static_esp(
                 self.bed,
-                out=StaticSa(g1, g2, 0xC0000003, KEY_A),
-                back=StaticSa(g2, g1, 0xC0000004, KEY_B),
+                out=StaticSa(g1, g2, 0xC0000003, KEY_A[:key_len]),
+                back=StaticSa(g2, g1, 0xC0000004, KEY_B[:key_len]),
                 replay_window=128,
+                aead=aead,
+                key_len=key_len,
             )
         else:
             raise ValueError(mode)
@@ -1253,7 +1286,31 @@ def esp_run(
             "testbed.vmrun --cpus 1 --icount shell-cmd '.venv/bin/python bench/e2e.py --esp'"
         )
     esp = _bench_module("esp_vm")
-    return esp.run(lambda: E2EBed(cpus=1, flows=flows), rows, seconds, out, log)
+    kc_bed, algs = None, ()
+    dev = _open_kcrypto(log)
+    if dev is not None:
+        kc_bed, algs = (lambda alg: E2EBed(cpus=1, flows=flows, kcrypto=dev, alg=alg)), KC_ALGS
+    try:
+        return esp.run(lambda: E2EBed(cpus=1, flows=flows), rows, seconds, out, log,
+                       kc_bed=kc_bed, kc_algs=tuple(algs))  # fmt: skip
+    finally:
+        if dev is not None:
+            dev.close()
+            kmod.remove()
+
+
+def _open_kcrypto(log: Callable[[str], None]) -> Any:
+    """The xfp_crypto module inserted (testbed/kmod.py) and its device open, or None (said why:
+    then the kernel-crypto part is left out)."""
+    from controller.datapath.kcrypto import KcryptoDevice
+
+    try:
+        dev = KcryptoDevice(kmod.insert())
+    except (kmod.KmodError, OSError) as e:
+        log(f"  --esp: no kernel-crypto part: {e}")
+        return None
+    dev.flush()
+    return dev
 
 
 def vm_esp(
@@ -1313,7 +1370,7 @@ def main(argv: list[str] | None = None) -> int:
                     "where the kernel has ESP (the real-kernel VM)")  # fmt: skip
     ap.add_argument("--no-vm", action="store_true", help="skip the --esp part (which boots "
                     "the real-kernel VM where this kernel has no ESP)")  # fmt: skip
-    ap.add_argument("--vm-timeout", type=float, default=900, help="bound on the VM part, s")
+    ap.add_argument("--vm-timeout", type=float, default=3000, help="bound on the VM part, s")
     args = ap.parse_args(argv)
     if args.esp:
         rows = ROWS[:1] if args.quick else ROWS

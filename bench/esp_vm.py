@@ -364,51 +364,139 @@ def table(runs: dict[tuple[str, str], Closed], labels: Sequence[str], m: dict[st
     return "\n".join(lines)
 
 
+def _modes(
+    e2e: Any,
+    modes: Sequence[str],
+    rows: Sequence[tuple[str, tuple[int, ...]]],
+    seconds: float,
+    t0: float,
+    log: Callable[[str], None],
+    tag: str = "",
+) -> dict[tuple[str, str], Closed]:
+    """Each mode at each size in one bed; the path's cost set on each run."""
+    runs: dict[tuple[str, str], Closed] = {}
+    for label, sizes in rows:
+        for mode in modes:
+            c = measure(e2e, mode, label, sizes, seconds)
+            runs[(mode, label)] = c
+            src = runs[("source", label)]
+            # the source's frames all reach its sink; its busy time per frame is the
+            # generator's own, taken off every mode's for every frame it sent.
+            c.path_ns = (
+                max(0.0, (c.busy_s * 1e9 - src.busy_ns_per_frame * c.sent) / c.delivered)
+                if c.delivered
+                else 0.0
+            )
+            log(
+                f"  [{time.monotonic() - t0:5.0f} s] {tag}{label:>5} {mode:10}: "
+                f"{c.delivered:,}/{c.sent:,} delivered, "
+                f"{c.busy_ns_per_packet:,.0f} busy ns/pkt "
+                f"({c.busy_s / max(c.wall_s, 1e-9):.0%} of "
+                f"{c.wall_s:.2f} s), path {c.path_ns:,.0f} ns/pkt, "
+                f"{c.polls / max(1, c.batches):.1f} polls/batch {c.losses or ''}"
+            )
+    return runs
+
+
+# The kernel-crypto part: both gateways' XDP sealing and opening with the xfp_crypto module's
+# kfuncs (issue 17), against the kernel's ESP with the same AEAD, at the goal sizes.
+KC_MODES = ("source", "kernel-esp", "fastpath")
+KC_ROWS: tuple[tuple[str, tuple[int, ...]], ...] = (("64", (64,)), ("1400", (1400,)))
+
+
+def kcrypto_part(
+    kc_bed: Callable[[str], Any],
+    algs: Sequence[str],
+    seconds: float,
+    t0: float,
+    log: Callable[[str], None],
+) -> dict[str, dict[tuple[str, str], Closed]]:
+    """alg -> that AEAD's runs (KC_MODES x KC_ROWS), each in a bed of its own."""
+    out: dict[str, dict[tuple[str, str], Closed]] = {}
+    for alg in algs:
+        log(f"  --esp: kernel crypto, {alg}: building the test bed (the -DXFP_KCRYPTO build)")
+        try:
+            with kc_bed(alg) as e2e:
+                out[alg] = _modes(e2e, KC_MODES, KC_ROWS, seconds, t0, log, tag=f"kc {alg} ")
+        except Exception as e:  # the part before stands; say why this one is missing
+            log(f"  --esp: kernel crypto, {alg}: not measured: {type(e).__name__}: {e}")
+    return out
+
+
+def kcrypto_table(kc: dict[str, dict[tuple[str, str], Closed]], icount: bool) -> str:
+    unit = "k instr/pkt" if icount else "CPU µs/pkt"
+    lines = [
+        "Kernel crypto (the xfp_crypto module's kfuncs in XDP on both gateways) against the "
+        f"kernel's ESP with the same AEAD ({INSTR_NOTE if icount else 'CPU time'}):",
+        "",
+        f"| AEAD | size (IPv4 B) | kernel ESP {unit} | fastpath, kernel crypto {unit} | "
+        "fastpath / kernel ESP | delivered / sent (kernel ESP, fastpath) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for alg, runs in kc.items():
+        for label, _ in KC_ROWS:
+            ke, f = runs.get(("kernel-esp", label)), runs.get(("fastpath", label))
+            if not (ke and f):
+                continue
+            r = f.path_ns / ke.path_ns if ke.path_ns else None
+            lines.append(
+                f"| {alg} | {label} | {ke.path_ns / 1e3:.1f} | {f.path_ns / 1e3:.1f} | "
+                f"{f'{r:.2f}x' if r else '-'} | {ke.delivered:,}/{ke.sent:,}, "
+                f"{f.delivered:,}/{f.sent:,} |"
+            )
+    lost = [f"- kc {alg} {mode} {label}: {x.lost} lost, {x.stalls} stalled, {x.losses}"
+            for alg, runs in kc.items() for (mode, label), x in runs.items()
+            if x.lost or x.losses]  # fmt: skip
+    lines += ["", "Losses: " + ("none" if not lost else ""), *lost]
+    return "\n".join(lines)
+
+
+def kcrypto_ratios(kc: dict[str, dict[tuple[str, str], Closed]]) -> dict[str, dict[str, float]]:
+    """alg -> size label -> fastpath (kernel crypto) / kernel ESP, path cost per packet."""
+    out: dict[str, dict[str, float]] = {}
+    for alg, runs in kc.items():
+        for label, _ in KC_ROWS:
+            ke, f = runs.get(("kernel-esp", label)), runs.get(("fastpath", label))
+            if ke and f and ke.path_ns:
+                out.setdefault(alg, {})[label] = f.path_ns / ke.path_ns
+    return out
+
+
 def run(
     e2e_bed: Callable[[], Any],
     rows: Sequence[tuple[str, tuple[int, ...]]],
     seconds: float = 1.0,
     out: Path | None = None,
     log: Callable[[str], None] = print,
+    kc_bed: Callable[[str], Any] | None = None,
+    kc_algs: Sequence[str] = (),
 ) -> tuple[str, dict[str, Any]]:
     """Every mode at every size, in one test bed (e2e_bed(): a context manager giving an
-    E2EBed of 1 CPU); returns the Markdown table and what goes to vm-esp.json (also written
-    under `out`)."""
-    runs: dict[tuple[str, str], Closed] = {}
+    E2EBed of 1 CPU); then, with `kc_bed` (alg -> such a bed on the kernel crypto backend),
+    the kernel-crypto part for each of `kc_algs`. Returns the Markdown table and what goes to
+    vm-esp.json (also written under `out`)."""
     t0 = time.monotonic()
     log("  --esp: building the test bed and compiling the programs (slow under emulation)")
     with e2e_bed() as e2e:
         log(f"  --esp: test bed up after {time.monotonic() - t0:.0f} s")
-        for label, sizes in rows:
-            for mode in MODES:
-                c = measure(e2e, mode, label, sizes, seconds)
-                runs[(mode, label)] = c
-                src = runs[("source", label)]
-                # the source's frames all reach its sink; its busy time per frame is the
-                # generator's own, taken off every mode's for every frame it sent.
-                c.path_ns = (
-                    max(0.0, (c.busy_s * 1e9 - src.busy_ns_per_frame * c.sent) / c.delivered)
-                    if c.delivered
-                    else 0.0
-                )
-                log(
-                    f"  [{time.monotonic() - t0:5.0f} s] {label:>5} {mode:10}: "
-                    f"{c.delivered:,}/{c.sent:,} delivered, "
-                    f"{c.busy_ns_per_packet:,.0f} busy ns/pkt "
-                    f"({c.busy_s / max(c.wall_s, 1e-9):.0%} of "
-                    f"{c.wall_s:.2f} s), path {c.path_ns:,.0f} ns/pkt, "
-                    f"{c.polls / max(1, c.batches):.1f} polls/batch {c.losses or ''}"
-                )
-        drivers = crypto_drivers()
+        runs = _modes(e2e, MODES, rows, seconds, t0, log)
+    kc = kcrypto_part(kc_bed, kc_algs, seconds, t0, log) if kc_bed is not None else {}
+    drivers = crypto_drivers()
     m = guest_machine()
     labels = [label for label, _ in rows]
     text = table(runs, labels, m, drivers)
+    if kc:
+        text += "\n\n" + kcrypto_table(kc, m.get("icount") == "true")
     data = {
         "machine": m,
         "crypto": drivers,
         "window": WINDOW,
         "runs": [asdict(c) | {"lost": c.lost} for c in runs.values()],
         "ratios": ratios(runs, labels),
+        "kcrypto_runs": {
+            a: [asdict(c) | {"lost": c.lost} for c in r.values()] for a, r in kc.items()
+        },
+        "kcrypto_ratios": kcrypto_ratios(kc),
         "note": INSTR_NOTE,
     }
     if out is not None:

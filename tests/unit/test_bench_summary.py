@@ -18,6 +18,9 @@ NAMES = {
     "clear_cpu_ratio_64", "non_aead_over_floor", "aead_over_native_64", "aead_over_native_1400",
     "one_queue_2cpu_scaling_64", "one_queue_2cpu_scaling_1400", "learn_burst_p99_ms",
     "learn_rate_flows_s", "lookup_1m_over_1k",
+    # issue 17
+    "kcrypto_chacha_ratio_64", "kcrypto_chacha_ratio_1400", "kcrypto_gcm_ratio_64",
+    "kcrypto_gcm_ratio_1400", "kcrypto_aead_over_kernel_1400",
 }  # fmt: skip
 FIELDS = {"value", "target", "better", "unit", "machine", "date"}
 
@@ -78,7 +81,9 @@ def _vm() -> dict:
          "icount": "true", "date": "2026-12-07 12:30 UTC"}  # fmt: skip
     return {"machine": m, "ratios": {
         label: {"fastpath_over_kernel_esp": r} for label, r in
-        (("64", 0.9), ("512", 2.0), ("1400", 4.0), ("IMIX", 1.5))}}  # fmt: skip
+        (("64", 0.9), ("512", 2.0), ("1400", 4.0), ("IMIX", 1.5))},
+        "kcrypto_ratios": {"chacha20-poly1305": {"64": 0.4, "1400": 0.6},
+                           "aes128-gcm": {"64": 0.35}}}  # fmt: skip
 
 
 def _check_shape(s: dict) -> None:
@@ -118,6 +123,11 @@ def test_values_come_from_the_results(summary):
     assert s["esp_instr_ratio_64"]["machine"].startswith("VM: QEMU")
     assert "a vector instruction counts as one" in s["esp_instr_ratio_64"]["note"]
     assert s["clear_cpu_ratio_64"]["date"] == "2026-12-07 12:00 UTC"
+    assert v["kcrypto_chacha_ratio_64"] == 0.4 and v["kcrypto_chacha_ratio_1400"] == 0.6
+    assert v["kcrypto_gcm_ratio_64"] == 0.35
+    assert v["kcrypto_gcm_ratio_1400"] is None and s["kcrypto_gcm_ratio_1400"]["why"]
+    assert s["kcrypto_chacha_ratio_64"]["target"] == 0.3
+    assert "a vector instruction counts as one" in s["kcrypto_gcm_ratio_64"]["note"]
 
 
 def test_refused_live_frames_say_so(summary):
