@@ -87,7 +87,7 @@ QEMU_OPTS_ENV = "XFRM_FASTPATH_QEMU_OPTS"
 
 PYTEST_HOST = ["-m", "not vm and not bench", "tests"]
 # -rA: every test's outcome in the summary, so CI logs name each VM test as PASSED.
-PYTEST_VM = ["-p", "no:cacheprovider", "-m", "vm", "-v", "-rA", "--timeout=900", "--durations=25"]
+PYTEST_VM = ["-p", "no:cacheprovider", "-m", "vm", "-v", "-rA", "--timeout=1800", "--durations=25"]
 
 
 class VmRunError(RuntimeError):

@@ -142,7 +142,7 @@ def rig(esp_kernel: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         )
         assert echo.stdout.readline().strip() == "ready", "echo server up"
         state[2] = ControllerProcess(bed, "gw1", work, CONFIG)
-        state[2].wait_started(900)
+        state[2].wait_started(1200)
         yield state
     finally:
         if state[2] is not None:
@@ -1289,7 +1289,7 @@ def test_kill_9_watchdog_then_restart_resumes(rig: Rig) -> None:
     work.mkdir()
     fresh = ControllerProcess(bed, "gw1", work, CONFIG)
     rig[2] = fresh
-    fresh.wait_started(900)
+    fresh.wait_started(1200)
     assert "recovered" in fresh.tail(), f"pinned state handed back: {fresh.tail()}"
     enc0 = fresh.fastpath_packets("encap")
     assert udp_echo(bed, 100) == 100, f"the tunnel carries on\n{diag(fresh)}"

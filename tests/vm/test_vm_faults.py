@@ -105,7 +105,7 @@ def rig(esp_kernel: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     r = None
     try:
         gw = ControllerProcess(bed, "gw1", work, CONFIG)
-        gw.wait_started(900)
+        gw.wait_started(1200)
         maps = PinnedMaps()
         r = Rig(bed, gw, work, maps)
         yield r

@@ -361,7 +361,7 @@ def test_controller_on_the_kernel_backend(
     tun = install_static_esp(bed, aead=AES_GCM, key_len=20)
     gw = ControllerProcess(bed, "gw1", tmp_path, '[crypto]\nbackend = "kernel"\n')
     try:
-        gw.wait_started(900)
+        gw.wait_started(1200)
         crypto = gw.published_status()["crypto"]
         assert crypto["backend"] == "kernel", f"the kernel backend: {crypto}"
         first = R.udp_echo(bed, N_PACKETS)  # its first packets teach the controller the flows
