@@ -228,10 +228,9 @@ def _emit(data: bytes) -> None:
     sys.stdout.buffer.flush()
 
 
-def stream(argv: list[str], env: dict[str, str], timeout: float, prefix: str = "") -> int:
+def stream(argv: list[str], env: dict[str, str], timeout: float) -> int:
     """Run argv with stdin from /dev/null and output through a pipe (virtme-ng misbehaves with a
-    terminal or a file there), copy its output here line by line (each line led by `prefix`
-    when given: shards side by side), kill it after `timeout`."""
+    terminal or a file there), copy its output here as it comes, kill it after `timeout`."""
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -243,12 +242,11 @@ def stream(argv: list[str], env: dict[str, str], timeout: float, prefix: str = "
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
     fd = proc.stdout.fileno()
-    lead, partial = prefix.encode(), b""
     try:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                say(f"{prefix}timed out after {timeout:.0f} s: killing the VM")
+                say(f"timed out after {timeout:.0f} s: killing the VM")
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
                 return 124
@@ -257,14 +255,7 @@ def stream(argv: list[str], env: dict[str, str], timeout: float, prefix: str = "
                 chunk = os.read(fd, 65536)
                 if not chunk:
                     break
-                if not lead:
-                    _emit(chunk)
-                    continue
-                *lines, partial = (partial + chunk).split(b"\n")
-                if lines:
-                    _emit(b"".join(lead + line + b"\n" for line in lines))
-        if partial:
-            _emit(lead + partial + b"\n")
+                _emit(chunk)
         return proc.wait(timeout=max(deadline - time.monotonic(), 1))
     finally:
         if proc.poll() is None:
@@ -279,20 +270,15 @@ def run_in_vm(
     memory: str,
     timeout: float,
     qemu_opts: tuple[str, ...] = (),
-    out_dir: Path | None = None,
-    prefix: str = "",
 ) -> int:
     """Boot the pinned kernel once, run `command` (shell) in the checkout, return its status.
-    `out_dir`: the guest's read-write window here (default VM_OUT, prepared afresh); `prefix`
-    leads each output line (shards)."""
+    The guest's read-write window here is VM_OUT (a shard's: --out-dir), prepared afresh."""
     find_tools()
     kernel = find_kernel()
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
-    if out_dir is None:
-        _prepare_vm_out()
-        out_dir = VM_OUT
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _prepare_vm_out()
+    out_dir = VM_OUT
     # virtme-ng hands the guest its script base64-encoded on the kernel command line, which
     # x86 cuts at 2048 bytes: a long command (a shard's file list) there leaves the guest
     # hanging before it prints anything. The command goes in a file of the shared directory.
@@ -300,11 +286,11 @@ def run_in_vm(
     script = guest_script(f"bash {shlex.quote(str(out_dir / 'command.sh'))}", qemu_opts)
     argv = virtme_argv(kernel, script, cpus, memory, qemu_opts, out_dir)
     extra = f", qemu {' '.join(qemu_opts)}" if qemu_opts else ""
-    say(f"{prefix}booting Debian {kernel.abi} under qemu TCG ({cpus} vCPUs, {memory}{extra}), "
+    say(f"booting Debian {kernel.abi} under qemu TCG ({cpus} vCPUs, {memory}{extra}), "
         f"{timeout:.0f} s max")  # fmt: skip
     t0 = time.monotonic()
-    rc = stream(argv, env, timeout, prefix)
-    say(f"{prefix}VM exited with status {rc} after {time.monotonic() - t0:.0f} s")
+    rc = stream(argv, env, timeout)
+    say(f"VM exited with status {rc} after {time.monotonic() - t0:.0f} s")
     return rc
 
 
