@@ -8,8 +8,9 @@
 #ifndef LEARN_DEFS_H
 #define LEARN_DEFS_H
 
-#ifndef __bpf__
-/* User space (the gcc layout check): BPF programs get these from BCC's helpers.h. */
+#if !defined(__bpf__) && !defined(__KERNEL__)
+/* User space (the gcc layout check): BPF programs get these from BCC's helpers.h (not under
+ * __KERNEL__, which one of BCC's passes defines without __bpf__: see xfp_defs.h). */
 #include <linux/types.h>
 #endif
 

@@ -11,8 +11,10 @@
 #ifndef XFP_DEFS_H
 #define XFP_DEFS_H
 
-#ifndef __bpf__
-/* User space (the gcc layout check): BPF programs get these from BCC's helpers.h. */
+#if !defined(__bpf__) && !defined(__KERNEL__)
+/* User space (the gcc layout check): BPF programs get these from BCC's helpers.h. Not under
+ * __KERNEL__: one of BCC's clang passes defines it without __bpf__, and there <linux/bpf.h> is
+ * the kernel's own, whose include tree cost about 1 s of CPU per compile natively. */
 #include <linux/types.h>
 #include <linux/bpf.h> /* struct bpf_spin_lock */
 #endif
