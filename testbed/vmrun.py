@@ -84,6 +84,7 @@ GUEST_MODULES = (
 ICOUNT_OPTS = ("-cpu", "max", "-icount", "shift=0")
 # The qemu options of this boot, exported in the guest so a benchmark can say how it was measured.
 QEMU_OPTS_ENV = "XFRM_FASTPATH_QEMU_OPTS"
+BPF_CACHE_ENV = "XFP_BPF_CACHE"  # controller/datapath/bpf_cache.py ENV (not imported: no bcc)
 
 PYTEST_HOST = ["-m", "not vm and not bench", "tests"]
 # -rA: every test's outcome in the summary, so CI logs name each VM test as PASSED.
@@ -176,10 +177,14 @@ def find_tools() -> None:
 def guest_script(command: str, qemu_opts: tuple[str, ...] = ()) -> str:
     """Shell run as the guest's init task: mounts, modules, then `command` in the checkout."""
     mods = " ".join(GUEST_MODULES)
+    bpf_cache = os.environ.get(BPF_CACHE_ENV) or str(VM_OUT / "bpf-cache")
     lines = [
         f"export PATH={VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         f"export {RUNNER_ENV}=vm PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1",
         f"export {QEMU_OPTS_ENV}={shlex.quote(' '.join(qemu_opts))}",
+        # BCC's output kept per run in the shared directory (controller/datapath/bpf_cache.py):
+        # each source and flag set is compiled once per run, not at every controller start.
+        f"export {BPF_CACHE_ENV}={shlex.quote(bpf_cache)}",
         # tracefs for BCC tracepoints, bpffs for pinning; virtme-ng mounts tracefs, be sure.
         "mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing",
         "mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf",
@@ -369,6 +374,9 @@ def run_shards(args: argparse.Namespace, extra: list[str]) -> int:
     weights = vmshards.load_weights()
     plan = vmshards.partition(vmshards.vm_test_files(), weights, args.shards)
     _prepare_vm_out()
+    # One compile cache for the shards (the same kernel): what one guest compiled, the other
+    # loads. The runners inherit it, and write it into their guests' scripts.
+    os.environ.setdefault(BPF_CACHE_ENV, str(VM_OUT / "bpf-cache"))
     procs: list[subprocess.Popen[bytes]] = []
     for i, units in enumerate(plan):
         out = VM_OUT / f"shard{i + 1}"

@@ -119,6 +119,13 @@ class _MapInfo(ctypes.Structure):
         ("max_entries", ctypes.c_uint32),
         ("map_flags", ctypes.c_uint32),
         ("name", ctypes.c_char * 16),
+        ("ifindex", ctypes.c_uint32),
+        ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+        ("netns_dev", ctypes.c_uint64),
+        ("netns_ino", ctypes.c_uint64),
+        ("btf_id", ctypes.c_uint32),
+        ("btf_key_type_id", ctypes.c_uint32),
+        ("btf_value_type_id", ctypes.c_uint32),
     ]
 
 
@@ -180,7 +187,8 @@ def prog_info(fd: int | object) -> dict[str, int | str]:
 
 
 def map_info(fd: int) -> dict[str, int | str]:
-    """BPF_OBJ_GET_INFO_BY_FD for a map: type, id, key/value sizes, max_entries, flags, name."""
+    """BPF_OBJ_GET_INFO_BY_FD for a map: type, id, key/value sizes, max_entries, flags, name,
+    and its BTF (btf_id 0: none)."""
     info = _MapInfo()
     attr = _InfoAttr()
     attr.bpf_fd = int(fd)

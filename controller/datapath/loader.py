@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import subprocess
 import weakref
@@ -45,6 +46,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from controller.datapath import bpf_cache
 from controller.datapath.kfunc import load_with_kfuncs
 from controller.datapath.program import LoaderError, Prog
 
@@ -52,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BPF_DIR = ROOT / "bpf"
 INCLUDE_DIR = BPF_DIR / "include"  # the one include root (-I) of every program
 BPFFS = Path("/sys/fs/bpf")
+log = logging.getLogger(__name__)
 
 # TC egress: the clsact qdisc's egress hook (include/uapi/linux/pkt_sched.h, TC_H_CLSACT and
 # TC_H_MIN_EGRESS), our filter's handle and priority there, and ETH_P_ALL (every protocol).
@@ -113,8 +116,21 @@ def compile_bpf(
         if not path.is_file():
             raise LoaderError(f"compiling/loading {label}: no such file", source=label)
         kw = {"src_file": str(path).encode()}
+        code = path.read_bytes()
     else:
-        kw = {"text": text.encode() if isinstance(text, str) else text}
+        code = text.encode() if isinstance(text, str) else text
+        kw = {"text": code}
+    d = bpf_cache.cache_dir()
+    key = None
+    if d is not None and bpf_cache.usable(d):
+        key = bpf_cache.cache_key(code, flags, BPF_DIR)
+        entry = bpf_cache.read_entry(d, key)
+        bpf = _from_cache(entry, code, flags, label) if entry is not None else None
+        if bpf is not None:
+            bpf_cache.STATS["hit"] += 1
+            _SOURCES[bpf] = label
+            return bpf
+        bpf_cache.STATS["miss"] += 1
     # Built in two steps so that a half-built module can be cleaned up: BPF.__init__ compiles
     # and then attaches the module's tracepoint__* functions (bcc's _trace_autoload).
     bpf = BPF.__new__(BPF)
@@ -124,8 +140,59 @@ def compile_bpf(
         with contextlib.suppress(Exception):
             bpf.cleanup()
         raise LoaderError(f"compiling/loading {label}: {e}", source=label) from e
+    if key is not None:
+        _store(bpf, code, flags, d, key, label)
     _SOURCES[bpf] = label
     return bpf
+
+
+def _from_cache(entry: dict, code: bytes, flags: list[str], label: str):
+    """A module from a cache entry (controller/datapath/bpf_cache.py): BCC compiles the map
+    prologue, the cached functions are bound to its maps. None when the entry does not fit
+    (then the caller compiles the whole source)."""
+    try:
+        prologue = bpf_cache.maps_prologue(code)
+    except bpf_cache.Uncacheable:
+        return None
+    cls = bpf_cache.cached_bpf_class()
+    bpf = cls.__new__(cls)
+    try:
+        bpf.__init__(cflags=flags, text=prologue)
+        bpf.bind_entry(entry)
+        bpf.autoload_tracepoints()
+    except bpf_cache.Uncacheable as e:
+        with contextlib.suppress(Exception):
+            bpf.cleanup()
+        bpf_cache.STATS["stale"] += 1
+        log.warning("%s: compile cache entry not used (%s): compiling", label, e)
+        return None
+    except Exception as e:  # BCC raises bare Exception
+        with contextlib.suppress(Exception):
+            bpf.cleanup()
+        raise LoaderError(f"compiling/loading {label}: {e}", source=label) from e
+    log.info("%s: instructions from the compile cache", label)
+    return bpf
+
+
+def _store(bpf, code: bytes, flags: list[str], d: Path, key: str, label: str) -> None:
+    """Keep a freshly compiled module's instructions (best effort: a module that cannot be kept,
+    or a full disk, costs the next start a compile, nothing more)."""
+    from bcc import BPF
+
+    try:
+        prologue_bpf = BPF(text=bpf_cache.maps_prologue(code), cflags=flags)
+        try:
+            entry = bpf_cache.entry_of(bpf, prologue_bpf)
+        finally:
+            prologue_bpf.cleanup()
+        bpf_cache.write_entry(d, key, entry)
+        bpf_cache.STATS["stored"] += 1
+    except bpf_cache.Uncacheable as e:
+        bpf_cache.STATS["uncacheable"] += 1
+        log.debug("%s: not kept in the compile cache: %s", label, e)
+    except Exception as e:  # BCC's bare Exception, OSError
+        bpf_cache.STATS["uncacheable"] += 1
+        log.warning("%s: not kept in the compile cache: %s", label, e)
 
 
 def load_program(bpf, name: str, prog: Prog):
