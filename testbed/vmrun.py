@@ -177,14 +177,13 @@ def find_tools() -> None:
 def guest_script(command: str, qemu_opts: tuple[str, ...] = ()) -> str:
     """Shell run as the guest's init task: mounts, modules, then `command` in the checkout."""
     mods = " ".join(GUEST_MODULES)
-    bpf_cache = os.environ.get(BPF_CACHE_ENV) or str(VM_OUT / "bpf-cache")
     lines = [
         f"export PATH={VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         f"export {RUNNER_ENV}=vm PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1",
         f"export {QEMU_OPTS_ENV}={shlex.quote(' '.join(qemu_opts))}",
         # BCC's output kept per run in the shared directory (controller/datapath/bpf_cache.py):
         # each source and flag set is compiled once per run, not at every controller start.
-        f"export {BPF_CACHE_ENV}={shlex.quote(bpf_cache)}",
+        f"export {BPF_CACHE_ENV}={shlex.quote(str(bpf_cache_dir() or 'off'))}",
         # tracefs for BCC tracepoints, bpffs for pinning; virtme-ng mounts tracefs, be sure.
         "mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing",
         "mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf",
@@ -197,6 +196,26 @@ def guest_script(command: str, qemu_opts: tuple[str, ...] = ()) -> str:
         command,
     ]
     return "\n".join(lines)
+
+
+def bpf_cache_dir() -> Path | None:
+    """The guests' compile cache (controller/datapath/bpf_cache.py): $XFP_BPF_CACHE (None when
+    "off"), else this run's VM_OUT/bpf-cache; run_shards points both shards at its own."""
+    env = os.environ.get(BPF_CACHE_ENV)
+    if env in ("", "off", "0"):
+        return None
+    return Path(env) if env else VM_OUT / "bpf-cache"
+
+
+def compile_python() -> None:
+    """Byte-compile the checkout's Python here, natively, in seconds: the guest runs with
+    PYTHONDONTWRITEBYTECODE (the tree is shared read-only), so without .pyc files every process
+    there (each controller start, each pytest run) compiles controller/, testbed/ and tests/
+    under TCG again. Stale .pyc files are never used (Python checks the source's mtime)."""
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", "controller", "testbed", "tests", "bench"],
+        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, check=False,
+    )  # fmt: skip
 
 
 def virtme_argv(
@@ -221,6 +240,8 @@ def virtme_argv(
         # /tmp writable in the guest (pytest's tmp_path, iperf3), host /tmp still visible below.
         "--overlay-rwdir", "/tmp",
         "--rwdir", str(out_dir),
+        # The compile cache, shared by the shards of a run (one kernel, one cache).
+        *(["--rwdir", str(cache)] if (cache := bpf_cache_dir()) is not None else []),
         "--script-sh", script,
         # --qemu-opts takes the rest of the command line: it goes last.
         *(["--qemu-opts", *qemu_opts] if qemu_opts else []),
@@ -284,6 +305,9 @@ def run_in_vm(
     env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
     _prepare_vm_out()
     out_dir = VM_OUT
+    if (cache := bpf_cache_dir()) is not None:
+        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+    compile_python()
     # virtme-ng hands the guest its script base64-encoded on the kernel command line, which
     # x86 cuts at 2048 bytes: a long command (a shard's file list) there leaves the guest
     # hanging before it prints anything. The command goes in a file of the shared directory.
