@@ -171,7 +171,17 @@ class Testbed:
         return ["nsenter", f"--net=/run/netns/{self.ns(role)}"]
 
     def sysctl(self, role: str, key: str, value: str | int) -> None:
-        self.cmd(role, ["sysctl", "-qw", f"{key}={value}"])
+        """Write a sysctl inside a role's namespace, in-process: /proc/sys/net is resolved in
+        the namespace of the thread that opens it (no `ip netns exec`, which costs two
+        processes and a remount of /sys)."""
+        from controller.netns import in_netns
+
+        path = "/proc/sys/" + key.replace(".", "/")
+        try:
+            with in_netns(self.ns(role)), open(path, "w") as f:
+                f.write(f"{value}\n")
+        except OSError as e:
+            raise TestbedError(f"sysctl {key}={value} in {self.ns(role)}: {e}") from e
 
     def ifindex(self, role: str, dev: str) -> int:
         out = self.ip(role, "-o", "link", "show", "dev", dev).stdout
@@ -188,6 +198,9 @@ class Testbed:
         return self
 
     def _build(self) -> None:
+        """Few processes: under TCG each `ip` or `ip netns exec sysctl` costs a second or more,
+        and a test bed is built per test. So the `ip` commands go through one `ip -batch` per
+        namespace and phase, and sysctls are written in-process in the namespace."""
         existing = set(list_netns())
         for role in ROLES:
             name = self.ns(role)
@@ -199,7 +212,6 @@ class Testbed:
         for role in ROLES:
             run(["ip", "netns", "add", self.ns(role)])
             self.created.append(self.ns(role))
-            self.ip(role, "link", "set", "lo", "up")
             # IPv6 off: no router solicitations or DAD, so only the test's packets are on the wire.
             self.sysctl(role, "net.ipv6.conf.all.disable_ipv6", 1)
             self.sysctl(role, "net.ipv6.conf.default.disable_ipv6", 1)
@@ -207,57 +219,54 @@ class Testbed:
             self.sysctl(role, "net.ipv4.conf.default.rp_filter", 0)
         for role in ("gw1", "gw2"):
             self.sysctl(role, "net.ipv4.ip_forward", 1)
+        # Links: each veth born inside a's namespace, its peer born inside b's: the root
+        # namespace never sees it.
+        links: dict[str, list[str]] = {role: ["link set lo up"] for role in ROLES}
         for link in LINKS:
-            # Born inside a's namespace, peer born inside b's: the root namespace never sees it.
-            self.ip(
-                link.a_role,
-                "link",
-                "add",
-                link.a_dev,
-                *self._queue_args(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                link.b_dev,
-                "netns",
-                self.ns(link.b_role),
-                *self._queue_args(),
+            links[link.a_role].append(
+                shlex.join(
+                    [
+                        "link",
+                        "add",
+                        link.a_dev,
+                        *self._queue_args(),
+                        "type",
+                        "veth",
+                        "peer",
+                        "name",
+                        link.b_dev,
+                        "netns",
+                        self.ns(link.b_role),
+                        *self._queue_args(),
+                    ]
+                )
             )
+        self._ip_batch(links)
         prefixlen = self.plan["PREFIXLEN"]
+        config: dict[str, list[str]] = {role: [] for role in ROLES}
         for i in self.ifaces:
-            self.ip(i.role, "link", "set", "dev", i.dev, "address", i.mac)
-            self.ip(i.role, "addr", "add", f"{i.addr}/{prefixlen}", "dev", i.dev)
             self.sysctl(i.role, f"net.ipv4.conf.{i.dev}.rp_filter", 0)
-            self.ip(i.role, "link", "set", "dev", i.dev, "up")
+            config[i.role] += [
+                f"link set dev {i.dev} address {i.mac}",
+                f"addr add {i.addr}/{prefixlen} dev {i.dev}",
+                f"link set dev {i.dev} up",
+            ]
         # Neighbours pinned across every link: no ARP races in tests.
         for link in LINKS:
             a = self.iface(link.a_role, link.a_dev)
             b = self.iface(link.b_role, link.b_dev)
-            self.ip(
-                a.role,
-                "neigh",
-                "replace",
-                b.addr,
-                "lladdr",
-                b.mac,
-                "dev",
-                a.dev,
-                "nud",
-                "permanent",
+            config[a.role].append(
+                f"neigh replace {b.addr} lladdr {b.mac} dev {a.dev} nud permanent"
             )
-            self.ip(
-                b.role,
-                "neigh",
-                "replace",
-                a.addr,
-                "lladdr",
-                a.mac,
-                "dev",
-                b.dev,
-                "nud",
-                "permanent",
+            config[b.role].append(
+                f"neigh replace {a.addr} lladdr {a.mac} dev {b.dev} nud permanent"
             )
+        p = self.plan
+        config["lan"].append(f"route add default via {p['GW1_LAN']}")
+        config["remote"].append(f"route add default via {p['GW2_LAN']}")
+        config["gw1"].append(f"route add {p['REMOTE_NET']} via {p['GW2_WAN']} dev wan")
+        config["gw2"].append(f"route add {p['LAN_NET']} via {p['GW1_WAN']} dev wan")
+        self._ip_batch(config)
         # The end hosts stand for machines behind a wire: their frames arrive with complete
         # checksums. A veth would hand the gateway's XDP CHECKSUM_PARTIAL frames instead (L4
         # checksum left for an offload that never comes), which the fastpath would encrypt
@@ -273,11 +282,16 @@ class Testbed:
         # frames late and fall out of the peer's replay window for reasons of the test bed.
         for i in self.ifaces:
             set_features(self.ns(i.role), i.dev, rx_gro=True, **NO_TSO)
-        p = self.plan
-        self.ip("lan", "route", "add", "default", "via", p["GW1_LAN"])
-        self.ip("remote", "route", "add", "default", "via", p["GW2_LAN"])
-        self.ip("gw1", "route", "add", p["REMOTE_NET"], "via", p["GW2_WAN"], "dev", "wan")
-        self.ip("gw2", "route", "add", p["LAN_NET"], "via", p["GW1_WAN"], "dev", "wan")
+
+    def _ip_batch(self, lines_by_role: dict[str, list[str]]) -> None:
+        """`ip -n NS -batch -` for each role's lines, in ROLES order (ip stops at the first
+        failing line and says which: TestbedError carries it)."""
+        for role in ROLES:
+            if lines_by_role.get(role):
+                run(
+                    ["ip", "-n", self.ns(role), "-batch", "-"],
+                    input="\n".join(lines_by_role[role]) + "\n",
+                )
 
     def _queue_args(self) -> list[str]:
         if self.queues == 1:

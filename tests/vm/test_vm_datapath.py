@@ -120,7 +120,10 @@ def test_xdp_gw1_interoperates_with_kernel_esp_on_gw2(
         d.detach_all()
 
     moved = {k: after[k][0] - before[k][0] for k in after if after[k] != before[k]}
-    assert result == {"ok": N_PACKETS, "bad": []}, f"every datagram echoed intact: {result}"
+    assert result == {"ok": N_PACKETS, "bad": []}, (
+        f"every datagram echoed intact: {result}; gw1 XDP counters moved {moved}; gw2 SAs "
+        f"{tun.counters('gw2')}; gw2 XFRM {xfrm_stat(bed, 'gw2')}"
+    )
     assert moved.get((Direction.ENCAP, Reason.ENCAP_OK)) == N_PACKETS, f"XDP encapsulated: {moved}"
     assert moved.get((Direction.DECAP, Reason.DECAP_OK)) == N_PACKETS, f"XDP decapsulated: {moved}"
     counters = tun.counters("gw2")
