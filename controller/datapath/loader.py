@@ -40,7 +40,9 @@ import atexit
 import contextlib
 import logging
 import os
+import shutil
 import subprocess
+import tempfile
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -179,8 +181,16 @@ def _store(bpf, code: bytes, flags: list[str], d: Path, key: str, label: str) ->
     or a full disk, costs the next start a compile, nothing more)."""
     from bcc import BPF
 
+    scratch: Path | None = None
     try:
-        prologue_bpf = BPF(text=bpf_cache.maps_prologue(code), cflags=flags)
+        prologue = bpf_cache.maps_prologue(code)
+        if any(f.startswith(bpf_cache.PIN_FLAG) for f in flags):
+            # The check compiles the prologue against pins of its own, never the caller's:
+            # storing must leave the maps the programs use exactly as the compile made them.
+            scratch = Path(tempfile.mkdtemp(prefix="xfp-cache-store-", dir=BPFFS))
+            flags = [f for f in flags if not f.startswith(bpf_cache.PIN_FLAG)]
+            flags.append(f'{bpf_cache.PIN_FLAG}"{scratch}"')
+        prologue_bpf = BPF(text=prologue, cflags=flags)
         try:
             entry = bpf_cache.entry_of(bpf, prologue_bpf)
         finally:
@@ -193,6 +203,9 @@ def _store(bpf, code: bytes, flags: list[str], d: Path, key: str, label: str) ->
     except Exception as e:  # BCC's bare Exception, OSError
         bpf_cache.STATS["uncacheable"] += 1
         log.warning("%s: not kept in the compile cache: %s", label, e)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def load_program(bpf, name: str, prog: Prog):
