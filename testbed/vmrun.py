@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from controller.datapath.bpf_cache import ENV as BPF_CACHE_ENV
+from controller.datapath.bpf_cache import OFF as BPF_CACHE_OFF
 from controller.paths import pid_alive
 from testbed import vmshards
 
@@ -84,7 +86,6 @@ GUEST_MODULES = (
 ICOUNT_OPTS = ("-cpu", "max", "-icount", "shift=0")
 # The qemu options of this boot, exported in the guest so a benchmark can say how it was measured.
 QEMU_OPTS_ENV = "XFRM_FASTPATH_QEMU_OPTS"
-BPF_CACHE_ENV = "XFP_BPF_CACHE"  # controller/datapath/bpf_cache.py ENV (not imported: no bcc)
 
 PYTEST_HOST = ["-m", "not vm and not bench", "tests"]
 # -rA: every test's outcome in the summary, so CI logs name each VM test as PASSED.
@@ -202,7 +203,7 @@ def bpf_cache_dir() -> Path | None:
     """The guests' compile cache (controller/datapath/bpf_cache.py): $XFP_BPF_CACHE (None when
     "off"), else this run's VM_OUT/bpf-cache; run_shards points both shards at its own."""
     env = os.environ.get(BPF_CACHE_ENV)
-    if env in ("", "off", "0"):
+    if env in BPF_CACHE_OFF:
         return None
     return Path(env) if env else VM_OUT / "bpf-cache"
 

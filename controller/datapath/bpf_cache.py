@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 ENV = "XFP_BPF_CACHE"
+OFF = ("", "off", "0")  # values of ENV that turn the cache off
 MAX_ENTRIES = 256  # oldest entries go beyond this many
 PIN_FLAG = "-DXFP_PIN_DIR="
 MAPS_INCLUDE = re.compile(rb'^[ \t]*#[ \t]*include[ \t]+"maps\.h"[^\n]*\n', re.MULTILINE)
@@ -85,7 +86,7 @@ def cache_dir() -> Path | None:
     """The cache directory, or None when the cache is off."""
     env = os.environ.get(ENV)
     if env is not None:
-        return None if env in ("", "off", "0") else Path(env)
+        return None if env in OFF else Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "xfrm-fastpath" / "bpf"
 
