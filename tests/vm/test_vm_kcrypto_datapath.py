@@ -192,7 +192,10 @@ def test_kernel_crypto_datapath_interoperates_with_kernel_esp(
         dev.destroy(BACK_CTX)
 
     moved = {k: after[k][0] - before[k][0] for k in after if after[k] != before[k]}
-    assert result == {"ok": N_PACKETS, "bad": []}, f"{name}: every datagram echoed: {result}"
+    assert result == {"ok": N_PACKETS, "bad": []}, (
+        f"{name}: every datagram echoed: {result}; XDP counters moved: {moved}; "
+        f"gw2's SAs: {tun.counters('gw2')}; gw2's xfrm_stat: {xfrm_stat(bed, 'gw2')}"
+    )
     assert moved.get((Direction.ENCAP, Reason.ENCAP_OK)) == N_PACKETS, f"XDP sealed: {moved}"
     assert moved.get((Direction.DECAP, Reason.DECAP_OK)) == N_PACKETS, f"XDP opened: {moved}"
     assert not moved.get((Direction.DECAP, Reason.PASS_KCRYPTO)), "no kfunc refusal"
