@@ -434,6 +434,8 @@ def run_shards(args: argparse.Namespace, extra: list[str]) -> int:
     if args.record_weights and seconds:
         vmshards.record_weights(seconds)
         say(f"recorded in {vmshards.WEIGHTS.relative_to(ROOT)}")
+    for line in vmshards.junit_failures(xml):
+        say(line)
     for i, rc in enumerate(status):
         say(f"shard vm{i + 1}: {'passed' if rc == 0 else f'FAILED (exit {rc})'}")
     return next((rc for rc in status if rc != 0), 0)

@@ -97,6 +97,24 @@ def junit_seconds(xml_paths: list[Path]) -> dict[str, float]:
     return dict(seconds)
 
 
+def junit_failures(xml_paths: list[Path]) -> list[str]:
+    """One line per failed or erred test in pytest's JUnit XML: its id and the first line of
+    pytest's message (printed last by the runner, so that a log's tail names what failed)."""
+    lines = []
+    for path in xml_paths:
+        try:
+            tree = ET.parse(path)
+        except (OSError, ET.ParseError):
+            continue
+        for case in tree.iter("testcase"):
+            for outcome in case:
+                if outcome.tag in ("failure", "error"):
+                    message = (outcome.get("message") or "").strip().splitlines() or [""]
+                    test = f"{case.get('classname', '')}::{case.get('name', '')}"
+                    lines.append(f"{outcome.tag.upper()} {test}: {message[0][:300]}")
+    return lines
+
+
 def record_weights(seconds: dict[str, float], path: Path = WEIGHTS) -> None:
     """Merge this run's per-unit seconds into the record (units not run keep theirs)."""
     old = load_weights(path)

@@ -61,6 +61,24 @@ def test_junit_seconds_by_file(tmp_path: Path) -> None:
     }
 
 
+def test_junit_failures_name_test_and_first_line(tmp_path: Path) -> None:
+    xml = tmp_path / "junit.xml"
+    xml.write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.vm.test_vm_learner" name="t1" time="1"/>'
+        '<testcase classname="tests.vm.test_vm_learner" name="t2[x]" time="1">'
+        '<failure message="AssertionError: 0 echoes&#10;assert 0 == 20">tb</failure></testcase>'
+        '<testcase classname="tests.vm.test_vm_faults" name="t3" time="1">'
+        '<error message="failed on setup">tb</error></testcase>'
+        '<testcase classname="tests.vm.test_vm_faults" name="t4" time="1"><skipped/></testcase>'
+        "</testsuite></testsuites>"
+    )
+    assert vmshards.junit_failures([xml, tmp_path / "missing.xml"]) == [
+        "FAILURE tests.vm.test_vm_learner::t2[x]: AssertionError: 0 echoes",
+        "ERROR tests.vm.test_vm_faults::t3: failed on setup",
+    ]
+
+
 def test_record_merges(tmp_path: Path) -> None:
     path = tmp_path / "w.json"
     vmshards.record_weights({"a": 1.04}, path)
