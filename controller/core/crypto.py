@@ -12,12 +12,11 @@ probes the xfp_crypto module and passes what it found.
 `[crypto] backend = "auto"` takes the kernel when the module is loaded and usable, the BPF AEAD
 otherwise; "kernel" refuses to start without it; "bpf" never uses it.
 
-With the kernel backend, inbound SAs are opened by the module; outbound SAs keep the BPF AEAD,
-because bpf/tc_reseq.c re-seals the kernel's own ESP packets of an offloaded outbound SA with
-the BPF AEAD (docs/design.md: it renumbers them from the datapath's counter, so that sequence
-numbers and IVs never repeat) and has no kernel-crypto variant yet: an outbound AES-GCM SA is
-therefore refused, with that reason, rather than offloaded with a sequence the resequencer
-could not keep.
+With the kernel backend, both directions of an SA whose AEAD the module supports are sealed and
+opened by the module: inbound by xdp_decap, outbound by xdp_encap and by bpf/tc_reseq.c, which
+re-seals the kernel's own ESP packets of an offloaded outbound SA with the same kfuncs
+(docs/design.md: it renumbers them from the datapath's counter, so that sequence numbers and
+IVs never repeat).
 """
 
 from __future__ import annotations
@@ -33,10 +32,6 @@ KERNEL_AEADS: dict[str, frozenset[int]] = {
     FASTPATH_AEAD: frozenset({FASTPATH_KEY_BITS}),
     AES_GCM_AEAD: frozenset({128 + 32, 256 + 32}),
 }
-RESEQ_NO_KCRYPTO = (
-    "outbound AES-GCM: the resequencer (bpf/tc_reseq.c) re-seals the kernel's own packets of "
-    "an offloaded outbound SA with the BPF AEAD and has no kernel-crypto variant yet"
-)
 
 
 class Backend(enum.StrEnum):
@@ -72,15 +67,11 @@ def choose_backend(configured: str, usable: bool, probe: str) -> CryptoChoice:
 
 
 def sa_backend(sa: Sa, backend: Backend, outbound: bool) -> tuple[Backend | None, str]:
-    """Which backend serves this SA in this direction, or (None, why not)."""
-    if backend is Backend.KERNEL and not outbound:
+    """Which backend serves this SA in this direction, or (None, why not). Both directions
+    choose alike (`outbound` is kept for the callers that ask per direction): the resequencer
+    has a kernel-crypto build (bpf/tc_reseq.c), so outbound SAs need not keep the BPF AEAD."""
+    if backend is Backend.KERNEL:
         ok, why = sa.fastpath_support(KERNEL_AEADS)
         return (Backend.KERNEL, "kernel crypto (xfp_crypto)") if ok else (None, why)
-    if backend is Backend.KERNEL and sa.aead is not None and sa.aead.name == AES_GCM_AEAD:
-        return None, RESEQ_NO_KCRYPTO
     ok, why = sa.fastpath_support(BPF_AEADS)
-    if not ok:
-        return None, why
-    if backend is Backend.KERNEL:
-        return Backend.BPF, "BPF AEAD (outbound: the resequencer re-seals with it)"
-    return Backend.BPF, "BPF AEAD"
+    return (Backend.BPF, "BPF AEAD") if ok else (None, why)

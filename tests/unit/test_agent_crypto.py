@@ -20,10 +20,10 @@ from controller.agent.offload import recover_pinned_state
 from controller.config import Config, ConfigError, parse_config
 from controller.core.crypto import (
     AES_GCM_AEAD,
-    RESEQ_NO_KCRYPTO,
     Backend,
     BackendError,
     choose_backend,
+    sa_backend,
 )
 from controller.core.reasons import RejectReason
 from controller.core.xfrm_model import Algorithm, Secret
@@ -138,25 +138,62 @@ def test_kernel_backend_takes_inbound_aes_gcm(tmp_path: Path) -> None:
     assert bed.crypto.contexts[e.kc_id][:2] == (Alg.AES_GCM, GCM_KEY.reveal()), "its context"
 
 
-def test_kernel_backend_outbound_keeps_the_bpf_aead(tmp_path: Path) -> None:
-    """The resequencer re-seals kernel-built packets with the BPF AEAD: outbound ChaCha20 SAs
-    keep it (key in the entry, no context), outbound AES-GCM is refused and says why."""
-    bed = kernel_bed(tmp_path)
+GCM256_KEY = Secret(bytes(range(36)))  # AES-256 key || 4-byte salt
+
+
+@pytest.mark.parametrize(
+    ("aead", "alg"),
+    [(None, Alg.CHACHA20_POLY1305), (gcm(), Alg.AES_GCM), (gcm(GCM256_KEY), Alg.AES_GCM)],
+    ids=["chacha20-poly1305", "aes128-gcm", "aes256-gcm"],
+)
+def test_kernel_backend_outbound_sa_gets_a_context(
+    tmp_path: Path, aead: Algorithm | None, alg: Alg
+) -> None:
+    """The resequencer re-seals kernel-built packets with the kfuncs too (bpf/tc_reseq.c,
+    -DXFP_KCRYPTO): an outbound SA of every AEAD the module supports is offloaded on kernel
+    crypto, its key in the module only."""
+    out_sa = make_sa(SPI_OUT, GW1, GW2, aead=aead) if aead else make_sa(SPI_OUT, GW1, GW2)
+    bed = kernel_bed(tmp_path, out_sa=out_sa)
     bed.agent.on_candidate(bed.encap())
     assert not bed.metrics.rejects, f"nothing refused: {dict(bed.metrics.rejects)}"
     (_sa_id, e), *_ = bed.dp.outbound_sa_entries()
-    assert not e.flags & abi.SA_F_KCRYPTO, "outbound: the BPF AEAD"
-    assert bytes(e.key) + bytes(e.salt) == key_of(SPI_OUT).reveal(), "its key in the entry"
-    assert bed.crypto is not None and not bed.crypto.contexts, "no context"
+    assert e.flags & abi.SA_F_KCRYPTO, "outbound: kernel crypto"
+    assert not any(bytes(e.key) + bytes(e.salt)), "no key in the entry"
+    assert bed.crypto is not None
+    assert bed.crypto.contexts[e.kc_id][:2] == (alg, out_sa.key.reveal()), "its context"
+    assert (SPI_OUT, GW2, _sa_id) in bed.reseq.indexed(), "the resequencer renumbers it"
     sas = {s["spi"]: s for s in bed.agent.status()["sas"]}
-    assert sas[f"0x{SPI_OUT:08x}"]["crypto"] == "bpf", "status says so"
+    st = sas[f"0x{SPI_OUT:08x}"]
+    assert st["offloaded"] and st["crypto"] == "kernel", f"status says so: {st}"
 
-    bed = kernel_bed(tmp_path, out_sa=make_sa(SPI_OUT, GW1, GW2, aead=gcm()))
-    bed.agent.on_candidate(bed.encap())
-    assert bed.metrics.rejects == {RejectReason.SA_UNSUPPORTED: 1}, "outbound AES-GCM refused"
-    assert not list(bed.dp.outbound_sa_entries()), "nothing installed"
-    sas = {s["spi"]: s for s in bed.agent.status()["sas"]}
-    assert sas[f"0x{SPI_OUT:08x}"]["reason"].endswith(RESEQ_NO_KCRYPTO), "sas says why"
+
+@pytest.mark.parametrize("outbound", [False, True], ids=["inbound", "outbound"])
+@pytest.mark.parametrize(
+    ("backend", "aead", "want"),
+    [
+        (Backend.KERNEL, None, Backend.KERNEL),
+        (Backend.KERNEL, gcm(), Backend.KERNEL),
+        (Backend.KERNEL, gcm(GCM256_KEY), Backend.KERNEL),
+        (Backend.BPF, None, Backend.BPF),
+        (Backend.BPF, gcm(), None),
+    ],
+    ids=["kernel-chacha", "kernel-gcm128", "kernel-gcm256", "bpf-chacha", "bpf-gcm128"],
+)
+def test_sa_backend_is_the_same_both_ways(
+    backend: Backend, aead: Algorithm | None, want: Backend | None, outbound: bool
+) -> None:
+    sa = make_sa(SPI_OUT, GW1, GW2, aead=aead) if aead else make_sa(SPI_OUT, GW1, GW2)
+    got, why = sa_backend(sa, backend, outbound)
+    assert got is want, f"{backend} {sa.alg_name} outbound={outbound}: {got} ({why})"
+    assert "resequencer" not in why, f"no resequencer reason left: {why}"
+
+
+def test_kernel_backend_refuses_aes_gcm_key_sizes_the_module_lacks() -> None:
+    """AES-192 (RFC 4106 allows it) has no context in the module: refused, either way."""
+    sa = make_sa(SPI_OUT, GW1, GW2, aead=gcm(Secret(bytes(range(28)))))
+    for outbound in (False, True):
+        got, why = sa_backend(sa, Backend.KERNEL, outbound)
+        assert got is None and why, f"AES-192 outbound={outbound}: refused ({why})"
 
 
 def test_bpf_backend_leaves_aes_gcm_to_the_kernel(tmp_path: Path) -> None:

@@ -348,20 +348,34 @@ def test_resequencer_cost_per_packet(
     assert out[34 : len(frame)] == want, f"{name}: the last run's number {last}, sealed right"
 
 
+def _ping(bed: Testbed, dst: str) -> None:
+    """Pings from the lan host: the kernel path (no flow entry for ICMP echo ids yet)."""
+    proc = bed.cmd(
+        "lan",
+        ["ping", "-n", "-q", "-c", str(N_PINGS), "-i", "0.2", "-W", "3", dst],
+        check=False,
+        timeout=60,
+    )
+    assert proc.returncode == 0, f"pings on the kernel path answered: {proc.stdout}"
+
+
 def test_controller_on_the_kernel_backend(
     bed: Testbed, kernel_crypto: tuple[Datapath, KcryptoDevice], tmp_path: Path
 ) -> None:
-    """`[crypto] backend = "kernel"`: the controller runs the kernel-crypto datapath; an
-    AES-128-GCM tunnel (kernel ESP on both gateways) gets its inbound SA offloaded on kernel
-    crypto, its outbound SA stays on the kernel path and `sas` says why (the resequencer)."""
+    """`[crypto] backend = "kernel"`: the controller runs the kernel-crypto datapath and
+    resequencer; an AES-128-GCM tunnel (kernel ESP on both gateways) gets both SAs offloaded on
+    kernel crypto. Pings (the kernel path: each a new flow's first packet, at least) are
+    renumbered by the kfunc resequencer, and gw2 counts no replay or bad ICV."""
     import shutil
+    import time
 
-    from controller.core.crypto import RESEQ_NO_KCRYPTO
     from controller.datapath.xdp import DEFAULT_PIN_DIR
     from testbed.supervisor import ControllerProcess
 
     pins_existed = DEFAULT_PIN_DIR.exists()
     tun = install_static_esp(bed, aead=AES_GCM, key_len=20)
+    remote = bed.iface("remote", "eth0").addr
+    stat_before = xfrm_stat(bed, "gw2")
     # idle_timeout as the other controller tests: under TCG two echo runs can be a minute apart,
     # and a flow idled out between them sends the second run's first packets the kernel's way.
     config = '[crypto]\nbackend = "kernel"\n[timers]\nidle_timeout = 600\n'
@@ -372,16 +386,33 @@ def test_controller_on_the_kernel_backend(
         assert crypto["backend"] == "kernel", f"the kernel backend: {crypto}"
         first = R.udp_echo(bed, N_PACKETS)  # its first packets teach the controller the flows
         assert first["ok"] >= N_PACKETS - 2, f"the tunnel carries: {first}"
-        dec0 = gw.fastpath_packets("decap")
+        enc0, dec0 = gw.fastpath_packets("encap"), gw.fastpath_packets("decap")
         again = R.udp_echo(bed, N_PACKETS)
         assert again == {"ok": N_PACKETS, "bad": []}, f"on the fastpath: {again}"
+        assert gw.fastpath_packets("encap") - enc0 >= N_PACKETS, f"XDP sealed: {gw.tail()}"
         assert gw.fastpath_packets("decap") - dec0 >= N_PACKETS, f"XDP opened: {gw.tail()}"
         sas = {int(s["spi"], 16): s for s in gw.sas()}
         back, out = sas[tun.back.spi], sas[tun.out.spi]
         assert back["offloaded"] and back["crypto"] == "kernel", f"inbound on kfuncs: {back}"
-        assert not out["offloaded"] and RESEQ_NO_KCRYPTO in out["reason"], f"outbound: {out}"
+        assert out["offloaded"] and out["crypto"] == "kernel", f"outbound on kfuncs: {out}"
+        _ping(bed, remote)
+        deadline = time.monotonic() + 60  # the status file is rewritten every few seconds
+        while time.monotonic() < deadline:
+            reseq = gw.published_status()["resequencer"]
+            if reseq.get("ok", 0) > 0:
+                break
+            time.sleep(0.5)
+        assert reseq.get("ok", 0) > 0 and not reseq.get("error"), f"renumbered: {reseq}"
     finally:
         rc = gw.stop()
         if not pins_existed:
             shutil.rmtree(DEFAULT_PIN_DIR, ignore_errors=True)
     assert rc == 0, f"SIGTERM: contexts destroyed, XDP detached, exit 0: {gw.tail()}"
+    stat_after = xfrm_stat(bed, "gw2")
+    errors = {
+        k: stat_after.get(k, 0) - stat_before.get(k, 0)
+        for k in ("XfrmInStateSeqError", "XfrmInStateProtoError")
+    }
+    assert errors == {"XfrmInStateSeqError": 0, "XfrmInStateProtoError": 0}, (
+        f"gw2: no replay, no bad ICV: {errors}"
+    )
