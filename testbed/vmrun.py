@@ -181,6 +181,9 @@ def guest_script(command: str, qemu_opts: tuple[str, ...] = ()) -> str:
     lines = [
         f"export PATH={VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         f"export {RUNNER_ENV}=vm PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1",
+        # This checkout's controller/ and testbed/ first, whichever checkout the virtualenv's
+        # editable install names (a second worktree runs its own code, not the first's).
+        f"export PYTHONPATH={shlex.quote(str(ROOT))}",
         f"export {QEMU_OPTS_ENV}={shlex.quote(' '.join(qemu_opts))}",
         # BCC's output kept per run in the shared directory (controller/datapath/bpf_cache.py):
         # each source and flag set is compiled once per run, not at every controller start.
