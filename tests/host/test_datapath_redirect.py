@@ -123,15 +123,27 @@ def configure(bed: Testbed, d: Datapath, me: str, peer: str) -> None:
     )
 
 
+# The server waits FIRST_WAIT_S for the first datagram: the client is another interpreter started
+# through `ip netns exec`, which under qemu TCG on a loaded machine can take longer than the 15 s
+# allowed between datagrams (a server gone before the client's first datagram made every one
+# "no echo" in the VM suite, the tunnel not involved). Both run with -I -S: stdlib only, no
+# virtualenv site to import.
+FIRST_WAIT_S = 120
 SERVER = textwrap.dedent("""
     import socket, sys
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind((sys.argv[1], int(sys.argv[2])))
-    s.settimeout(15)
+    s.settimeout(float(sys.argv[4]))
     print("ready", flush=True)
-    for _ in range(int(sys.argv[3])):
-        data, peer = s.recvfrom(65535)
-        s.sendto(data, peer)
+    echoed = 0
+    try:
+        for _ in range(int(sys.argv[3])):
+            data, peer = s.recvfrom(65535)
+            s.settimeout(15)
+            s.sendto(data, peer)
+            echoed += 1
+    finally:
+        print(f"server echoed {echoed}", file=sys.stderr, flush=True)
 """)
 
 CLIENT = textwrap.dedent("""
@@ -160,23 +172,26 @@ CLIENT = textwrap.dedent("""
 def udp_echo(bed: Testbed, n: int) -> dict:
     lan, remote = bed.iface("lan", "eth0"), bed.iface("remote", "eth0")
     server = subprocess.Popen(
-        ["ip", "netns", "exec", bed.ns("remote"), sys.executable, "-c", SERVER,
-         remote.addr, str(UDP_REMOTE_PORT), str(n)],
+        ["ip", "netns", "exec", bed.ns("remote"), sys.executable, "-I", "-S", "-c", SERVER,
+         remote.addr, str(UDP_REMOTE_PORT), str(n), str(FIRST_WAIT_S)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         assert server.stdout.readline().strip() == "ready", "UDP echo server started"
         client = bed.cmd(
             "lan",
-            [sys.executable, "-c", CLIENT, lan.addr, str(UDP_LAN_PORT), remote.addr,
+            [sys.executable, "-I", "-S", "-c", CLIENT, lan.addr, str(UDP_LAN_PORT), remote.addr,
              str(UDP_REMOTE_PORT), str(n)],
-            timeout=60,
+            timeout=60 + 2 * n,
         )  # fmt: skip
-        return json.loads(client.stdout.strip().splitlines()[-1])
+        result = json.loads(client.stdout.strip().splitlines()[-1])
     finally:
         if server.poll() is None:
             server.kill()
-        server.wait(timeout=10)
+        _, err = server.communicate(timeout=10)
+    if result["bad"]:  # in a failing test's captured output: how far the server got
+        print(f"UDP echo server on {remote.addr}: {err.strip()[-500:]}", file=sys.stderr)
+    return result
 
 
 def test_xdp_to_xdp_tunnel_carries_udp_both_ways(
