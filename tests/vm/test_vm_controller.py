@@ -244,7 +244,7 @@ def udp_echo_detail(bed: Testbed, n: int, port: int = ECHO_PORT) -> tuple[int, i
     datagrams as `index@wall-clock time` (to set beside the controller's and charon's logs)."""
     out = bed.cmd(
         "lan",
-        [sys.executable, "-c", UDP_CLIENT, bed.addr("REMOTE_HOST"), str(port), str(n)],
+        [sys.executable, "-I", "-S", "-c", UDP_CLIENT, bed.addr("REMOTE_HOST"), str(port), str(n)],
         timeout=n * 3 + 30,
     ).stdout.split()
     if not out:
@@ -1069,7 +1069,7 @@ def test_rekeys_from_either_end_under_load(rig: Rig) -> None:
         before = gateway_xfrm_stats(bed)
         enc0 = gw.fastpath_packets("encap")
         client = subprocess.Popen(
-            [*bed.nsenter_argv("lan"), sys.executable, "-c", UDP_CLIENT, remote,
+            [*bed.nsenter_argv("lan"), sys.executable, "-I", "-S", "-c", UDP_CLIENT, remote,
              str(ECHO_PORT), str(REKEY_LOAD)],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
@@ -1203,6 +1203,7 @@ import socket, sys, time
 dev, src, dst, within = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3)); s.bind((dev, 3))
 want = socket.inet_aton(src) + socket.inet_aton(dst)
+print("ready", flush=True)
 end = time.monotonic() + within
 while time.monotonic() < end:
     s.settimeout(max(end - time.monotonic(), 0.01))
@@ -1240,11 +1241,13 @@ def test_stalled_controller_hands_inbound_back_and_replays_stay_dropped(rig: Rig
     try:
         time.sleep(6)  # past the 5 s watchdog: the kernel alone
         cap = subprocess.Popen(
-            ["ip", "netns", "exec", bed.ns("gw2"), sys.executable, "-c", CAPTURE_ESP, "wan",
-             bed.addr("GW2_WAN"), bed.addr("GW1_WAN"), "20"],
+            ["ip", "netns", "exec", bed.ns("gw2"), sys.executable, "-I", "-S", "-c",
+             CAPTURE_ESP, "wan", bed.addr("GW2_WAN"), bed.addr("GW1_WAN"), "30"],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
-        time.sleep(0.5)
+        # Traffic only once the capture listens (an interpreter's start under TCG on a loaded
+        # machine outlasted the fixed 0.5 s this waited before: nothing captured).
+        assert cap.stdout is not None and cap.stdout.readline().strip() == "ready", "capture up"
         during = udp_echo(bed, 10)
         frame = cap.communicate(timeout=40)[0].strip()
     finally:
