@@ -188,6 +188,15 @@ def guest_script(command: str, qemu_opts: tuple[str, ...] = ()) -> str:
         # BCC's output kept per run in the shared directory (controller/datapath/bpf_cache.py):
         # each source and flag set is compiled once per run, not at every controller start.
         f"export {BPF_CACHE_ENV}={shlex.quote(str(bpf_cache_dir() or 'off'))}",
+        # XDG_CACHE_HOME in it too: the learner's kernel struct offsets, parsed from the
+        # kernel's BTF (controller/datapath/btf_offsets.py, ~0.4 s natively, tens of seconds
+        # under TCG), cached once per run instead of at every controller start (the guest's
+        # home is on the read-only root).
+        *(
+            [f"export XDG_CACHE_HOME={shlex.quote(str(cache / 'xdg'))}"]
+            if (cache := bpf_cache_dir()) is not None
+            else []
+        ),
         # tracefs for BCC tracepoints, bpffs for pinning; virtme-ng mounts tracefs, be sure.
         "mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing",
         "mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf",

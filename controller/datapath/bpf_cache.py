@@ -9,7 +9,8 @@ depend only on the source, the -D flags, the kernel and BCC, so they are kept he
 
 What an entry holds (one JSON file per key, the key a SHA-256 over: this format's version, the
 source text, every file under bpf/, the flags except -DXFP_PIN_DIR (which names where maps are
-pinned and reaches no instruction), the kernel's release and version strings, BCC's library, and
+pinned and reaches no instruction) and the table sizes of SIZE_MACROS (while only the map
+declarations use them), the kernel's release and version strings, BCC's library, and
 the kernel headers BCC compiles against):
 - each function's instructions, with every map reference (BPF_LD_IMM64 with src_reg
   BPF_PSEUDO_MAP_FD or BPF_PSEUDO_MAP_VALUE, include/uapi/linux/bpf.h) recorded as the map's
@@ -18,16 +19,16 @@ the kernel headers BCC compiles against):
 - every table's spec: type, key and leaf size, max entries, flags, key and leaf layout.
 
 A hit still lets BCC make the maps: it compiles the source's map prologue, the text up to and
-including `#include "maps.h"` (bpf/include/maps.h declares every map, selected by the
-XFP_MAPS_* defines above that line), with the caller's flags. That makes the same tables the
-whole source does (pinned ones opened or pinned, BTF for the spin locks in their values, perf
-arrays sized per CPU) and gives the same BCC Table objects, without generating any program code.
-An entry is written only when the prologue's tables equal the whole module's, spec for spec,
-and the specs are compared again on every hit; then each function's map references are bound to
-this module's fds, and it is loaded through BCC's own bcc_func_load, the verifier's full check
-included. Anything that does not fit (a module with kprobes or other autoloaded sections, a map
-reference to a fd that is no table of the module, an unreadable or mismatched entry) compiles
-the usual way, and the outcome is counted in STATS and logged.
+including `#include "maps.h"` (bpf/include/maps.h declares every map, selected by the XFP_MAPS_*
+defines above that line), with the caller's flags. That makes the same tables the whole source does
+(pinned ones opened or pinned, BTF for the spin locks in their values, perf arrays sized per CPU)
+and gives the same BCC Table objects, without generating any program code. An entry is written only
+when the prologue's tables equal the whole module's, spec for spec, and the specs are compared again
+on every hit (sizes aside); then each function's map references are bound to this module's fds, and
+it is loaded through BCC's own bcc_func_load, the verifier's full check included. Anything that does
+not fit (a module with kprobes or other autoloaded sections, a map reference to a fd that is no
+table of the module, an unreadable or mismatched entry) compiles the usual way, and the outcome is
+counted in STATS and logged.
 
 The directory: $XFP_BPF_CACHE, else $XDG_CACHE_HOME/xfrm-fastpath/bpf (the service sets
 XDG_CACHE_HOME=/var/cache; its CacheDirectory). XFP_BPF_CACHE=off turns the cache off. Programs
@@ -62,6 +63,12 @@ ENV = "XFP_BPF_CACHE"
 OFF = ("", "off", "0")  # values of ENV that turn the cache off
 MAX_ENTRIES = 256  # oldest entries go beyond this many
 PIN_FLAG = "-DXFP_PIN_DIR="
+# Table sizes ([tables] sas and flows, bench sizes): macros that bpf/ uses only to declare maps
+# (SIZE_DECLARED_IN), so they size the maps the prologue makes and reach no instruction. Their
+# flags stay out of the key while that holds; a tree or source that uses one elsewhere keys by it.
+SIZE_MACROS = ("XFP_SA_MAX", "XFP_FLOWS_MAX")
+SIZE_DECLARED_IN = ("include/maps.h", "include/xfp_defs.h")
+SPEC_MAX_ENTRIES = 3  # index of max_entries in a table spec (table_specs)
 MAPS_INCLUDE = re.compile(rb'^[ \t]*#[ \t]*include[ \t]+"maps\.h"[^\n]*\n', re.MULTILINE)
 
 # include/uapi/linux/bpf.h
@@ -127,20 +134,44 @@ def _environment_digest() -> bytes:
     return h.digest()
 
 
-def _tree_digest(bpf_dir: Path) -> bytes:
+def _tree_digest(bpf_dir: Path) -> tuple[bytes, set[str]]:
+    """The digest of every .c and .h under bpf_dir, and the SIZE_MACROS some file other than
+    SIZE_DECLARED_IN names (those may reach instructions)."""
     h = hashlib.sha256()
+    used = set()
     for p in sorted(bpf_dir.rglob("*")):
         if p.suffix in (".c", ".h") and p.is_file():
-            h.update(p.relative_to(bpf_dir).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
-    return h.digest()
+            rel, body = p.relative_to(bpf_dir).as_posix(), p.read_bytes()
+            h.update(rel.encode() + b"\0" + body + b"\0")
+            if rel not in SIZE_DECLARED_IN:
+                used |= {m for m in SIZE_MACROS if m.encode() in body}
+    return h.digest(), used
+
+
+def key_flags(flags: Sequence[str], used: set[str]) -> list[str]:
+    """The flags that reach the key: not the pin directory, not a table size no code uses."""
+    free = tuple(f"-D{m}=" for m in SIZE_MACROS if m not in used)
+    return [f for f in flags if not f.startswith(PIN_FLAG) and not f.startswith(free or ("\0",))]
 
 
 def cache_key(text: bytes, flags: Sequence[str], bpf_dir: Path) -> str:
     h = hashlib.sha256(_environment_digest())
-    h.update(_tree_digest(bpf_dir))
-    h.update(b"\0".join(f.encode() for f in flags if not f.startswith(PIN_FLAG)) + b"\0\0")
+    tree, used = _tree_digest(bpf_dir)
+    used |= {m for m in SIZE_MACROS if m.encode() in text}
+    h.update(tree)
+    h.update(b"\0".join(f.encode() for f in key_flags(flags, used)) + b"\0\0")
     h.update(text)
     return h.hexdigest()
+
+
+def same_tables(a: dict[str, list], b: dict[str, list]) -> bool:
+    """Table specs alike but for max_entries: what the key leaves out (SIZE_MACROS) sizes the
+    maps the prologue makes and nothing else."""
+
+    def unsized(specs: dict[str, list]) -> dict[str, list]:
+        return {k: v[:SPEC_MAX_ENTRIES] + v[SPEC_MAX_ENTRIES + 1 :] for k, v in specs.items()}
+
+    return unsized(a) == unsized(b)
 
 
 # BCC attaches BTF to the maps it creates (needed for the bpf_spin_lock in SA values) only when
@@ -283,7 +314,7 @@ def cached_bpf_class():
         xfp_kern_version = 0
 
         def bind_entry(self, entry: dict) -> None:
-            if table_specs(self.module) != entry["tables"]:
+            if not same_tables(table_specs(self.module), entry["tables"]):
                 raise Uncacheable("the prologue's tables no longer match the entry's")
             fds = table_fds(self.module)
             self.xfp_insns = {

@@ -151,7 +151,7 @@ def test_entry_whose_tables_changed_is_not_used(cache: Path, pin: str) -> None:
     (entry,) = cache.glob("*.json")
     e = json.loads(entry.read_text())
     name = next(iter(e["tables"]))
-    e["tables"][name][3] += 1  # max entries
+    e["tables"][name][2] += 1  # leaf size (max entries may differ: see SIZE_MACROS)
     entry.write_text(json.dumps(e))
     before = dict(bpf_cache.STATS)
     b = compile_bpf("tc_reseq.c", pin_dir=pin)
@@ -184,13 +184,19 @@ def test_off_and_sources_without_maps_h_compile_the_usual_way(
     assert stats_delta(before) == {}
 
 
-def test_key_follows_source_flags_and_headers_but_not_the_pin_directory(tmp_path: Path) -> None:
+def test_key_follows_source_flags_and_headers_but_not_pins_or_table_sizes(tmp_path: Path) -> None:
     src = (BPF_DIR / "xdp_encap.c").read_bytes()
     base = [f"-I{INCLUDE_DIR}"]
     k = bpf_cache.cache_key(src, base, BPF_DIR)
     assert bpf_cache.cache_key(src, [*base, '-DXFP_PIN_DIR="/x"'], BPF_DIR) == k
-    assert bpf_cache.cache_key(src, [*base, "-DXFP_SA_MAX=8"], BPF_DIR) != k
+    sized = [*base, "-DXFP_SA_MAX=8", "-DXFP_FLOWS_MAX=4096"]
+    assert bpf_cache.cache_key(src, sized, BPF_DIR) == k, "table sizes reach no instruction"
+    assert bpf_cache.cache_key(src, [*base, "-DXFP_MAX_FRAME=9100"], BPF_DIR) != k
     assert bpf_cache.cache_key(src + b"\n", base, BPF_DIR) != k
+    used = src + b"\n#if XFP_SA_MAX > 4\n#endif\n"
+    assert bpf_cache.cache_key(used, sized, BPF_DIR) != bpf_cache.cache_key(used, base, BPF_DIR), (
+        "a source that uses a size macro is keyed by it"
+    )
     tree = tmp_path / "bpf"
     for p in BPF_DIR.rglob("*"):
         if p.is_file():
@@ -200,3 +206,38 @@ def test_key_follows_source_flags_and_headers_but_not_the_pin_directory(tmp_path
     with (tree / "include" / "maps.h").open("a") as f:
         f.write("\n")
     assert bpf_cache.cache_key(src, base, tree) != k, "a header changed: another key"
+    with (tree / "include" / "xfp_defs.h").open("a") as f:
+        f.write("\n#define XFP_SA_SLOTS (XFP_SA_MAX / 2)\n")
+    assert bpf_cache.cache_key(src, sized, tree) == bpf_cache.cache_key(src, base, tree)
+    with (tree / "include" / "parse.h").open("a") as f:
+        f.write("\n#define XFP_SA_HALF (XFP_SA_MAX / 2)\n")
+    assert bpf_cache.cache_key(src, sized, tree) != bpf_cache.cache_key(src, base, tree), (
+        "a header beside maps.h uses a size macro: keyed by it"
+    )
+
+
+def test_hit_with_other_table_sizes_makes_maps_of_those_sizes(cache: Path) -> None:
+    """[tables] sas/flows change only the maps: the entry of the default sizes serves, and the
+    maps BCC makes from the prologue have the sizes asked for."""
+    before = dict(bpf_cache.STATS)
+    fresh = compile_bpf("xdp_encap.c", pin_dir=f"/sys/fs/bpf/xfp-cache-c-{os.getpid()}")
+    cached = compile_bpf(
+        "xdp_encap.c", ["-DXFP_SA_MAX=8", "-DXFP_FLOWS_MAX=2048"],
+        pin_dir=f"/sys/fs/bpf/xfp-cache-d-{os.getpid()}",
+    )  # fmt: skip
+    try:
+        assert stats_delta(before) == {"miss": 1, "stored": 1, "hit": 1}
+        sizes = {
+            n: v[bpf_cache.SPEC_MAX_ENTRIES]
+            for n, v in bpf_cache.table_specs(cached.module).items()
+        }
+        assert sizes["xfp_sa_out"] == 8 and sizes["xfp_flows"] == 2048, sizes
+        assert normalised(cached, b"xdp_encap") == normalised(fresh, b"xdp_encap")
+        cached.load_func(b"xdp_encap", cached.XDP)
+    finally:
+        for b in (fresh, cached):
+            b.cleanup()
+        for p in ("c", "d"):
+            for f in Path(f"/sys/fs/bpf/xfp-cache-{p}-{os.getpid()}").glob("*"):
+                f.unlink()
+            Path(f"/sys/fs/bpf/xfp-cache-{p}-{os.getpid()}").rmdir()
