@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import xml.etree.ElementTree as ET
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,17 +84,23 @@ def unit_of(classname: str) -> str:
     return path if path.startswith("tests/vm/") else OTHER_TIERS
 
 
-def junit_seconds(xml_paths: list[Path]) -> dict[str, float]:
-    """Seconds per unit from pytest's JUnit XML (each testcase's time: setup, call and
-    teardown; module fixtures are charged to the test that ran them)."""
-    seconds: dict[str, float] = defaultdict(float)
+def _testcases(xml_paths: list[Path]) -> Iterator[ET.Element]:
+    """Every testcase element of pytest's JUnit XML files (missing or unreadable ones skipped:
+    a shard that died wrote none)."""
     for path in xml_paths:
         try:
             tree = ET.parse(path)
         except (OSError, ET.ParseError):
             continue
-        for case in tree.iter("testcase"):
-            seconds[unit_of(case.get("classname", ""))] += float(case.get("time", "0") or 0)
+        yield from tree.iter("testcase")
+
+
+def junit_seconds(xml_paths: list[Path]) -> dict[str, float]:
+    """Seconds per unit from pytest's JUnit XML (each testcase's time: setup, call and
+    teardown; module fixtures are charged to the test that ran them)."""
+    seconds: dict[str, float] = defaultdict(float)
+    for case in _testcases(xml_paths):
+        seconds[unit_of(case.get("classname", ""))] += float(case.get("time", "0") or 0)
     return dict(seconds)
 
 
@@ -101,17 +108,12 @@ def junit_failures(xml_paths: list[Path]) -> list[str]:
     """One line per failed or erred test in pytest's JUnit XML: its id and the first line of
     pytest's message (printed last by the runner, so that a log's tail names what failed)."""
     lines = []
-    for path in xml_paths:
-        try:
-            tree = ET.parse(path)
-        except (OSError, ET.ParseError):
-            continue
-        for case in tree.iter("testcase"):
-            for outcome in case:
-                if outcome.tag in ("failure", "error"):
-                    message = (outcome.get("message") or "").strip().splitlines() or [""]
-                    test = f"{case.get('classname', '')}::{case.get('name', '')}"
-                    lines.append(f"{outcome.tag.upper()} {test}: {message[0][:300]}")
+    for case in _testcases(xml_paths):
+        for outcome in case:
+            if outcome.tag in ("failure", "error"):
+                message = (outcome.get("message") or "").strip().splitlines() or [""]
+                test = f"{case.get('classname', '')}::{case.get('name', '')}"
+                lines.append(f"{outcome.tag.upper()} {test}: {message[0][:300]}")
     return lines
 
 

@@ -45,6 +45,16 @@ def pin() -> Iterator[str]:
         d.rmdir()
 
 
+def unpin(*tags: str) -> None:
+    """Remove the pin directories /sys/fs/bpf/xfp-cache-TAG-PID a test's compiles made."""
+    for tag in tags:
+        d = Path(f"/sys/fs/bpf/xfp-cache-{tag}-{os.getpid()}")
+        for f in d.glob("*"):
+            f.unlink()
+        if d.exists():
+            d.rmdir()
+
+
 def stats_delta(before: dict[str, int]) -> dict[str, int]:
     return {k: v - before.get(k, 0) for k, v in bpf_cache.STATS.items() if v != before.get(k, 0)}
 
@@ -73,10 +83,7 @@ def test_hit_has_the_compiled_instructions_map_for_map(cache: Path) -> None:
     finally:
         for b in (fresh, cached):
             b.cleanup()
-        for p in ("a", "b"):
-            for f in Path(f"/sys/fs/bpf/xfp-cache-{p}-{os.getpid()}").glob("*"):
-                f.unlink()
-            Path(f"/sys/fs/bpf/xfp-cache-{p}-{os.getpid()}").rmdir()
+        unpin("a", "b")
 
 
 def _encap_once(pin: str) -> tuple[int, bytes, Datapath]:
@@ -237,7 +244,4 @@ def test_hit_with_other_table_sizes_makes_maps_of_those_sizes(cache: Path) -> No
     finally:
         for b in (fresh, cached):
             b.cleanup()
-        for p in ("c", "d"):
-            for f in Path(f"/sys/fs/bpf/xfp-cache-{p}-{os.getpid()}").glob("*"):
-                f.unlink()
-            Path(f"/sys/fs/bpf/xfp-cache-{p}-{os.getpid()}").rmdir()
+        unpin("c", "d")
