@@ -417,8 +417,8 @@ class E2EBed:
             aead, key_len, _ = KC_ALGS[self.alg]
             self.tun = install_static_esp(
                 self.bed,
-                out=StaticSa(g1, g2, 0xC0000003, KEY_A[:key_len]),
-                back=StaticSa(g2, g1, 0xC0000004, KEY_B[:key_len]),
+                out=StaticSa(g1, g2, 0xC0000003, KEY_A[:key_len], aead=aead),
+                back=StaticSa(g2, g1, 0xC0000004, KEY_B[:key_len], aead=aead),
                 replay_window=128,
                 aead=aead,
                 key_len=key_len,
