@@ -178,6 +178,7 @@ def find_tools() -> None:
 def guest_script(command: str, qemu_opts: tuple[str, ...] = ()) -> str:
     """Shell run as the guest's init task: mounts, modules, then `command` in the checkout."""
     mods = " ".join(GUEST_MODULES)
+    cache = bpf_cache_dir()
     lines = [
         f"export PATH={VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         f"export {RUNNER_ENV}=vm PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1",
@@ -187,14 +188,14 @@ def guest_script(command: str, qemu_opts: tuple[str, ...] = ()) -> str:
         f"export {QEMU_OPTS_ENV}={shlex.quote(' '.join(qemu_opts))}",
         # BCC's output kept per run in the shared directory (controller/datapath/bpf_cache.py):
         # each source and flag set is compiled once per run, not at every controller start.
-        f"export {BPF_CACHE_ENV}={shlex.quote(str(bpf_cache_dir() or 'off'))}",
+        f"export {BPF_CACHE_ENV}={shlex.quote(str(cache or 'off'))}",
         # XDG_CACHE_HOME in it too: the learner's kernel struct offsets, parsed from the
         # kernel's BTF (controller/datapath/btf_offsets.py, ~0.4 s natively, tens of seconds
         # under TCG), cached once per run instead of at every controller start (the guest's
         # home is on the read-only root).
         *(
             [f"export XDG_CACHE_HOME={shlex.quote(str(cache / 'xdg'))}"]
-            if (cache := bpf_cache_dir()) is not None
+            if cache is not None
             else []
         ),
         # tracefs for BCC tracepoints, bpffs for pinning; virtme-ng mounts tracefs, be sure.

@@ -151,7 +151,7 @@ def _tree_digest(bpf_dir: Path) -> tuple[bytes, set[str]]:
 def key_flags(flags: Sequence[str], used: set[str]) -> list[str]:
     """The flags that reach the key: not the pin directory, not a table size no code uses."""
     free = tuple(f"-D{m}=" for m in SIZE_MACROS if m not in used)
-    return [f for f in flags if not f.startswith(PIN_FLAG) and not f.startswith(free or ("\0",))]
+    return [f for f in flags if not f.startswith((PIN_FLAG, *free))]
 
 
 def cache_key(text: bytes, flags: Sequence[str], bpf_dir: Path) -> str:
